@@ -1,1 +1,273 @@
+//! edgeinfer: MQTT sensor streams in, quantized ONNX inference (tract) on
+//! dedicated threads, results and health out.
+//!
+//! The daemon is one library call, [`run`], which tests drive directly:
+//!
+//! ```text
+//! broker ──► mqtt::drive (poll loop) ──try_send──► pipeline queue (bounded, drops counted)
+//!                 │                                     │
+//!                 │ ConnAck: subscribe, "online"        ▼ worker thread(s): decode → window
+//!                 │                                       → preprocess → tract → postprocess
+//!                 ▼                                     │
+//!           rumqttc client ◄── mqtt::publish_loop ◄── outbox (bounded) ◄── health task
+//! ```
+#![forbid(unsafe_code)]
 
+pub mod bundled;
+pub mod config;
+pub mod demo;
+pub mod health;
+pub mod model;
+pub mod mqtt;
+pub mod oneshot;
+pub mod pipeline;
+pub mod systemd;
+
+use config::{Config, Problem};
+use health::{SystemSampler, Telemetry};
+use model::Registry;
+use mqtt::{Backoff, ConnectionContext, Outbox, Outgoing, Router, TopicFilter};
+use rumqttc::{AsyncClient, QoS};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long shutdown may take to drain queues and say `offline`.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Config(Vec<Problem>),
+    #[error("MQTT setup failed: {0}")]
+    Mqtt(String),
+}
+
+/// Loads every model the config names and checks each pipeline against its
+/// model. Returns every problem, keyed like the config (`pipeline[0].model`).
+pub fn check(config: &Config) -> Vec<Problem> {
+    let mut problems = config.validate();
+    if problems.iter().any(|p| p.key.starts_with("pipeline")) {
+        return problems;
+    }
+    let mut registry = Registry::default();
+    for (i, p) in config.pipelines.iter().enumerate() {
+        match registry.get_or_load(&config.model_path(p)) {
+            Ok(model) => {
+                if let Err(message) = pipeline::PipelineSpec::new(config, p, model) {
+                    problems.push(Problem {
+                        key: format!("pipeline[{i}]"),
+                        message,
+                    });
+                }
+            }
+            Err(e) => problems.push(Problem {
+                key: format!("pipeline[{i}].model"),
+                message: e.to_string(),
+            }),
+        }
+    }
+    problems
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then stops ingest,
+/// finishes queued work, publishes `offline` and returns.
+///
+/// The configuration is validated first (no network I/O happens when it is
+/// invalid). A pipeline whose model fails to load is reported (log, health)
+/// and the others keep serving.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let problems = config.validate();
+    if !problems.is_empty() {
+        return Err(RunError::Config(problems));
+    }
+    let options = mqtt::connect_options(&config).map_err(RunError::Mqtt)?;
+    let telemetry = Arc::new(Telemetry::default());
+    let (outbox, outbox_rx) =
+        mqtt::outbox(config.limits.outbox_capacity, Arc::clone(&telemetry.outbox));
+
+    let (pipelines, threads) = start_pipelines(&config, &outbox, &telemetry).await;
+    let mut subscriptions: Vec<(String, QoS)> = Vec::new();
+    for p in &pipelines {
+        for f in &p.spec.filters {
+            if !subscriptions.iter().any(|(s, _)| s == f.as_str()) {
+                subscriptions.push((f.as_str().to_owned(), p.spec.qos));
+            }
+        }
+    }
+    let cmd_filter = format!("{}/cmd/+", config.prefix());
+    subscriptions.push((cmd_filter.clone(), QoS::AtLeastOnce));
+    let (cmd_tx, cmd_rx) = flume::bounded(16);
+
+    let (client, eventloop) = AsyncClient::new(options, 256);
+    let status = mqtt::status_topic(&config);
+    let tasks = tokio_util::task::TaskTracker::new();
+    let publisher = tasks.spawn(mqtt::publish_loop(
+        client.clone(),
+        outbox_rx,
+        status.clone(),
+    ));
+
+    let device = config.device_id();
+    let prefix = config.prefix();
+    let stop_health = shutdown.child_token();
+    tasks.spawn(health_loop(
+        Arc::clone(&telemetry),
+        outbox.clone(),
+        format!("{prefix}/health"),
+        device.clone(),
+        Duration::from_secs(config.health.interval_s),
+        config.health.thermal_dir.clone(),
+        stop_health.clone(),
+    ));
+    tasks.spawn(command_loop(
+        cmd_rx,
+        outbox.clone(),
+        prefix.clone(),
+        device.clone(),
+        Arc::clone(&telemetry),
+    ));
+    drop(outbox);
+
+    let router = Router {
+        pipelines,
+        commands: Some((
+            TopicFilter::parse(&cmd_filter).map_err(RunError::Mqtt)?,
+            cmd_tx,
+        )),
+    };
+    let ctx = ConnectionContext {
+        subscriptions,
+        status_topic: status,
+        backoff: Backoff::new(
+            Duration::from_millis(config.broker.reconnect_initial_ms),
+            Duration::from_millis(config.broker.reconnect_max_ms),
+        ),
+        max_pending: config.broker.max_pending,
+        stats: Arc::clone(&telemetry.broker),
+        on_connect: Box::new(|| {}),
+    };
+    let driver = tokio::spawn(mqtt::drive(
+        eventloop,
+        client,
+        router,
+        ctx,
+        shutdown.clone(),
+    ));
+    systemd::notify_ready();
+    tracing::info!(device = %device, pipelines = config.pipelines.len(), broker = %config.broker.url, "Started");
+
+    shutdown.cancelled().await;
+    systemd::notify_stopping();
+    tracing::info!("Shutting down");
+    stop_health.cancel();
+    tasks.close();
+    let drained = async {
+        // Workers end once the poll loop drops the router (their only senders).
+        for t in threads {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        let _ = publisher.await;
+        let _ = driver.await;
+        tasks.wait().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+        tracing::warn!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            "Shutdown grace period over; queued work abandoned"
+        );
+    }
+    tracing::info!("Stopped");
+    Ok(())
+}
+
+async fn start_pipelines(
+    config: &Config,
+    outbox: &Outbox,
+    telemetry: &Arc<Telemetry>,
+) -> (
+    Vec<pipeline::PipelineHandle>,
+    Vec<std::thread::JoinHandle<()>>,
+) {
+    let mut registry = Registry::default();
+    let mut handles = Vec::new();
+    let mut threads = Vec::new();
+    for p in &config.pipelines {
+        let path = config.model_path(p);
+        let stats = telemetry.pipeline(&p.name);
+        let started = tokio::task::block_in_place(|| {
+            let model = registry.get_or_load(&path).map_err(|e| e.to_string())?;
+            tracing::info!(pipeline = %p.name, model = %model.name, sha256 = %model.sha256, load_ms = model.load_ms, "Model loaded");
+            let spec = pipeline::PipelineSpec::new(config, p, model)?;
+            pipeline::start(spec, p.queue, p.workers, outbox.clone(), telemetry)
+        });
+        match started {
+            Ok((handle, t)) => {
+                handles.push(handle);
+                threads.extend(t);
+            }
+            Err(e) => {
+                tracing::error!(pipeline = %p.name, error = %e, "Pipeline disabled");
+                *stats.failed.lock().expect("stats lock") = Some(e);
+            }
+        }
+    }
+    (handles, threads)
+}
+
+async fn health_loop(
+    telemetry: Arc<Telemetry>,
+    outbox: Outbox,
+    topic: String,
+    device: String,
+    every: Duration,
+    thermal_dir: std::path::PathBuf,
+    stop: CancellationToken,
+) {
+    let mut sampler = SystemSampler::new(&thermal_dir);
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticker.tick() => {
+                let snapshot = telemetry.snapshot(&device, &mut sampler);
+                let payload = serde_json::to_vec(&snapshot).expect("health serializes");
+                outbox.offer(Outgoing { topic: topic.clone(), payload, qos: QoS::AtMostOnce, retain: false });
+            }
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                systemd::notify_watchdog();
+            }
+        }
+    }
+}
+
+/// Remote commands on `{prefix}/cmd/NAME`; the reply goes to
+/// `{prefix}/cmd/NAME/reply`. `ping` and `health` are understood.
+async fn command_loop(
+    rx: flume::Receiver<(String, bytes::Bytes)>,
+    outbox: Outbox,
+    prefix: String,
+    device: String,
+    telemetry: Arc<Telemetry>,
+) {
+    let mut sampler = SystemSampler::new(std::path::Path::new("/sys/class/thermal"));
+    while let Ok((name, _payload)) = rx.recv_async().await {
+        let reply = match name.as_str() {
+            "ping" => serde_json::json!({"ok": true, "device": device, "ts": pipeline::unix_ms()}),
+            "health" => {
+                serde_json::json!({"ok": true, "health": telemetry.snapshot(&device, &mut sampler)})
+            }
+            other => {
+                serde_json::json!({"ok": false, "error": format!("unknown command {other:?}; known: ping, health")})
+            }
+        };
+        outbox.offer(Outgoing {
+            topic: format!("{prefix}/cmd/{name}/reply"),
+            payload: reply.to_string().into_bytes(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        });
+    }
+}

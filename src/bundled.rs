@@ -1,0 +1,52 @@
+//! The models and sample streams that ship inside the binary, so `demo`
+//! (and `models` without a config) work from any directory.
+
+use std::path::{Path, PathBuf};
+
+/// (file name, contents) of every bundled model file.
+pub const MODEL_FILES: &[(&str, &[u8])] = &[
+    ("activity.toml", include_bytes!("../models/activity.toml")),
+    ("activity.onnx", include_bytes!("../models/activity.onnx")),
+    ("motion.toml", include_bytes!("../models/motion.toml")),
+    ("motion.onnx", include_bytes!("../models/motion.onnx")),
+];
+
+/// Real held-back BasicMotions recordings, one per activity (see tools/make_models.py).
+pub const ACTIVITY_STREAM: &str = include_str!("../models/samples/activity_stream.json");
+
+/// Manifests of the bundled models, by name.
+pub const MANIFESTS: &[&str] = &["activity.toml", "motion.toml"];
+
+/// Writes the bundled models into `dir` and returns their manifest paths.
+pub fn unpack(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    for (name, bytes) in MODEL_FILES {
+        std::fs::write(dir.join(name), bytes)?;
+    }
+    Ok(MANIFESTS.iter().map(|m| dir.join(m)).collect())
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> std::io::Result<TempDir> {
+        let dir = std::env::temp_dir().join(format!(
+            "edgeinfer-{tag}-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        Ok(TempDir(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

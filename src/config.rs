@@ -1,0 +1,560 @@
+//! Configuration: serde structs, defaults, and a `validate()` that reports
+//! every problem at once, each with the key it belongs to.
+
+use serde::Deserialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The complete, commented example printed by `edgeinfer print-config`.
+/// Tests parse and validate it, so it cannot rot.
+pub const EXAMPLE: &str = include_str!("example.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub device: Device,
+    #[serde(default)]
+    pub broker: Broker,
+    #[serde(default)]
+    pub topics: Topics,
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default, rename = "pipeline")]
+    pub pipelines: Vec<Pipeline>,
+    /// Directory that relative model paths are resolved against: the config
+    /// file's own directory. Not a config key.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// Used in every topic. Default: the host name.
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Broker {
+    #[serde(default = "default_url")]
+    pub url: String,
+    /// Default: `edgeinfer-{device}`.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    /// File holding the password (first line). Never logged.
+    pub password_file: Option<PathBuf>,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+    /// Largest MQTT packet accepted or sent, in bytes (rumqttc's own default is 10 KiB).
+    #[serde(default = "default_max_packet")]
+    pub max_packet_bytes: usize,
+    #[serde(default = "default_backoff_initial")]
+    pub reconnect_initial_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub reconnect_max_ms: u64,
+    /// Requests (publishes) that may wait in the client while the broker is
+    /// unreachable; older ones are dropped and counted beyond this.
+    #[serde(default = "default_pending")]
+    pub max_pending: usize,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Self {
+            url: default_url(),
+            client_id: None,
+            username: None,
+            password_file: None,
+            keep_alive_s: default_keep_alive(),
+            max_packet_bytes: default_max_packet(),
+            reconnect_initial_ms: default_backoff_initial(),
+            reconnect_max_ms: default_backoff_max(),
+            max_pending: default_pending(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topics {
+    /// Prefix of status, health, errors and cmd topics. `{device}` is replaced.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            prefix: default_prefix(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    #[serde(default = "default_health_interval")]
+    pub interval_s: u64,
+    /// Where SoC temperatures are read from.
+    #[serde(default = "default_thermal")]
+    pub thermal_dir: PathBuf,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            interval_s: default_health_interval(),
+            thermal_dir: default_thermal(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest accepted input payload; larger ones are rejected on the errors topic.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// Most distinct source topics one pipeline keeps a window for; the
+    /// least recently seen one is evicted beyond this.
+    #[serde(default = "default_max_sources")]
+    pub max_sources: usize,
+    /// Results and errors waiting to be handed to the MQTT client.
+    #[serde(default = "default_outbox")]
+    pub outbox_capacity: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: default_max_payload(),
+            max_sources: default_max_sources(),
+            outbox_capacity: default_outbox(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipelineKind {
+    Sensor,
+    Camera,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// `{"ts":…, "values":[…]}` or `{"ts":…, "samples":[[…],…]}`
+    Json,
+    /// Raw little-endian f32, whole samples.
+    F32le,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    /// Samples per inference. Default: taken from the model's input shape.
+    pub size: Option<usize>,
+    /// Samples between inferences. Default: `size` (no overlap).
+    pub stride: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    pub name: String,
+    pub kind: PipelineKind,
+    pub topics: Vec<String>,
+    /// Manifest (`*.toml`) or bare `.onnx`, relative to the config file.
+    pub model: PathBuf,
+    #[serde(default = "default_payload")]
+    pub payload: PayloadFormat,
+    pub window: Option<Window>,
+    /// Result topic template: `{device}`, `{pipeline}`, and `{1}`, `{2}`… for
+    /// the topic levels matched by the filter's wildcards.
+    pub results: Option<String>,
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Messages waiting for this pipeline's workers; more are dropped and counted.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Inference threads; sources are spread over them by topic.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+impl Pipeline {
+    pub fn results_template(&self) -> String {
+        self.results
+            .clone()
+            .unwrap_or_else(|| format!("{{prefix}}/results/{}", self.name))
+    }
+}
+
+fn default_url() -> String {
+    "mqtt://127.0.0.1:1883".into()
+}
+const fn default_keep_alive() -> u64 {
+    30
+}
+const fn default_max_packet() -> usize {
+    256 * 1024
+}
+const fn default_backoff_initial() -> u64 {
+    500
+}
+const fn default_backoff_max() -> u64 {
+    30_000
+}
+const fn default_pending() -> usize {
+    10_000
+}
+fn default_prefix() -> String {
+    "edgeinfer/{device}".into()
+}
+const fn default_health_interval() -> u64 {
+    30
+}
+fn default_thermal() -> PathBuf {
+    PathBuf::from("/sys/class/thermal")
+}
+const fn default_max_payload() -> usize {
+    64 * 1024
+}
+const fn default_max_sources() -> usize {
+    1024
+}
+const fn default_outbox() -> usize {
+    4096
+}
+const fn default_payload() -> PayloadFormat {
+    PayloadFormat::Json
+}
+const fn default_qos() -> u8 {
+    1
+}
+const fn default_queue() -> usize {
+    4096
+}
+const fn default_workers() -> usize {
+    1
+}
+
+/// One thing wrong with a configuration, with the key it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{} problem(s):\n{}", .0.len(), .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// Every problem, as `key: message` lines, for `check-config`.
+    pub fn problems(&self) -> Vec<Problem> {
+        match self {
+            ConfigError::Invalid(p) => p.clone(),
+            ConfigError::Read { path, source } => {
+                vec![Problem {
+                    key: path.display().to_string(),
+                    message: source.to_string(),
+                }]
+            }
+            ConfigError::Parse { path, message } => {
+                vec![Problem {
+                    key: path.display().to_string(),
+                    message: message.clone(),
+                }]
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses a config file (no validation of models or the network).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse(&text, &base).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config, String> {
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        config.base_dir = base_dir.to_owned();
+        Ok(config)
+    }
+
+    pub fn device_id(&self) -> String {
+        self.device.id.clone().unwrap_or_else(hostname)
+    }
+
+    pub fn prefix(&self) -> String {
+        self.topics.prefix.replace("{device}", &self.device_id())
+    }
+
+    pub fn client_id(&self) -> String {
+        self.broker
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("edgeinfer-{}", self.device_id()))
+    }
+
+    pub fn model_path(&self, pipeline: &Pipeline) -> PathBuf {
+        self.base_dir.join(&pipeline.model)
+    }
+
+    /// Checks everything that can be checked without loading models or
+    /// touching the network, and returns every problem found.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            problems.push(Problem {
+                key: key.into(),
+                message,
+            })
+        };
+
+        let device = self.device_id();
+        if device.is_empty() || device.contains(['+', '#', '/']) {
+            bad(
+                "device.id",
+                format!("{device:?} must be non-empty and free of '/', '+' and '#'"),
+            );
+        }
+        if let Err(e) = crate::mqtt::BrokerAddress::parse(&self.broker.url) {
+            bad("broker.url", e);
+        }
+        if self.broker.keep_alive_s < 5 {
+            bad("broker.keep_alive_s", "must be at least 5 seconds".into());
+        }
+        if self.broker.max_packet_bytes < 1024 || self.broker.max_packet_bytes > 256 * 1024 * 1024 {
+            bad(
+                "broker.max_packet_bytes",
+                "must be between 1024 and 268435456".into(),
+            );
+        }
+        if self.broker.reconnect_initial_ms == 0
+            || self.broker.reconnect_initial_ms > self.broker.reconnect_max_ms
+        {
+            bad(
+                "broker.reconnect_initial_ms",
+                "must be above 0 and at most broker.reconnect_max_ms".into(),
+            );
+        }
+        if self.broker.max_pending == 0 {
+            bad("broker.max_pending", "must be at least 1".into());
+        }
+        if let Some(file) = &self.broker.password_file {
+            if self.broker.username.is_none() {
+                bad("broker.password_file", "needs broker.username".into());
+            }
+            if let Err(e) = std::fs::metadata(self.base_dir.join(file)) {
+                bad("broker.password_file", format!("{}: {e}", file.display()));
+            }
+        }
+        if let Err(e) = crate::mqtt::check_template(&self.topics.prefix, 0) {
+            bad("topics.prefix", e);
+        }
+        if self.health.interval_s == 0 {
+            bad("health.interval_s", "must be at least 1".into());
+        }
+        if self.limits.max_payload_bytes == 0
+            || self.limits.max_payload_bytes > self.broker.max_packet_bytes
+        {
+            bad(
+                "limits.max_payload_bytes",
+                "must be above 0 and at most broker.max_packet_bytes".into(),
+            );
+        }
+        if self.limits.max_sources == 0 {
+            bad("limits.max_sources", "must be at least 1".into());
+        }
+        if self.limits.outbox_capacity == 0 {
+            bad("limits.outbox_capacity", "must be at least 1".into());
+        }
+        if self.pipelines.is_empty() {
+            bad("pipeline", "no [[pipeline]] is configured".into());
+        }
+
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.pipelines.iter().enumerate() {
+            let key = |k: &str| format!("pipeline[{i}].{k}");
+            if p.name.is_empty() || p.name.contains(['+', '#', '/']) {
+                bad(
+                    &key("name"),
+                    format!(
+                        "{:?} must be non-empty and free of '/', '+' and '#'",
+                        p.name
+                    ),
+                );
+            } else if !names.insert(p.name.as_str()) {
+                bad(
+                    &key("name"),
+                    format!("{:?} is used by another pipeline", p.name),
+                );
+            }
+            if p.kind == PipelineKind::Camera {
+                bad(
+                    &key("kind"),
+                    "camera pipelines are not available in this build yet".into(),
+                );
+            }
+            if p.topics.is_empty() {
+                bad(
+                    &key("topics"),
+                    "needs at least one MQTT topic filter".into(),
+                );
+            }
+            let mut wildcards = usize::MAX;
+            for (j, t) in p.topics.iter().enumerate() {
+                match crate::mqtt::TopicFilter::parse(t) {
+                    Ok(f) => wildcards = wildcards.min(f.wildcards()),
+                    Err(e) => bad(&format!("pipeline[{i}].topics[{j}]"), e),
+                }
+            }
+            if wildcards == usize::MAX {
+                wildcards = 0;
+            }
+            if let Err(e) = crate::mqtt::check_template(&p.results_template(), wildcards) {
+                bad(&key("results"), e);
+            }
+            if p.qos > 2 {
+                bad(
+                    &key("qos"),
+                    format!("{} is not an MQTT QoS (0, 1 or 2)", p.qos),
+                );
+            }
+            if p.queue == 0 {
+                bad(&key("queue"), "must be at least 1".into());
+            }
+            if p.workers == 0 || p.workers > 64 {
+                bad(&key("workers"), "must be between 1 and 64".into());
+            }
+            if let Some(w) = p.window {
+                if w.size == Some(0) {
+                    bad(&key("window.size"), "must be at least 1".into());
+                }
+                if w.stride == Some(0) {
+                    bad(&key("window.stride"), "must be at least 1".into());
+                }
+            }
+            let path = self.model_path(p);
+            if !path.is_file() {
+                bad(&key("model"), format!("{}: no such file", path.display()));
+            }
+        }
+        problems
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "edgeinfer".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_models_dir(text: &str) -> Config {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        Config::parse(text, dir).unwrap()
+    }
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let config = with_models_dir(EXAMPLE);
+        assert_eq!(config.validate(), vec![]);
+        assert!(!config.pipelines.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::parse(
+            "[broker]\nurl = \"mqtt://127.0.0.1\"\npasword = \"x\"\n",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(err.contains("pasword"), "{err}");
+    }
+
+    #[test]
+    fn validate_reports_every_problem_with_its_key() {
+        let config = with_models_dir(
+            r#"
+            [broker]
+            url = "http://example"
+            keep_alive_s = 1
+            [[pipeline]]
+            name = "a/b"
+            kind = "sensor"
+            topics = ["sensors/#/x"]
+            model = "models/missing.toml"
+            results = "out/{3}"
+            qos = 3
+            "#,
+        );
+        let keys: Vec<_> = config.validate().into_iter().map(|p| p.key).collect();
+        for key in [
+            "broker.url",
+            "broker.keep_alive_s",
+            "pipeline[0].name",
+            "pipeline[0].topics[0]",
+            "pipeline[0].qos",
+            "pipeline[0].model",
+        ] {
+            assert!(
+                keys.contains(&key.to_string()),
+                "{key} missing from {keys:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn results_template_may_not_use_more_wildcards_than_the_filters_have() {
+        let config = with_models_dir(
+            r#"
+            [[pipeline]]
+            name = "p"
+            kind = "sensor"
+            topics = ["sensors/+/accel", "other/fixed"]
+            model = "models/activity.toml"
+            results = "out/{1}"
+            "#,
+        );
+        let problems = config.validate();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "pipeline[0].results");
+    }
+}

@@ -1,0 +1,416 @@
+//! `edgeinfer demo`: an in-process MQTT broker (rumqttd, small memory
+//! limits), the bundled models, and simulated smart watches replaying real
+//! held-back BasicMotions recordings. Prints results as they arrive and a
+//! summary at the end.
+
+use crate::bundled::{self, TempDir};
+use crate::config::Config;
+use crate::health::percentile;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Deserialize)]
+struct Streams {
+    rate_hz: f64,
+    streams: Vec<Stream>,
+}
+
+#[derive(Deserialize)]
+struct Stream {
+    device: String,
+    label: String,
+    samples: Vec<Vec<f32>>,
+}
+
+/// Playback speed of the recordings (they were sampled at 10 Hz).
+const SPEEDUP: f64 = 10.0;
+
+#[derive(Debug, Default, Clone)]
+pub struct DemoSummary {
+    pub sent: u64,
+    pub bad_sent: u64,
+    pub results: u64,
+    pub errors: u64,
+    pub correct: u64,
+    pub classified: u64,
+    pub anomalies: u64,
+    pub pipeline_ms: (f64, f64),
+    pub end_to_end_ms: (f64, f64),
+    pub health_messages: u64,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn start_broker(port: u16) -> Result<(), String> {
+    use rumqttd::{
+        Broker, Config as BrokerConfig, ConnectionSettings, RouterConfig, ServerSettings,
+    };
+    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+    let server = ServerSettings {
+        name: "demo".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 5000,
+            max_payload_size: 256 * 1024,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = BrokerConfig {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 32,
+            max_outgoing_packet_count: 200,
+            // rumqttd's example reserves 100 MB segments; a demo needs far less.
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 4,
+            ..Default::default()
+        },
+        v4: Some(HashMap::from([("demo".to_string(), server)])),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("demo-broker".into())
+        .spawn(move || {
+            // rumqttd has no shutdown API: the thread ends with the process.
+            if let Err(e) = Broker::new(config).start() {
+                tracing::error!(error = %e, "Demo broker stopped");
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(listen).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the demo broker did not start listening on {listen}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn demo_config(dir: &std::path::Path, port: u16) -> String {
+    format!(
+        r#"
+[device]
+id = "demo"
+[broker]
+url = "mqtt://127.0.0.1:{port}"
+client_id = "edgeinfer-demo"
+[health]
+interval_s = 2
+[[pipeline]]
+name = "activity"
+kind = "sensor"
+topics = ["sensors/+/imu"]
+model = "{dir}/activity.toml"
+window = {{ size = 50, stride = 10 }}
+results = "edgeinfer/{{device}}/results/activity/{{1}}"
+[[pipeline]]
+name = "motion"
+kind = "sensor"
+topics = ["sensors/+/accel"]
+model = "{dir}/motion.toml"
+window = {{ size = 20, stride = 10 }}
+results = "edgeinfer/{{device}}/results/motion/{{1}}"
+"#,
+        dir = dir.display()
+    )
+}
+
+/// Runs the demo for `seconds` of simulated traffic and prints as it goes.
+pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
+    let dir = TempDir::new("demo").map_err(|e| e.to_string())?;
+    bundled::unpack(dir.path()).map_err(|e| format!("cannot unpack the bundled models: {e}"))?;
+    let port = free_port().map_err(|e| e.to_string())?;
+    start_broker(port)?;
+    println!("demo: MQTT broker (in-process rumqttd) on 127.0.0.1:{port}");
+
+    let config = Config::parse(&demo_config(dir.path(), port), dir.path())?;
+    let problems = crate::check(&config);
+    if !problems.is_empty() {
+        return Err(problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"));
+    }
+    let stop_daemon = CancellationToken::new();
+    let daemon = tokio::spawn(crate::run(config, stop_daemon.clone()));
+
+    // The observer: what an operator's dashboard would see.
+    let summary = Arc::new(Mutex::new(DemoSummary::default()));
+    let truth: Arc<HashMap<String, String>> = Arc::new(
+        serde_json::from_str::<Streams>(bundled::ACTIVITY_STREAM)
+            .map_err(|e| e.to_string())?
+            .streams
+            .into_iter()
+            .map(|s| (s.device, s.label))
+            .collect(),
+    );
+    let lat = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+    let observer_ready = CancellationToken::new();
+    let observer = tokio::spawn(observe(
+        port,
+        Arc::clone(&summary),
+        Arc::clone(&truth),
+        Arc::clone(&lat),
+        observer_ready.clone(),
+    ));
+    tokio::time::timeout(Duration::from_secs(5), observer_ready.cancelled())
+        .await
+        .map_err(|_| "the demo observer could not subscribe".to_string())?;
+
+    let streams: Streams =
+        serde_json::from_str(bundled::ACTIVITY_STREAM).map_err(|e| e.to_string())?;
+    println!(
+        "demo: {} simulated watches replay held-back BasicMotions recordings at {}x speed for {seconds} s",
+        streams.streams.len(),
+        SPEEDUP
+    );
+    let period = Duration::from_secs_f64(1.0 / (streams.rate_hz * SPEEDUP));
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut devices = Vec::new();
+    for s in streams.streams {
+        devices.push(tokio::spawn(simulate_watch(port, s, period, until)));
+    }
+    devices.push(tokio::spawn(simulate_faulty_device(port, until)));
+    let mut sent = (0, 0);
+    for d in devices {
+        let (good, bad) = d.await.map_err(|e| e.to_string())??;
+        sent.0 += good;
+        sent.1 += bad;
+    }
+    // Let the last results arrive, then stop the daemon as systemd would.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_daemon.cancel();
+    daemon
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    observer.abort();
+
+    let mut s = summary.lock().map_err(|e| e.to_string())?.clone();
+    s.sent = sent.0;
+    s.bad_sent = sent.1;
+    let (mut pipe, mut e2e) = lat.lock().map_err(|e| e.to_string())?.clone();
+    pipe.sort_by(f64::total_cmp);
+    e2e.sort_by(f64::total_cmp);
+    s.pipeline_ms = (percentile(&pipe, 0.5), percentile(&pipe, 0.99));
+    s.end_to_end_ms = (percentile(&e2e, 0.5), percentile(&e2e, 0.99));
+    println!();
+    println!("demo summary");
+    println!(
+        "  messages sent      {} sensor samples, {} deliberately bad payloads",
+        s.sent, s.bad_sent
+    );
+    println!(
+        "  results            {} ({} activity classifications, {} motion scores)",
+        s.results,
+        s.classified,
+        s.results - s.classified
+    );
+    println!(
+        "  activity correct   {}/{} ({:.0}%) against the recordings' true labels",
+        s.correct,
+        s.classified,
+        100.0 * s.correct as f64 / s.classified.max(1) as f64
+    );
+    println!(
+        "  motion anomalies   {} windows flagged (running and badminton are 'unusual')",
+        s.anomalies
+    );
+    println!(
+        "  errors             {} rejected inputs reported on edgeinfer/demo/errors",
+        s.errors
+    );
+    println!("  health messages    {}", s.health_messages);
+    println!(
+        "  latency in daemon  p50 {:.3} ms, p99 {:.3} ms (queue + pre + infer + post)",
+        s.pipeline_ms.0, s.pipeline_ms.1
+    );
+    println!(
+        "  device → result    p50 {:.0} ms, p99 {:.0} ms (ms-resolution timestamps)",
+        s.end_to_end_ms.0, s.end_to_end_ms.1
+    );
+    Ok(s)
+}
+
+async fn client(port: u16, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(10));
+    o.set_max_packet_size(256 * 1024, 256 * 1024);
+    AsyncClient::new(o, 64)
+}
+
+async fn observe(
+    port: u16,
+    summary: Arc<Mutex<DemoSummary>>,
+    truth: Arc<HashMap<String, String>>,
+    lat: Arc<Mutex<(Vec<f64>, Vec<f64>)>>,
+    ready: CancellationToken,
+) {
+    let (c, mut ev) = client(port, "demo-observer").await;
+    let _ = c.subscribe("edgeinfer/demo/#", QoS::AtMostOnce).await;
+    let mut printed = 0usize;
+    while let Ok(event) = ev.poll().await {
+        let p = match event {
+            Event::Incoming(Packet::SubAck(_)) => {
+                ready.cancel();
+                continue;
+            }
+            Event::Incoming(Packet::Publish(p)) => p,
+            _ => continue,
+        };
+        let Ok(mut s) = summary.lock() else { return };
+        if p.topic.ends_with("/health") {
+            s.health_messages += 1;
+            continue;
+        }
+        if p.topic.ends_with("/errors") {
+            s.errors += 1;
+            println!("  error   {}", String::from_utf8_lossy(&p.payload));
+            continue;
+        }
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload) else {
+            continue;
+        };
+        if v.get("pipeline").is_none() {
+            continue;
+        }
+        s.results += 1;
+        let l = &v["latency_ms"];
+        let total: f64 = ["queue", "pre", "infer", "post"]
+            .iter()
+            .map(|k| l[k].as_f64().unwrap_or(0.0))
+            .sum();
+        let e2e = crate::pipeline::unix_ms().saturating_sub(v["ts"].as_u64().unwrap_or(0)) as f64;
+        if let Ok(mut lat) = lat.lock() {
+            lat.0.push(total);
+            lat.1.push(e2e);
+        }
+        let source = v["source"].as_str().unwrap_or("");
+        let device = source.split('/').nth(1).unwrap_or("");
+        let line = if let Some(top) = v["output"]["top"].as_array() {
+            s.classified += 1;
+            let label = top[0]["label"].as_str().unwrap_or("?");
+            let expected = truth.get(device).map(String::as_str).unwrap_or("?");
+            if label == expected {
+                s.correct += 1;
+            }
+            format!(
+                "{:<9} {source:<22} → {label:<9} {:.2}  (recorded: {expected})",
+                "activity",
+                top[0]["score"].as_f64().unwrap_or(0.0)
+            )
+        } else {
+            let anomaly = v["output"]["anomaly"].as_bool().unwrap_or(false);
+            if anomaly {
+                s.anomalies += 1;
+            }
+            format!(
+                "{:<9} {source:<22} → score {:.2}{}",
+                "motion",
+                v["output"]["score"].as_f64().unwrap_or(0.0),
+                if anomaly { "  UNUSUAL" } else { "" }
+            )
+        };
+        // Print the first results in full, then one in ten, so the screen stays readable.
+        printed += 1;
+        if printed <= 24 || printed % 10 == 0 {
+            println!(
+                "  result  {line}  [infer {:.3} ms]",
+                l["infer"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+}
+
+/// Publishes one watch's recording, sample by sample, on `sensors/DEV/imu`
+/// (all six channels) and `sensors/DEV/accel` (the accelerometer).
+async fn simulate_watch(
+    port: u16,
+    s: Stream,
+    period: Duration,
+    until: Instant,
+) -> Result<(u64, u64), String> {
+    let (c, mut ev) = client(port, &format!("demo-{}", s.device)).await;
+    let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let mut ticker = tokio::time::interval(period);
+    let mut sent = 0u64;
+    for sample in s.samples.iter().cycle() {
+        ticker.tick().await;
+        if Instant::now() >= until {
+            break;
+        }
+        let ts = crate::pipeline::unix_ms();
+        let imu = serde_json::json!({"ts": ts, "values": sample}).to_string();
+        let acc = serde_json::json!({"ts": ts, "values": &sample[..3]}).to_string();
+        c.publish(
+            format!("sensors/{}/imu", s.device),
+            QoS::AtLeastOnce,
+            false,
+            imu,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        c.publish(
+            format!("sensors/{}/accel", s.device),
+            QoS::AtLeastOnce,
+            false,
+            acc,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        sent += 2;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pump.abort();
+    Ok((sent, 0))
+}
+
+/// A device with a bad firmware day: every two seconds, one broken payload.
+async fn simulate_faulty_device(port: u16, until: Instant) -> Result<(u64, u64), String> {
+    let (c, mut ev) = client(port, "demo-faulty").await;
+    let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let bad: [&[u8]; 4] = [
+        b"{\"values\": [0.1, 0.2",
+        b"{\"values\": [0.1, 0.2, 0.3]}",
+        b"{\"values\": [0.1, null, 0.3, 0.4, 0.5, 0.6]}",
+        b"{\"ts\": 1}",
+    ];
+    let mut sent = 0u64;
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    ticker.tick().await;
+    for payload in bad.iter().cycle() {
+        ticker.tick().await;
+        if Instant::now() >= until {
+            break;
+        }
+        c.publish(
+            "sensors/watch-9/imu",
+            QoS::AtLeastOnce,
+            false,
+            payload.to_vec(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        sent += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pump.abort();
+    Ok((0, sent))
+}

@@ -1,0 +1,448 @@
+//! Counters, latency histories and system readings, and the health message
+//! built from them.
+
+use heapless::HistoryBuf;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The most recent latencies (fixed capacity, no allocation after start),
+/// from which p50/p99 are read.
+pub struct Latencies(Mutex<HistoryBuf<f32, 1024>>);
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies(Mutex::new(HistoryBuf::new()))
+    }
+}
+
+impl std::fmt::Debug for Latencies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Latencies")
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+}
+
+impl Latencies {
+    pub fn record(&self, ms: f64) {
+        if let Ok(mut h) = self.0.lock() {
+            h.write(ms as f32);
+        }
+    }
+
+    pub fn percentiles(&self) -> Percentiles {
+        let mut v: Vec<f32> = match self.0.lock() {
+            Ok(h) => h.as_slice().to_vec(),
+            Err(_) => return Percentiles::default(),
+        };
+        v.sort_by(f32::total_cmp);
+        let round = |x: f32| (x as f64 * 1000.0).round() / 1000.0;
+        Percentiles {
+            p50: round(percentile(&v, 0.50)),
+            p99: round(percentile(&v, 0.99)),
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted values (0 when empty).
+pub fn percentile<T: Copy + Default>(sorted: &[T], q: f64) -> T {
+    if sorted.is_empty() {
+        return T::default();
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub received: Counter,
+    /// Inputs that decoded and were windowed.
+    pub processed: Counter,
+    /// Inputs dropped because the pipeline's queue was full.
+    pub dropped: Counter,
+    /// Inputs rejected (bad payload) or failed inferences.
+    pub errors: Counter,
+    pub results: Counter,
+    /// Source windows evicted to stay within `limits.max_sources`.
+    pub evicted: Counter,
+    /// Messages in the pipeline's queues right now.
+    pub queued: AtomicU64,
+    pub latency: Latencies,
+    /// Set when the pipeline could not start (its model failed to load).
+    pub failed: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    pub inference: Latencies,
+}
+
+#[derive(Debug, Default)]
+pub struct BrokerStats {
+    pub connected: AtomicBool,
+    pub reconnects: Counter,
+    /// Publishes waiting inside the MQTT client (rumqttc's pending queue).
+    pub pending: AtomicU64,
+    /// Publishes dropped from that queue to keep it within broker.max_pending.
+    pub pending_dropped: Counter,
+}
+
+#[derive(Debug, Default)]
+pub struct OutboxStats {
+    pub queued_messages: AtomicU64,
+    pub queued_bytes: AtomicU64,
+    pub dropped: Counter,
+}
+
+/// All the shared counters of one daemon run.
+#[derive(Default)]
+pub struct Telemetry {
+    pipelines: Mutex<Vec<(String, Arc<PipelineStats>)>>,
+    models: Mutex<BTreeMap<String, Arc<ModelStats>>>,
+    pub broker: Arc<BrokerStats>,
+    pub outbox: Arc<OutboxStats>,
+}
+
+impl Telemetry {
+    pub fn pipeline(&self, name: &str) -> Arc<PipelineStats> {
+        let mut p = self.pipelines.lock().expect("telemetry lock");
+        if let Some((_, s)) = p.iter().find(|(n, _)| n == name) {
+            return Arc::clone(s);
+        }
+        let s = Arc::new(PipelineStats::default());
+        p.push((name.to_owned(), Arc::clone(&s)));
+        s
+    }
+
+    pub fn model(&self, name: &str) -> Arc<ModelStats> {
+        Arc::clone(
+            self.models
+                .lock()
+                .expect("telemetry lock")
+                .entry(name.to_owned())
+                .or_default(),
+        )
+    }
+
+    pub fn snapshot(&self, device: &str, sys: &mut SystemSampler) -> HealthMessage {
+        let pipelines = self
+            .pipelines
+            .lock()
+            .expect("telemetry lock")
+            .iter()
+            .map(|(name, s)| {
+                let failed = s.failed.lock().ok().and_then(|f| f.clone());
+                (
+                    name.clone(),
+                    PipelineHealth {
+                        state: if failed.is_some() {
+                            "failed"
+                        } else {
+                            "running"
+                        },
+                        error: failed,
+                        received: s.received.get(),
+                        processed: s.processed.get(),
+                        dropped: s.dropped.get(),
+                        errors: s.errors.get(),
+                        results: s.results.get(),
+                        evicted_sources: s.evicted.get(),
+                        queue_depth: s.queued.load(Ordering::Relaxed),
+                        latency_ms: s.latency.percentiles(),
+                    },
+                )
+            })
+            .collect();
+        let models = self
+            .models
+            .lock()
+            .expect("telemetry lock")
+            .iter()
+            .map(|(name, m)| {
+                (
+                    name.clone(),
+                    ModelHealth {
+                        backend: crate::model::BACKEND,
+                        inference_ms: m.inference.percentiles(),
+                    },
+                )
+            })
+            .collect();
+        HealthMessage {
+            device: device.to_owned(),
+            ts: crate::pipeline::unix_ms(),
+            uptime_s: sys.started.elapsed().as_secs(),
+            cpu_percent: sys.cpu_percent(),
+            load_avg: read_loadavg(),
+            memory: MemoryHealth {
+                rss_bytes: rss_bytes().unwrap_or(0),
+                system_available_bytes: mem_available(),
+            },
+            temperature_c: read_temperatures(&sys.thermal_dir),
+            pipelines,
+            models,
+            broker: BrokerHealth {
+                connected: self.broker.connected.load(Ordering::Relaxed),
+                reconnects: self.broker.reconnects.get(),
+                pending: self.broker.pending.load(Ordering::Relaxed),
+                pending_dropped: self.broker.pending_dropped.get(),
+            },
+            outbox: OutboxHealth {
+                queued_messages: self.outbox.queued_messages.load(Ordering::Relaxed),
+                queued_bytes: self.outbox.queued_bytes.load(Ordering::Relaxed),
+                dropped: self.outbox.dropped.get(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct HealthMessage {
+    pub device: String,
+    pub ts: u64,
+    pub uptime_s: u64,
+    pub cpu_percent: f64,
+    pub load_avg: [f64; 3],
+    pub memory: MemoryHealth,
+    /// Thermal zone type (or name) → degrees Celsius; empty where none exist.
+    pub temperature_c: BTreeMap<String, f64>,
+    pub pipelines: BTreeMap<String, PipelineHealth>,
+    pub models: BTreeMap<String, ModelHealth>,
+    pub broker: BrokerHealth,
+    pub outbox: OutboxHealth,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemoryHealth {
+    pub rss_bytes: u64,
+    pub system_available_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PipelineHealth {
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub received: u64,
+    pub processed: u64,
+    pub dropped: u64,
+    pub errors: u64,
+    pub results: u64,
+    pub evicted_sources: u64,
+    pub queue_depth: u64,
+    pub latency_ms: Percentiles,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelHealth {
+    pub backend: &'static str,
+    pub inference_ms: Percentiles,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BrokerHealth {
+    pub connected: bool,
+    pub reconnects: u64,
+    pub pending: u64,
+    pub pending_dropped: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OutboxHealth {
+    pub queued_messages: u64,
+    pub queued_bytes: u64,
+    pub dropped: u64,
+}
+
+/// Process CPU share between two calls, plus where to read temperatures.
+pub struct SystemSampler {
+    started: Instant,
+    thermal_dir: std::path::PathBuf,
+    last: Option<(Instant, u64)>,
+}
+
+impl SystemSampler {
+    pub fn new(thermal_dir: &Path) -> SystemSampler {
+        let mut s = SystemSampler {
+            started: Instant::now(),
+            thermal_dir: thermal_dir.to_owned(),
+            last: None,
+        };
+        s.cpu_percent();
+        s
+    }
+
+    /// CPU used by this process since the last call, in percent of one core.
+    pub fn cpu_percent(&mut self) -> f64 {
+        let now = Instant::now();
+        let ticks = cpu_ticks().unwrap_or(0);
+        let pct = match self.last {
+            Some((t, prev)) if now > t => {
+                let secs = (ticks.saturating_sub(prev)) as f64 / CLOCK_TICKS_PER_SEC;
+                (secs / (now - t).as_secs_f64() * 1000.0).round() / 10.0
+            }
+            _ => 0.0,
+        };
+        self.last = Some((now, ticks));
+        pct
+    }
+}
+
+/// USER_HZ is 100 on every Linux architecture edgeinfer targets.
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
+fn cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn status_kb(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resident set size of this process.
+pub fn rss_bytes() -> Option<u64> {
+    status_kb("VmRSS:").map(|kb| kb * 1024)
+}
+
+/// Peak resident set size of this process.
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_kb("VmHWM:").map(|kb| kb * 1024)
+}
+
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn read_loadavg() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text.split_whitespace().map(|v| v.parse().unwrap_or(0.0));
+    [
+        it.next().unwrap_or(0.0),
+        it.next().unwrap_or(0.0),
+        it.next().unwrap_or(0.0),
+    ]
+}
+
+/// Reads `thermal_zone*/temp` (millidegrees) under `dir`, keyed by the
+/// zone's `type` (e.g. `cpu-thermal`), or its directory name.
+pub fn read_temperatures(dir: &Path) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("thermal_zone") {
+            continue;
+        }
+        let path = entry.path();
+        let Some(milli) = std::fs::read_to_string(path.join("temp"))
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok())
+        else {
+            continue;
+        };
+        let kind = std::fs::read_to_string(path.join("type"))
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default();
+        let key = if kind.is_empty() || out.contains_key(&kind) {
+            name
+        } else {
+            kind
+        };
+        out.insert(key, milli as f64 / 1000.0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&v, 0.5), 50);
+        assert_eq!(percentile(&v, 0.99), 99);
+        assert_eq!(percentile(&v, 1.0), 100);
+        assert_eq!(percentile::<u32>(&[], 0.5), 0);
+        assert_eq!(percentile(&[7u32], 0.99), 7);
+    }
+
+    #[test]
+    fn latency_history_keeps_the_most_recent() {
+        let l = Latencies::default();
+        for _ in 0..2000 {
+            l.record(100.0);
+        }
+        for _ in 0..1024 {
+            l.record(1.0);
+        }
+        assert_eq!(l.percentiles(), Percentiles { p50: 1.0, p99: 1.0 });
+    }
+
+    #[test]
+    fn thermal_zones_are_read_by_type() {
+        let dir = tempfile::tempdir().unwrap();
+        for (zone, kind, temp) in [
+            ("thermal_zone0", "cpu-thermal", "47312"),
+            ("thermal_zone1", "", "39000"),
+        ] {
+            let z = dir.path().join(zone);
+            std::fs::create_dir(&z).unwrap();
+            std::fs::write(z.join("temp"), temp).unwrap();
+            if !kind.is_empty() {
+                std::fs::write(z.join("type"), kind).unwrap();
+            }
+        }
+        std::fs::create_dir(dir.path().join("cooling_device0")).unwrap();
+        let t = read_temperatures(dir.path());
+        assert_eq!(t.len(), 2);
+        assert_eq!(t["cpu-thermal"], 47.312);
+        assert_eq!(t["thermal_zone1"], 39.0);
+    }
+
+    #[test]
+    fn proc_readings_are_plausible() {
+        assert!(rss_bytes().unwrap() > 1024 * 1024);
+        assert!(peak_rss_bytes().unwrap() >= rss_bytes().unwrap() / 2);
+        assert!(mem_available() > 0);
+        assert!(cpu_ticks().is_some());
+    }
+}

@@ -1,0 +1,566 @@
+//! Models: a manifest plus an ONNX file, loaded and optimised with tract.
+//!
+//! A loaded [`Model`] is shared (`Arc`) between worker threads; each worker
+//! owns a [`Session`] (tract state, whose buffers are reused across calls).
+//! Panics inside tract, at load or at inference, are caught and become
+//! errors: a bad model never takes the daemon down.
+
+pub mod manifest;
+
+pub use manifest::{AnomalyScore, Manifest, OutputKind};
+
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::SimpleState;
+
+/// The inference engine behind a model, as reported in `models` and health.
+pub const BACKEND: &str = "tract-cpu";
+
+#[derive(Debug, thiserror::Error)]
+#[error("model {model}: {kind}")]
+pub struct ModelError {
+    pub model: String,
+    pub kind: ModelErrorKind,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelErrorKind {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("manifest {path}: {message}")]
+    Manifest { path: PathBuf, message: String },
+    #[error("{path}: expected a model manifest (.toml) or an ONNX file (.onnx)")]
+    UnknownFormat { path: PathBuf },
+    #[error("checksum mismatch: manifest says sha256 {expected}, {path} has {actual}")]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("tract cannot load it: {0}")]
+    Engine(String),
+    #[error("the inference engine panicked while {stage}: {message}")]
+    Panic {
+        stage: &'static str,
+        message: String,
+    },
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// Element type of a model input or output, as edgeinfer handles it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElemType {
+    F32,
+    I8,
+    U8,
+}
+
+impl ElemType {
+    fn of(dt: DatumType) -> Option<ElemType> {
+        match dt.unquantized() {
+            DatumType::F32 => Some(ElemType::F32),
+            DatumType::I8 => Some(ElemType::I8),
+            DatumType::U8 => Some(ElemType::U8),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ElemType::F32 => "f32",
+            ElemType::I8 => "i8",
+            ElemType::U8 => "u8",
+        }
+    }
+}
+
+/// Name, concrete shape and element type of a graph input or output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+}
+
+impl TensorInfo {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Display for TensorInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}{:?}", self.name, self.dtype, self.shape)
+    }
+}
+
+pub struct Model {
+    pub name: String,
+    /// The ONNX file.
+    pub path: PathBuf,
+    pub sha256: String,
+    pub manifest: Manifest,
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+    /// Element type of the (single) input that edgeinfer feeds.
+    pub input_type: ElemType,
+    /// Index of the output that postprocessing reads.
+    pub output_index: usize,
+    pub load_ms: f64,
+    plan: Arc<TypedRunnableModel>,
+}
+
+impl fmt::Debug for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish_non_exhaustive()
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".into())
+}
+
+/// Formats a tract error with its whole cause chain on one line, so the
+/// operator and node named deep in the chain reach the user.
+fn chain(e: &TractError) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+impl Model {
+    /// Loads a manifest (`*.toml`) or a bare `.onnx` (with `NAME.toml` beside
+    /// it used as its manifest when present).
+    pub fn load(path: &Path) -> Result<Model, ModelError> {
+        let started = Instant::now();
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let err = |name: &str, kind| ModelError {
+            model: name.to_owned(),
+            kind,
+        };
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let (manifest, onnx_path) = match ext {
+            "toml" => {
+                let manifest = Manifest::load(path).map_err(|message| {
+                    err(
+                        &stem,
+                        ModelErrorKind::Manifest {
+                            path: path.to_owned(),
+                            message,
+                        },
+                    )
+                })?;
+                let file = manifest
+                    .file
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(format!("{stem}.onnx")));
+                let onnx = path.parent().unwrap_or(Path::new(".")).join(file);
+                (manifest, onnx)
+            }
+            "onnx" => {
+                let beside = path.with_extension("toml");
+                let manifest = if beside.is_file() {
+                    Manifest::load(&beside).map_err(|message| {
+                        err(
+                            &stem,
+                            ModelErrorKind::Manifest {
+                                path: beside.clone(),
+                                message,
+                            },
+                        )
+                    })?
+                } else {
+                    Manifest::default()
+                };
+                (manifest, path.to_owned())
+            }
+            _ => {
+                return Err(err(
+                    &stem,
+                    ModelErrorKind::UnknownFormat {
+                        path: path.to_owned(),
+                    },
+                ))
+            }
+        };
+        let name = manifest.name.clone().unwrap_or(stem);
+        let err = |kind| ModelError {
+            model: name.clone(),
+            kind,
+        };
+        let problems = manifest.problems();
+        if !problems.is_empty() {
+            return Err(err(ModelErrorKind::Manifest {
+                path: path.to_owned(),
+                message: problems.join("; "),
+            }));
+        }
+
+        let bytes = std::fs::read(&onnx_path).map_err(|source| {
+            err(ModelErrorKind::Read {
+                path: onnx_path.clone(),
+                source,
+            })
+        })?;
+        let sha256 = hex(&Sha256::digest(&bytes));
+        if let Some(expected) = &manifest.sha256 {
+            if !expected.eq_ignore_ascii_case(&sha256) {
+                return Err(err(ModelErrorKind::Checksum {
+                    path: onnx_path,
+                    expected: expected.clone(),
+                    actual: sha256,
+                }));
+            }
+        }
+
+        let plan = catch_unwind(AssertUnwindSafe(|| build_plan(&bytes, &manifest)))
+            .map_err(|p| {
+                err(ModelErrorKind::Panic {
+                    stage: "loading",
+                    message: panic_message(p),
+                })
+            })?
+            .map_err(err)?;
+
+        let model = plan.model();
+        let facts = |outlets: &[OutletId]| -> Result<Vec<TensorInfo>, ModelErrorKind> {
+            outlets
+                .iter()
+                .map(|o| {
+                    let fact = model.outlet_fact(*o).map_err(|e| ModelErrorKind::Engine(chain(&e)))?;
+                    let shape = fact.shape.as_concrete().map(|s| s.to_vec()).ok_or_else(|| {
+                        ModelErrorKind::Unsupported(format!(
+                            "{} has shape {:?} with unresolved dimensions; give input.shape in the manifest",
+                            model.node(o.node).name,
+                            fact.shape
+                        ))
+                    })?;
+                    Ok(TensorInfo {
+                        name: model.node(o.node).name.clone(),
+                        shape,
+                        dtype: format!("{:?}", fact.datum_type).to_lowercase(),
+                    })
+                })
+                .collect()
+        };
+        let inputs = facts(
+            model
+                .input_outlets()
+                .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?,
+        )
+        .map_err(err)?;
+        let outputs = facts(
+            model
+                .output_outlets()
+                .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?,
+        )
+        .map_err(err)?;
+        if inputs.len() != 1 {
+            return Err(err(ModelErrorKind::Unsupported(format!(
+                "{} inputs ({}); this build feeds models with exactly one input",
+                inputs.len(),
+                inputs
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))));
+        }
+        let input_dt = model
+            .outlet_fact(
+                model
+                    .input_outlets()
+                    .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?[0],
+            )
+            .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?
+            .datum_type;
+        let input_type = ElemType::of(input_dt).ok_or_else(|| {
+            err(ModelErrorKind::Unsupported(format!(
+                "input {} has type {input_dt:?}; f32, i8 and u8 are supported",
+                inputs[0].name
+            )))
+        })?;
+        if input_type != ElemType::F32 && manifest.preprocess.quant_scale.is_none() {
+            return Err(err(ModelErrorKind::Manifest {
+                path: path.to_owned(),
+                message: format!(
+                    "input {} is {}: preprocess.quant_scale and zero_point are needed to quantize it",
+                    inputs[0].name,
+                    input_type.as_str()
+                ),
+            }));
+        }
+        let output_index = match &manifest.output.name {
+            Some(n) => outputs.iter().position(|o| &o.name == n).ok_or_else(|| {
+                err(ModelErrorKind::Manifest {
+                    path: path.to_owned(),
+                    message: format!("output.name {n:?} is not an output of the graph"),
+                })
+            })?,
+            None => 0,
+        };
+        if let Some(name) = &manifest.input.name {
+            if &inputs[0].name != name {
+                return Err(err(ModelErrorKind::Manifest {
+                    path: path.to_owned(),
+                    message: format!(
+                        "input.name {name:?}, but the graph's input is {:?}",
+                        inputs[0].name
+                    ),
+                }));
+            }
+        }
+        let out = &outputs[output_index];
+        let labels = &manifest.output.labels;
+        if manifest.output.kind == OutputKind::Classification
+            && !labels.is_empty()
+            && labels.len() != out.len()
+        {
+            return Err(err(ModelErrorKind::Manifest {
+                path: path.to_owned(),
+                message: format!("{} labels for output {out}", labels.len()),
+            }));
+        }
+        if manifest.output.kind == OutputKind::Anomaly
+            && manifest.output.score == AnomalyScore::ReconstructionMse
+            && out.len() != inputs[0].len()
+        {
+            return Err(err(ModelErrorKind::Manifest {
+                path: path.to_owned(),
+                message: format!(
+                    "score = \"reconstruction_mse\" needs output {out} the size of input {}",
+                    inputs[0]
+                ),
+            }));
+        }
+
+        Ok(Model {
+            name,
+            path: onnx_path,
+            sha256,
+            manifest,
+            inputs,
+            outputs,
+            input_type,
+            output_index,
+            load_ms: started.elapsed().as_secs_f64() * 1e3,
+            plan,
+        })
+    }
+
+    pub fn input(&self) -> &TensorInfo {
+        &self.inputs[0]
+    }
+
+    pub fn output(&self) -> &TensorInfo {
+        &self.outputs[self.output_index]
+    }
+
+    pub fn session(self: &Arc<Self>) -> Result<Session, ModelError> {
+        let state = self.new_state()?;
+        Ok(Session {
+            model: Arc::clone(self),
+            state,
+        })
+    }
+
+    fn new_state(&self) -> Result<TypedSimpleState, ModelError> {
+        SimpleState::new(&self.plan).map_err(|e| ModelError {
+            model: self.name.clone(),
+            kind: ModelErrorKind::Engine(chain(&e)),
+        })
+    }
+}
+
+fn build_plan(
+    bytes: &[u8],
+    manifest: &Manifest,
+) -> Result<Arc<TypedRunnableModel>, ModelErrorKind> {
+    let engine = |e: TractError| ModelErrorKind::Engine(chain(&e));
+    let inference = tract_onnx::onnx()
+        .model_for_read(&mut std::io::Cursor::new(bytes))
+        .map_err(engine)?;
+    let typed = inference.into_typed().map_err(engine)?;
+    // Symbolic dimensions (a batch `N`, say) become concrete: from the
+    // manifest's input.shape where it gives one, else 1.
+    let mut subs = HashMap::new();
+    for (ix, outlet) in typed.input_outlets().map_err(engine)?.iter().enumerate() {
+        let fact = typed.outlet_fact(*outlet).map_err(engine)?;
+        let wanted = if ix == 0 {
+            manifest.input.shape.as_deref()
+        } else {
+            None
+        };
+        if let Some(w) = wanted {
+            if w.len() != fact.rank() {
+                return Err(ModelErrorKind::Unsupported(format!(
+                    "manifest input.shape {w:?} has rank {}, the graph's input has shape {:?}",
+                    w.len(),
+                    fact.shape
+                )));
+            }
+        }
+        for (d, dim) in fact.shape.iter().enumerate() {
+            let want = wanted.map(|w| w[d]);
+            match (dim.as_i64(), want) {
+                (Some(have), Some(want)) if have as usize != want => {
+                    return Err(ModelErrorKind::Unsupported(format!(
+                        "manifest input.shape {:?} disagrees with the graph's input shape {:?}",
+                        wanted.unwrap_or_default(),
+                        fact.shape
+                    )));
+                }
+                (Some(_), _) => {}
+                (None, want) => {
+                    for sym in dim.symbols() {
+                        subs.entry(sym)
+                            .or_insert_with(|| TDim::Val(want.unwrap_or(1) as i64));
+                    }
+                }
+            }
+        }
+    }
+    let typed = if subs.is_empty() {
+        typed
+    } else {
+        typed.set_symbols(&subs).map_err(engine)?
+    };
+    let optimized = typed.into_optimized().map_err(engine)?;
+    optimized.into_runnable().map_err(engine)
+}
+
+/// One worker's handle on a model: the shared plan plus private state.
+pub struct Session {
+    model: Arc<Model>,
+    state: TypedSimpleState,
+}
+
+impl Session {
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Runs the model on one input tensor and returns the output that
+    /// postprocessing reads, as f32 (dequantized when the manifest says how).
+    pub fn run(&mut self, input: Tensor) -> Result<Vec<f32>, ModelError> {
+        let err = |kind| ModelError {
+            model: self.model.name.clone(),
+            kind,
+        };
+        let ix = self.model.output_index;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            self.state.run(tvec!(input.into_tvalue()))
+        }));
+        match result {
+            Ok(Ok(outputs)) => output_f32(&outputs[ix], &self.model.manifest.output).map_err(err),
+            Ok(Err(e)) => Err(err(ModelErrorKind::Inference(chain(&e)))),
+            Err(panic) => {
+                // The state may be half-updated: start from a fresh one.
+                self.state = self.model.new_state()?;
+                Err(err(ModelErrorKind::Panic {
+                    stage: "running",
+                    message: panic_message(panic),
+                }))
+            }
+        }
+    }
+}
+
+fn output_f32(value: &TValue, spec: &manifest::OutputSpec) -> Result<Vec<f32>, ModelErrorKind> {
+    let dt = value.datum_type();
+    let (scale, zp) = match (spec.quant_scale, spec.zero_point, dt.zp_scale()) {
+        (Some(s), z, _) => (s, z.unwrap_or(0) as f32),
+        (None, _, (z, s)) if dt.is_quantized() => (s, z as f32),
+        _ => (1.0, 0.0),
+    };
+    let tensor: &Tensor = value;
+    Ok(match dt.unquantized() {
+        DatumType::F32 => plain::<f32>(tensor)?,
+        DatumType::I8 => plain::<i8>(tensor)?
+            .into_iter()
+            .map(|q| (q as f32 - zp) * scale)
+            .collect(),
+        DatumType::U8 => plain::<u8>(tensor)?
+            .into_iter()
+            .map(|q| (q as f32 - zp) * scale)
+            .collect(),
+        _ => plain::<f32>(
+            &tensor
+                .cast_to::<f32>()
+                .map_err(|e| ModelErrorKind::Inference(chain(&e)))?
+                .into_owned(),
+        )?,
+    })
+}
+
+/// The elements of a tensor as a vector, quantized types read as their
+/// plain integers.
+fn plain<T: Datum + Copy>(tensor: &Tensor) -> Result<Vec<T>, ModelErrorKind> {
+    let bad = |e: TractError| ModelErrorKind::Inference(chain(&e));
+    let unquantized = tensor
+        .cast_to_dt(tensor.datum_type().unquantized())
+        .map_err(bad)?;
+    let values = unquantized
+        .try_as_plain_ram()
+        .map_err(bad)?
+        .as_slice::<T>()
+        .map_err(bad)?
+        .to_vec();
+    Ok(values)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Every model a configuration names, loaded once each (pipelines sharing a
+/// model file share the loaded model).
+#[derive(Default)]
+pub struct Registry {
+    models: HashMap<PathBuf, Result<Arc<Model>, Arc<ModelError>>>,
+}
+
+impl Registry {
+    pub fn get_or_load(&mut self, path: &Path) -> Result<Arc<Model>, Arc<ModelError>> {
+        let key = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+        self.models
+            .entry(key)
+            .or_insert_with(|| Model::load(path).map(Arc::new).map_err(Arc::new))
+            .clone()
+    }
+}

@@ -1,0 +1,112 @@
+//! MQTT: the broker connection (poll loop, reconnect backoff,
+//! resubscription), routing of incoming messages to pipelines, and the
+//! outbox through which results, errors and health leave.
+
+mod backoff;
+mod connection;
+mod outbox;
+mod topic;
+
+pub use backoff::Backoff;
+pub use connection::{
+    connect_options, drive, publish_loop, status_topic, ConnectionContext, Router,
+};
+pub use outbox::{outbox, Outbox, OutboxReceiver, Outgoing};
+pub use topic::{check_template, TopicFilter, TopicTemplate};
+
+use rumqttc::QoS;
+
+/// Host and port of an `mqtt://` broker URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerAddress {
+    pub fn parse(url: &str) -> Result<BrokerAddress, String> {
+        let rest = if let Some(r) = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+        {
+            r
+        } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
+            return Err(format!(
+                "{url:?}: TLS (mqtts://) is not available in this build yet"
+            ));
+        } else {
+            return Err(format!("{url:?}: expected mqtt://HOST[:PORT]"));
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains(['/', '?', '@']) {
+            return Err(format!(
+                "{url:?}: expected mqtt://HOST[:PORT] with no path, query or credentials"
+            ));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, p) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: unclosed '['"))?;
+            (h, p.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?}: no host"));
+        }
+        let port = match port {
+            None => 1883,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("{url:?}: bad port {p:?}"))?,
+        };
+        Ok(BrokerAddress {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+pub fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let a = |u| BrokerAddress::parse(u);
+        assert_eq!(
+            a("mqtt://127.0.0.1:1884").unwrap(),
+            BrokerAddress {
+                host: "127.0.0.1".into(),
+                port: 1884
+            }
+        );
+        assert_eq!(a("mqtt://broker.local").unwrap().port, 1883);
+        assert_eq!(
+            a("tcp://[::1]:2000").unwrap(),
+            BrokerAddress {
+                host: "::1".into(),
+                port: 2000
+            }
+        );
+        assert!(a("mqtts://x").unwrap_err().contains("TLS"));
+        assert!(a("http://x").is_err());
+        assert!(a("mqtt://:1883").is_err());
+        assert!(a("mqtt://x:0").is_err());
+        assert!(a("mqtt://x:99999").is_err());
+        assert!(a("mqtt://user:pw@x").is_err());
+    }
+}

@@ -1,0 +1,246 @@
+//! MQTT topic filters, wildcard captures and result-topic templates.
+
+/// A parsed subscription filter such as `sensors/+/accel` or `plant/#`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicFilter {
+    raw: String,
+    levels: Vec<Level>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Level {
+    Exact(String),
+    One,
+    Rest,
+}
+
+impl TopicFilter {
+    pub fn parse(filter: &str) -> Result<TopicFilter, String> {
+        if filter.is_empty() {
+            return Err("an empty topic filter matches nothing".into());
+        }
+        let parts: Vec<&str> = filter.split('/').collect();
+        let mut levels = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            levels.push(match *part {
+                "+" => Level::One,
+                "#" if i == parts.len() - 1 => Level::Rest,
+                "#" => return Err(format!("{filter:?}: '#' is only allowed as the last level")),
+                p if p.contains(['+', '#']) => {
+                    return Err(format!("{filter:?}: wildcards must fill a whole level"));
+                }
+                p => Level::Exact(p.to_owned()),
+            });
+        }
+        Ok(TopicFilter {
+            raw: filter.to_owned(),
+            levels,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+
+    /// Number of wildcard levels, i.e. of `{N}` captures a match yields.
+    pub fn wildcards(&self) -> usize {
+        self.levels
+            .iter()
+            .filter(|l| !matches!(l, Level::Exact(_)))
+            .count()
+    }
+
+    /// Matches `topic` and returns the text of each wildcard level in order
+    /// (`#` captures the rest of the topic, slashes included).
+    pub fn captures<'t>(&self, topic: &'t str) -> Option<Vec<&'t str>> {
+        let mut caps = Vec::new();
+        let mut rest = topic;
+        for (i, level) in self.levels.iter().enumerate() {
+            if let Level::Rest = level {
+                // MQTT: "sport/#" also matches "sport"; topics starting with $ never match a leading wildcard.
+                if i == 0 && topic.starts_with('$') {
+                    return None;
+                }
+                caps.push(rest);
+                return Some(caps);
+            }
+            let (head, tail) = match rest.find('/') {
+                Some(at) => (&rest[..at], Some(&rest[at + 1..])),
+                None => (rest, None),
+            };
+            match level {
+                Level::Exact(e) if e != head => return None,
+                Level::One if i == 0 && head.starts_with('$') => return None,
+                Level::One => caps.push(head),
+                _ => {}
+            }
+            match tail {
+                Some(t) => rest = t,
+                None => {
+                    let remaining = &self.levels[i + 1..];
+                    return match remaining {
+                        [] => Some(caps),
+                        [Level::Rest] => {
+                            caps.push("");
+                            Some(caps)
+                        }
+                        _ => None,
+                    };
+                }
+            }
+        }
+        None // topic has more levels than the filter
+    }
+}
+
+/// Checks a template's placeholders: `{device}`, `{pipeline}`, `{prefix}`
+/// and `{1}`…`{max_capture}`.
+pub fn check_template(template: &str, max_capture: usize) -> Result<(), String> {
+    if template.is_empty() {
+        return Err("an empty topic".into());
+    }
+    if template.contains(['+', '#']) {
+        return Err(format!(
+            "{template:?}: a publish topic may not contain '+' or '#'"
+        ));
+    }
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            return Err(format!("{template:?}: unclosed '{{'"));
+        };
+        let name = &rest[open + 1..open + close];
+        match name {
+            "device" | "pipeline" | "prefix" => {}
+            n => match n.parse::<usize>() {
+                Ok(k) if k >= 1 && k <= max_capture => {}
+                Ok(k) => {
+                    return Err(format!(
+                        "{template:?}: {{{k}}} needs a wildcard level {k}, but the filters have {max_capture}"
+                    ))
+                }
+                Err(_) => return Err(format!("{template:?}: unknown placeholder {{{n}}}")),
+            },
+        }
+        rest = &rest[open + close + 1..];
+    }
+    Ok(())
+}
+
+/// A results template with its fixed placeholders already substituted.
+#[derive(Debug, Clone)]
+pub struct TopicTemplate {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    Text(String),
+    Capture(usize),
+}
+
+impl TopicTemplate {
+    /// `template` must have passed [`check_template`].
+    pub fn new(template: &str, device: &str, pipeline: &str, prefix: &str) -> TopicTemplate {
+        let template = template
+            .replace("{prefix}", prefix)
+            .replace("{device}", device)
+            .replace("{pipeline}", pipeline);
+        let mut parts = Vec::new();
+        let mut rest = template.as_str();
+        while let Some(open) = rest.find('{') {
+            let close = open + rest[open..].find('}').unwrap_or(rest.len() - open);
+            if open > 0 {
+                parts.push(Part::Text(rest[..open].to_owned()));
+            }
+            match rest[open + 1..close].parse::<usize>() {
+                Ok(k) => parts.push(Part::Capture(k)),
+                Err(_) => parts.push(Part::Text(
+                    rest[open..=close.min(rest.len() - 1)].to_owned(),
+                )),
+            }
+            rest = rest.get(close + 1..).unwrap_or("");
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_owned()));
+        }
+        TopicTemplate { parts }
+    }
+
+    pub fn render(&self, captures: &[&str]) -> String {
+        let mut out = String::with_capacity(64);
+        for part in &self.parts {
+            match part {
+                Part::Text(t) => out.push_str(t),
+                Part::Capture(k) => out.push_str(captures.get(k - 1).copied().unwrap_or("")),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps<'a>(filter: &str, topic: &'a str) -> Option<Vec<&'a str>> {
+        TopicFilter::parse(filter).unwrap().captures(topic)
+    }
+
+    #[test]
+    fn single_level_wildcards_capture_their_level() {
+        assert_eq!(
+            caps("sensors/+/accel", "sensors/pump-7/accel"),
+            Some(vec!["pump-7"])
+        );
+        assert_eq!(caps("sensors/+/accel", "sensors/pump-7/gyro"), None);
+        assert_eq!(caps("sensors/+/accel", "sensors/a/b/accel"), None);
+        assert_eq!(caps("+/+", "a/b"), Some(vec!["a", "b"]));
+        assert_eq!(caps("sensors/+", "sensors/"), Some(vec![""]));
+        assert_eq!(caps("a/b", "a/b/c"), None);
+        assert_eq!(caps("a/b/c", "a/b"), None);
+    }
+
+    #[test]
+    fn multi_level_wildcard_captures_the_rest() {
+        assert_eq!(
+            caps("plant/#", "plant/line1/press/3"),
+            Some(vec!["line1/press/3"])
+        );
+        assert_eq!(caps("plant/#", "plant"), Some(vec![""]));
+        assert_eq!(caps("#", "x/y"), Some(vec!["x/y"]));
+        assert_eq!(caps("#", "$SYS/uptime"), None);
+        assert_eq!(caps("+/uptime", "$SYS/uptime"), None);
+    }
+
+    #[test]
+    fn malformed_filters_are_rejected() {
+        assert!(TopicFilter::parse("a/#/b").is_err());
+        assert!(TopicFilter::parse("a/b+").is_err());
+        assert!(TopicFilter::parse("").is_err());
+    }
+
+    #[test]
+    fn templates_render_captures_and_names() {
+        check_template("edgeinfer/{device}/results/{pipeline}/{1}", 1).unwrap();
+        let t = TopicTemplate::new(
+            "edgeinfer/{device}/results/{pipeline}/{1}",
+            "gw",
+            "vib",
+            "edgeinfer/gw",
+        );
+        assert_eq!(t.render(&["pump-7"]), "edgeinfer/gw/results/vib/pump-7");
+        let t = TopicTemplate::new("{prefix}/r/{2}-{1}", "gw", "p", "edgeinfer/gw");
+        assert_eq!(t.render(&["a", "b"]), "edgeinfer/gw/r/b-a");
+    }
+
+    #[test]
+    fn template_errors_name_the_problem() {
+        assert!(check_template("out/{2}", 1).unwrap_err().contains("{2}"));
+        assert!(check_template("out/{nope}", 1)
+            .unwrap_err()
+            .contains("nope"));
+        assert!(check_template("out/+", 0).is_err());
+        assert!(check_template("out/{1", 1).is_err());
+    }
+}

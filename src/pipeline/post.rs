@@ -1,0 +1,196 @@
+//! Preprocessing (raw window → model input) and postprocessing (model output
+//! → result JSON), both driven by the model's manifest.
+
+use crate::model::{AnomalyScore, ElemType, Model, OutputKind};
+use serde::Serialize;
+use tract_onnx::prelude::Tensor;
+
+/// Turns a window of raw samples into the model's input tensor:
+/// `(x * scale - mean[c]) / std[c]`, then quantized for int8/uint8 inputs.
+#[derive(Debug, Clone)]
+pub struct Preprocessor {
+    channels: usize,
+    scale: f32,
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+    shape: Vec<usize>,
+    quant: Option<(ElemType, f32, i32)>,
+}
+
+impl Preprocessor {
+    /// `channels` values make one sample; the model's input holds
+    /// `len / channels` samples, oldest first.
+    pub fn new(model: &Model, channels: usize) -> Result<Preprocessor, String> {
+        let p = &model.manifest.preprocess;
+        let per_channel =
+            |v: &Option<Vec<f32>>, what: &str, default: f32| -> Result<Vec<f32>, String> {
+                match v.as_deref() {
+                    None => Ok(vec![default; channels]),
+                    Some([one]) => Ok(vec![*one; channels]),
+                    Some(v) if v.len() == channels => Ok(v.to_vec()),
+                    Some(v) => Err(format!(
+                        "preprocess.{what} has {} values for {channels} channels",
+                        v.len()
+                    )),
+                }
+            };
+        let mean = per_channel(&p.mean, "mean", 0.0)?;
+        let inv_std = per_channel(&p.std, "std", 1.0)?
+            .iter()
+            .map(|s| 1.0 / s)
+            .collect();
+        let quant = match model.input_type {
+            ElemType::F32 => None,
+            t => Some((t, p.quant_scale.unwrap_or(1.0), p.zero_point.unwrap_or(0))),
+        };
+        Ok(Preprocessor {
+            channels,
+            scale: p.scale.unwrap_or(1.0),
+            mean,
+            inv_std,
+            shape: model.input().shape.clone(),
+            quant,
+        })
+    }
+
+    /// Normalises `raw` into `normalised` (kept for reconstruction scores)
+    /// and returns the input tensor.
+    pub fn tensor(&self, raw: &[f32], normalised: &mut Vec<f32>) -> Tensor {
+        normalised.clear();
+        normalised.extend(raw.chunks_exact(self.channels).flat_map(|sample| {
+            sample
+                .iter()
+                .enumerate()
+                .map(|(c, x)| (x * self.scale - self.mean[c]) * self.inv_std[c])
+        }));
+        let built = match self.quant {
+            None => Tensor::from_shape(&self.shape, normalised),
+            Some((ElemType::I8, s, zp)) => {
+                let q: Vec<i8> = normalised
+                    .iter()
+                    .map(|x| quantize(*x, s, zp, -128, 127) as i8)
+                    .collect();
+                Tensor::from_shape(&self.shape, &q)
+            }
+            Some((_, s, zp)) => {
+                let q: Vec<u8> = normalised
+                    .iter()
+                    .map(|x| quantize(*x, s, zp, 0, 255) as u8)
+                    .collect();
+                Tensor::from_shape(&self.shape, &q)
+            }
+        };
+        // The shape's element count equals the window's by construction.
+        built.expect("window length matches the model input")
+    }
+}
+
+fn quantize(x: f32, scale: f32, zero_point: i32, lo: i32, hi: i32) -> i32 {
+    // Round half to even, as ONNX QuantizeLinear does.
+    ((x / scale).round_ties_even() as i32)
+        .saturating_add(zero_point)
+        .clamp(lo, hi)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Scored {
+    pub label: String,
+    pub score: f32,
+}
+
+/// The `output` object of a result message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Output {
+    Classification { top: Vec<Scored> },
+    Anomaly { score: f32, anomaly: bool },
+    Raw { values: Vec<f32> },
+}
+
+pub fn softmax(v: &mut [f32]) {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in v.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    for x in v.iter_mut() {
+        *x /= sum;
+    }
+}
+
+/// Interprets a model output per its manifest. `normalised` is the input
+/// the model was fed (before quantization), for reconstruction scores.
+/// A non-finite output is an error, never a result.
+pub fn postprocess(model: &Model, mut out: Vec<f32>, normalised: &[f32]) -> Result<Output, String> {
+    if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+        return Err(format!(
+            "model output {} is not finite at index {i}",
+            model.output().name
+        ));
+    }
+    let spec = &model.manifest.output;
+    Ok(match spec.kind {
+        OutputKind::Classification => {
+            if spec.softmax {
+                softmax(&mut out);
+            }
+            let k = spec.top_k.unwrap_or(1).min(out.len());
+            let mut idx: Vec<usize> = (0..out.len()).collect();
+            // Stable sort: ties keep class order, so results are deterministic.
+            idx.sort_by(|a, b| out[*b].total_cmp(&out[*a]));
+            let top = idx[..k]
+                .iter()
+                .map(|&i| Scored {
+                    label: spec
+                        .labels
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| format!("class_{i}")),
+                    score: out[i],
+                })
+                .collect();
+            Output::Classification { top }
+        }
+        OutputKind::Anomaly => {
+            let score = match spec.score {
+                AnomalyScore::Output => out[0],
+                AnomalyScore::ReconstructionMse => {
+                    out.iter()
+                        .zip(normalised)
+                        .map(|(o, x)| (o - x) * (o - x))
+                        .sum::<f32>()
+                        / out.len() as f32
+                }
+            };
+            Output::Anomaly {
+                score,
+                anomaly: score > spec.threshold.unwrap_or(f32::INFINITY),
+            }
+        }
+        OutputKind::Raw => Output::Raw { values: out },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_is_a_distribution_and_keeps_order() {
+        let mut v = vec![1.0, 3.0, -2.0, 1000.0];
+        softmax(&mut v);
+        assert!((v.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(v[3] > v[1] && v[1] > v[0] && v[0] > v[2]);
+        assert!(v.iter().all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn quantize_rounds_half_to_even_and_saturates() {
+        assert_eq!(quantize(0.5, 1.0, 0, -128, 127), 0);
+        assert_eq!(quantize(1.5, 1.0, 0, -128, 127), 2);
+        assert_eq!(quantize(1000.0, 0.1, 0, -128, 127), 127);
+        assert_eq!(quantize(-1.0, 0.5, 3, 0, 255), 1);
+        assert_eq!(quantize(-1000.0, 1.0, 0, 0, 255), 0);
+    }
+}

@@ -1,0 +1,260 @@
+//! Sensor payloads (JSON or raw little-endian f32) and the per-source
+//! sliding window that turns samples into model inputs.
+
+use serde::Deserialize;
+
+/// Why an input was rejected. Each becomes one entry on the errors topic.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InputError {
+    #[error("payload of {size} bytes is over the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("empty payload")]
+    Empty,
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("JSON payload needs \"values\" (one sample) or \"samples\" (a batch)")]
+    NoSamples,
+    #[error("sample {sample} has {got} values, the model takes {expected} channels")]
+    WrongChannelCount {
+        sample: usize,
+        expected: usize,
+        got: usize,
+    },
+    #[error("sample {sample}, channel {channel} is not a finite number")]
+    NonFinite { sample: usize, channel: usize },
+    #[error("f32le payload of {len} bytes is not a whole number of {channels}-channel samples")]
+    BadLength { len: usize, channels: usize },
+}
+
+impl InputError {
+    /// Stable machine-readable class, the `kind` field on the errors topic.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InputError::TooLarge { .. } => "too_large",
+            InputError::Empty => "empty",
+            InputError::MalformedJson(_) => "malformed_json",
+            InputError::NoSamples => "no_samples",
+            InputError::WrongChannelCount { .. } => "wrong_channel_count",
+            InputError::NonFinite { .. } => "non_finite",
+            InputError::BadLength { .. } => "bad_length",
+        }
+    }
+}
+
+/// Decoded samples: `values` holds `values.len() / channels` samples, each
+/// `channels` values, oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Samples {
+    pub ts: Option<u64>,
+    pub values: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct JsonPayload {
+    ts: Option<u64>,
+    // Option<f64> so that `null` (a device's "no reading") is reported as a
+    // missing value, not as malformed JSON.
+    values: Option<Vec<Option<f64>>>,
+    samples: Option<Vec<Vec<Option<f64>>>>,
+}
+
+pub fn decode_json(payload: &[u8], channels: usize) -> Result<Samples, InputError> {
+    if payload.is_empty() {
+        return Err(InputError::Empty);
+    }
+    let p: JsonPayload =
+        serde_json::from_slice(payload).map_err(|e| InputError::MalformedJson(e.to_string()))?;
+    let mut values = Vec::new();
+    let mut push = |sample: usize, row: &[Option<f64>]| {
+        if row.len() != channels {
+            return Err(InputError::WrongChannelCount {
+                sample,
+                expected: channels,
+                got: row.len(),
+            });
+        }
+        for (channel, v) in row.iter().enumerate() {
+            let v = v.map(|v| v as f32).filter(|v| v.is_finite());
+            values.push(v.ok_or(InputError::NonFinite { sample, channel })?);
+        }
+        Ok(())
+    };
+    match (p.values, p.samples) {
+        (Some(row), None) => push(0, &row)?,
+        (None, Some(rows)) if !rows.is_empty() => {
+            for (i, row) in rows.iter().enumerate() {
+                push(i, row)?;
+            }
+        }
+        _ => return Err(InputError::NoSamples),
+    }
+    Ok(Samples { ts: p.ts, values })
+}
+
+pub fn decode_f32le(payload: &[u8], channels: usize) -> Result<Samples, InputError> {
+    if payload.is_empty() {
+        return Err(InputError::Empty);
+    }
+    if payload.len() % (4 * channels) != 0 {
+        return Err(InputError::BadLength {
+            len: payload.len(),
+            channels,
+        });
+    }
+    let mut values = Vec::with_capacity(payload.len() / 4);
+    for (i, chunk) in payload.chunks_exact(4).enumerate() {
+        let v = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        if !v.is_finite() {
+            return Err(InputError::NonFinite {
+                sample: i / channels,
+                channel: i % channels,
+            });
+        }
+        values.push(v);
+    }
+    Ok(Samples { ts: None, values })
+}
+
+/// A fixed-capacity sliding window over one source's samples. Its storage is
+/// allocated once (`size * channels` values) and never grows.
+#[derive(Debug, Clone)]
+pub struct SensorWindow {
+    channels: usize,
+    size: usize,
+    stride: usize,
+    ring: Box<[f32]>,
+    /// Next sample slot to write.
+    head: usize,
+    filled: usize,
+    since_emit: usize,
+    emitted: bool,
+}
+
+impl SensorWindow {
+    pub fn new(size: usize, stride: usize, channels: usize) -> SensorWindow {
+        assert!(size > 0 && stride > 0 && channels > 0);
+        SensorWindow {
+            channels,
+            size,
+            stride,
+            ring: vec![0.0; size * channels].into_boxed_slice(),
+            head: 0,
+            filled: 0,
+            since_emit: 0,
+            emitted: false,
+        }
+    }
+
+    /// Adds one sample (`channels` values). Returns true when a window is
+    /// due: the first time the window is full, then every `stride` samples.
+    pub fn push(&mut self, sample: &[f32]) -> bool {
+        debug_assert_eq!(sample.len(), self.channels);
+        let at = self.head * self.channels;
+        self.ring[at..at + self.channels].copy_from_slice(sample);
+        self.head = (self.head + 1) % self.size;
+        self.filled = (self.filled + 1).min(self.size);
+        self.since_emit += 1;
+        // The first window is due when the ring fills, whatever the stride.
+        if self.filled == self.size && (!self.emitted || self.since_emit >= self.stride) {
+            self.emitted = true;
+            self.since_emit = 0;
+            return true;
+        }
+        false
+    }
+
+    /// Copies the window, oldest sample first, into `out` (cleared first).
+    pub fn copy_into(&self, out: &mut Vec<f32>) {
+        out.clear();
+        let split = self.head * self.channels;
+        out.extend_from_slice(&self.ring[split..]);
+        out.extend_from_slice(&self.ring[..split]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_single_and_batch() {
+        let s = decode_json(br#"{"ts": 5, "values": [0.5, -1, 2]}"#, 3).unwrap();
+        assert_eq!(
+            s,
+            Samples {
+                ts: Some(5),
+                values: vec![0.5, -1.0, 2.0]
+            }
+        );
+        let s = decode_json(br#"{"samples": [[1,2],[3,4]], "extra": "ignored"}"#, 2).unwrap();
+        assert_eq!(s.values, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn json_rejections_have_distinct_kinds() {
+        let kind = |p: &[u8]| decode_json(p, 3).unwrap_err().kind();
+        assert_eq!(kind(b""), "empty");
+        assert_eq!(kind(b"{\"values\": [1,2"), "malformed_json");
+        assert_eq!(kind(b"[1,2,3]"), "malformed_json");
+        assert_eq!(kind(b"{\"ts\": 1}"), "no_samples");
+        assert_eq!(kind(b"{\"samples\": []}"), "no_samples");
+        assert_eq!(kind(b"{\"values\": [1,2]}"), "wrong_channel_count");
+        assert_eq!(
+            kind(b"{\"samples\": [[1,2,3],[1,2]]}"),
+            "wrong_channel_count"
+        );
+        assert_eq!(kind(b"{\"values\": [1,null,3]}"), "non_finite");
+        assert_eq!(kind(b"{\"values\": [1,1e39,3]}"), "non_finite"); // finite f64, infinite f32
+    }
+
+    #[test]
+    fn f32le_decodes_and_rejects() {
+        let bytes: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            decode_f32le(&bytes, 2).unwrap().values,
+            vec![1.0, 2.0, 3.0, 4.0]
+        );
+        assert_eq!(
+            decode_f32le(&bytes[..6], 2).unwrap_err().kind(),
+            "bad_length"
+        );
+        assert_eq!(decode_f32le(&bytes, 3).unwrap_err().kind(), "bad_length");
+        let nan: Vec<u8> = [1.0f32, f32::NAN]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            decode_f32le(&nan, 2).unwrap_err(),
+            InputError::NonFinite {
+                sample: 0,
+                channel: 1
+            }
+        );
+    }
+
+    /// Naive reference: the window after sample `n` is samples `n-size+1..=n`.
+    #[test]
+    fn window_matches_naive_slices() {
+        for (size, stride) in [(4, 1), (4, 2), (4, 4), (4, 6), (1, 1), (5, 3)] {
+            let mut w = SensorWindow::new(size, stride, 2);
+            let mut out = Vec::new();
+            let mut emitted = Vec::new();
+            for n in 0..20usize {
+                if w.push(&[n as f32, -(n as f32)]) {
+                    w.copy_into(&mut out);
+                    let expected: Vec<f32> = (n + 1 - size..=n)
+                        .flat_map(|k| [k as f32, -(k as f32)])
+                        .collect();
+                    assert_eq!(out, expected, "size {size} stride {stride} at {n}");
+                    emitted.push(n);
+                }
+            }
+            // First at size-1, then every `stride` samples.
+            let expected: Vec<usize> = (size - 1..20).step_by(stride).collect();
+            assert_eq!(emitted, expected, "size {size} stride {stride}");
+        }
+    }
+}
