@@ -264,8 +264,10 @@ impl Model {
                             fact.shape
                         ))
                     })?;
+                    // The ONNX tensor name is the outlet's label; the node name is tract's.
+                    let name = model.outlet_label(*o).unwrap_or(&model.node(o.node).name).to_owned();
                     Ok(TensorInfo {
-                        name: model.node(o.node).name.clone(),
+                        name,
                         shape,
                         dtype: format!("{:?}", fact.datum_type).to_lowercase(),
                     })

@@ -1,0 +1,305 @@
+//! Shared test harness: a real mosquitto on a free loopback port, an MQTT
+//! observer, and the daemon run as a library call.
+#![allow(dead_code)]
+
+use edgeinfer::config::Config;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn mosquitto_bin() -> PathBuf {
+    for p in [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!("mosquitto is not installed: run `apt-get install -y mosquitto` (the README's test command does)");
+}
+
+/// A mosquitto broker bound to 127.0.0.1 on its own port, killed on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Mosquitto {
+            port,
+            dir,
+            child: None,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nlog_dest none\n",
+                self.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A message seen by the observer.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+impl Seen {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload)
+            .unwrap_or_else(|e| panic!("{} is not JSON ({e})", self.topic))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+}
+
+/// An MQTT client that subscribes to `filters` and forwards what it sees.
+pub struct Observer {
+    pub client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<Seen>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Observer {
+    pub async fn connect(port: u16, filters: &[&str]) -> Observer {
+        let mut o = MqttOptions::new(format!("observer-{}", fastrand::u32(..)), "127.0.0.1", port);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        o.set_keep_alive(Duration::from_secs(30));
+        let (client, mut ev) = AsyncClient::new(o, 1024);
+        for f in filters {
+            client.subscribe(*f, QoS::AtLeastOnce).await.unwrap();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+        let wanted = filters.len();
+        let task = tokio::spawn(async move {
+            let mut acked = 0;
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        acked += 1;
+                        if acked == wanted {
+                            let _ = ready_tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(Seen {
+                            topic: p.topic,
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
+            .await
+            .expect("observer subscribed");
+        Observer { client, rx, task }
+    }
+
+    /// The next message whose topic satisfies `pred`, within `timeout`.
+    pub async fn next_where(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Seen) -> bool,
+    ) -> Option<Seen> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(m)) if pred(&m) => return Some(m),
+                Ok(Some(_)) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    /// Every message on topics satisfying `pred` until `n` arrived or `timeout`.
+    pub async fn collect(
+        &mut self,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&Seen) -> bool,
+    ) -> Vec<Seen> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(m)) if pred(&m) => out.push(m),
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        out
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A config for the bundled activity model against `broker`, plus `extra` TOML.
+pub fn config_text(broker: &str, device: &str, extra: &str) -> String {
+    format!(
+        r#"
+[device]
+id = "{device}"
+[broker]
+url = "{broker}"
+reconnect_initial_ms = 100
+reconnect_max_ms = 1000
+[health]
+interval_s = 1
+{extra}
+"#
+    )
+}
+
+pub const ACTIVITY_PIPELINE: &str = r#"
+[[pipeline]]
+name = "activity"
+kind = "sensor"
+topics = ["sensors/+/imu"]
+model = "models/activity.toml"
+window = { size = 50, stride = 50 }
+results = "edgeinfer/{device}/results/activity/{1}"
+"#;
+
+pub fn parse(text: &str) -> Config {
+    Config::parse(text, &repo()).unwrap()
+}
+
+/// The daemon, run as a library call on this runtime.
+pub struct Daemon {
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<Result<(), edgeinfer::RunError>>,
+}
+
+impl Daemon {
+    pub fn start(config: Config) -> Daemon {
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(edgeinfer::run(config, shutdown.clone()));
+        Daemon { shutdown, handle }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.handle)
+            .await
+            .expect("daemon stops within 20 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct Reference {
+    pub cases: Vec<Case>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct Case {
+    pub label: String,
+    pub input: Vec<Vec<f32>>,
+    pub output: Vec<f32>,
+}
+
+pub fn activity_reference() -> Reference {
+    serde_json::from_str(
+        &std::fs::read_to_string(repo().join("models/activity.reference.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+pub fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).max_by(|a, b| v[*a].total_cmp(&v[*b])).unwrap()
+}
+
+pub const ACTIVITY_LABELS: [&str; 4] = ["standing", "walking", "running", "badminton"];

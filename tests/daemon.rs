@@ -1,0 +1,455 @@
+//! The daemon against a real mosquitto, driven the way a user's devices
+//! would drive it: publish sensor payloads, read results, errors and health.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(15);
+
+fn batch(ts: u64, samples: &[Vec<f32>]) -> String {
+    serde_json::json!({ "ts": ts, "samples": samples }).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_back_samples_get_the_reference_labels_in_the_documented_schema() {
+    let broker = Mosquitto::start();
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-test/results/#"]).await;
+    let daemon = Daemon::start(parse(&config_text(
+        &broker.url(),
+        "gw-test",
+        ACTIVITY_PIPELINE,
+    )));
+    // One window per source: every case is its own device.
+    let reference = activity_reference();
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the daemon subscribe
+    for (i, case) in reference.cases.iter().enumerate() {
+        obs.publish(
+            &format!("sensors/case-{i}/imu"),
+            batch(1_000_000 + i as u64, &case.input),
+        )
+        .await;
+    }
+    let results = obs
+        .collect(reference.cases.len(), T, |m| {
+            m.topic.contains("/results/activity/")
+        })
+        .await;
+    assert_eq!(
+        results.len(),
+        reference.cases.len(),
+        "one result per held-back window"
+    );
+    let sha = edgeinfer::model::Model::load(&repo().join("models/activity.toml"))
+        .unwrap()
+        .sha256;
+    let mut correct = 0;
+    for r in &results {
+        let v = r.json();
+        let i: usize = r
+            .topic
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .trim_start_matches("case-")
+            .parse()
+            .unwrap();
+        let case = &reference.cases[i];
+        assert_eq!(v["pipeline"], "activity");
+        assert_eq!(v["source"], format!("sensors/case-{i}/imu"));
+        assert_eq!(v["model"], "activity");
+        assert_eq!(v["model_sha256"], sha.as_str());
+        assert_eq!(v["ts"], 1_000_000 + i as u64, "ts comes from the payload");
+        assert_eq!(v["seq"], 0);
+        for k in ["queue", "pre", "infer", "post"] {
+            assert!(
+                v["latency_ms"][k].as_f64().unwrap() >= 0.0,
+                "latency_ms.{k}"
+            );
+        }
+        let top = v["output"]["top"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "top_k = 2 in the manifest");
+        let label = top[0]["label"].as_str().unwrap();
+        assert_eq!(
+            label,
+            ACTIVITY_LABELS[argmax(&case.output)],
+            "case {i}: tract and onnxruntime disagree"
+        );
+        let s0 = top[0]["score"].as_f64().unwrap();
+        assert!(s0 > 0.0 && s0 <= 1.0 && s0 >= top[1]["score"].as_f64().unwrap());
+        if label == case.label {
+            correct += 1;
+        }
+    }
+    assert!(
+        correct * 100 >= results.len() * 85,
+        "{correct}/{} correct",
+        results.len()
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_windows_follow_size_and_stride_per_source() {
+    let broker = Mosquitto::start();
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-w/results/#"]).await;
+    let pipeline = ACTIVITY_PIPELINE.replace("stride = 50", "stride = 10");
+    let daemon = Daemon::start(parse(&config_text(&broker.url(), "gw-w", &pipeline)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let case = &activity_reference().cases[0];
+    // 80 single-sample messages from one device: windows at samples 50, 60, 70, 80.
+    for k in 0..80 {
+        let sample = &case.input[k % 50];
+        obs.publish(
+            "sensors/w1/imu",
+            serde_json::json!({ "ts": k, "values": sample }).to_string(),
+        )
+        .await;
+    }
+    let results = obs
+        .collect(10, Duration::from_secs(5), |m| m.topic.ends_with("/w1"))
+        .await;
+    let seqs: Vec<u64> = results
+        .iter()
+        .map(|r| r.json()["seq"].as_u64().unwrap())
+        .collect();
+    let ts: Vec<u64> = results
+        .iter()
+        .map(|r| r.json()["ts"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![0, 1, 2, 3]);
+    assert_eq!(
+        ts,
+        vec![49, 59, 69, 79],
+        "each result carries the ts of the message that completed its window"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_class_of_bad_input_is_reported_and_the_pipeline_keeps_serving() {
+    let broker = Mosquitto::start();
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-bad/errors", "edgeinfer/gw-bad/results/#"],
+    )
+    .await;
+    let extra = format!(
+        "[limits]\nmax_payload_bytes = 16384\n{ACTIVITY_PIPELINE}\n{}",
+        r#"
+[[pipeline]]
+name = "raw"
+kind = "sensor"
+topics = ["raw/+/imu"]
+model = "models/activity.toml"
+payload = "f32le"
+"#
+    );
+    let daemon = Daemon::start(parse(&config_text(&broker.url(), "gw-bad", &extra)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let f32le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "sensors/d1/imu",
+            b"{\"values\": [1, 2".to_vec(),
+            "malformed_json",
+        ),
+        (
+            "sensors/d2/imu",
+            b"{\"values\": [1, 2, 3]}".to_vec(),
+            "wrong_channel_count",
+        ),
+        (
+            "sensors/d3/imu",
+            b"{\"values\": [1, null, 3, 4, 5, 6]}".to_vec(),
+            "non_finite",
+        ),
+        (
+            "sensors/d4/imu",
+            b"{\"values\": [1, 1e39, 3, 4, 5, 6]}".to_vec(),
+            "non_finite",
+        ),
+        ("sensors/d5/imu", vec![b' '; 20_000], "too_large"),
+        ("sensors/d6/imu", Vec::new(), "empty"),
+        ("sensors/d7/imu", b"{\"ts\": 5}".to_vec(), "no_samples"),
+        (
+            "raw/d8/imu",
+            f32le(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])[..10].to_vec(),
+            "bad_length",
+        ),
+        (
+            "raw/d9/imu",
+            f32le(&[1.0, 2.0, f32::NAN, 4.0, 5.0, 6.0]),
+            "non_finite",
+        ),
+        (
+            "raw/d10/imu",
+            f32le(&[1.0, 2.0, f32::INFINITY, 4.0, 5.0, 6.0]),
+            "non_finite",
+        ),
+    ];
+    for (topic, payload, _) in &bad {
+        obs.publish(topic, payload.clone()).await;
+    }
+    let errors = obs
+        .collect(bad.len(), T, |m| m.topic.ends_with("/errors"))
+        .await;
+    assert_eq!(
+        errors.len(),
+        bad.len(),
+        "one errors-topic entry per bad input"
+    );
+    for (topic, _, kind) in &bad {
+        let e = errors
+            .iter()
+            .map(|e| e.json())
+            .find(|e| e["source"] == *topic)
+            .unwrap_or_else(|| panic!("no error for {topic}"));
+        assert_eq!(e["kind"], *kind, "{topic}: {e}");
+        assert!(!e["reason"].as_str().unwrap().is_empty());
+        let expected_pipeline = if topic.starts_with("raw/") {
+            "raw"
+        } else {
+            "activity"
+        };
+        assert_eq!(e["pipeline"], expected_pipeline);
+    }
+
+    // Both pipelines still serve, and the bad inputs left no partial windows
+    // behind: a full good window from a device that sent garbage first works.
+    let case = &activity_reference().cases[3];
+    obs.publish("sensors/d2/imu", batch(7, &case.input)).await;
+    let flat: Vec<f32> = case.input.iter().flatten().copied().collect();
+    obs.publish("raw/d9/imu", f32le(&flat)).await;
+    let results = obs.collect(2, T, |m| m.topic.contains("/results/")).await;
+    assert_eq!(
+        results.len(),
+        2,
+        "pipelines serve after bad input: {:?}",
+        results.iter().map(|r| r.topic.clone()).collect::<Vec<_>>()
+    );
+    for r in results {
+        assert_eq!(
+            r.json()["output"]["top"][0]["label"],
+            ACTIVITY_LABELS[argmax(&case.output)]
+        );
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_counters_system_and_broker_state() {
+    let broker = Mosquitto::start();
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-h/health", "edgeinfer/gw-h/results/#"],
+    )
+    .await;
+    let daemon = Daemon::start(parse(&config_text(
+        &broker.url(),
+        "gw-h",
+        ACTIVITY_PIPELINE,
+    )));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let case = &activity_reference().cases[0];
+    obs.publish("sensors/h1/imu", batch(1, &case.input)).await;
+    obs.publish("sensors/h1/imu", "not json").await;
+    obs.next_where(T, |m| m.topic.contains("/results/"))
+        .await
+        .expect("a result");
+    // The first health after both inputs were handled.
+    let health = loop {
+        let h = obs
+            .next_where(T, |m| m.topic.ends_with("/health"))
+            .await
+            .expect("health arrives")
+            .json();
+        if h["pipelines"]["activity"]["errors"] == 1 {
+            break h;
+        }
+    };
+    assert_eq!(health["device"], "gw-h");
+    assert!(health["uptime_s"].is_u64());
+    assert!(health["cpu_percent"].as_f64().unwrap() >= 0.0);
+    assert_eq!(health["load_avg"].as_array().unwrap().len(), 3);
+    assert!(health["memory"]["rss_bytes"].as_u64().unwrap() > 1_000_000);
+    assert!(health["memory"]["system_available_bytes"].as_u64().unwrap() > 0);
+    assert!(health["temperature_c"].is_object());
+    let p = &health["pipelines"]["activity"];
+    assert_eq!(p["state"], "running");
+    assert_eq!(p["received"], 2);
+    assert_eq!(p["processed"], 1);
+    assert_eq!(p["results"], 1);
+    assert_eq!(p["dropped"], 0);
+    assert_eq!(p["queue_depth"], 0);
+    assert!(p["latency_ms"]["p50"].as_f64().unwrap() > 0.0);
+    let m = &health["models"]["activity"];
+    assert_eq!(m["backend"], "tract-cpu");
+    assert!(m["inference_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert_eq!(health["broker"]["connected"], true);
+    assert_eq!(health["broker"]["reconnects"], 0);
+    assert!(health["outbox"]["queued_messages"].is_u64());
+    assert!(health["outbox"]["queued_bytes"].is_u64());
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_commands_are_answered_on_their_reply_topic() {
+    let broker = Mosquitto::start();
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-c/cmd/+/reply"]).await;
+    let daemon = Daemon::start(parse(&config_text(
+        &broker.url(),
+        "gw-c",
+        ACTIVITY_PIPELINE,
+    )));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    obs.publish("edgeinfer/gw-c/cmd/ping", "").await;
+    let pong = obs
+        .next_where(T, |m| m.topic == "edgeinfer/gw-c/cmd/ping/reply")
+        .await
+        .expect("ping reply")
+        .json();
+    assert_eq!(pong["ok"], true);
+    assert_eq!(pong["device"], "gw-c");
+    obs.publish("edgeinfer/gw-c/cmd/reboot", "").await;
+    let no = obs
+        .next_where(T, |m| m.topic == "edgeinfer/gw-c/cmd/reboot/reply")
+        .await
+        .expect("reply")
+        .json();
+    assert_eq!(no["ok"], false);
+    obs.publish("edgeinfer/gw-c/cmd/health", "").await;
+    let h = obs
+        .next_where(T, |m| m.topic == "edgeinfer/gw-c/cmd/health/reply")
+        .await
+        .expect("reply")
+        .json();
+    assert_eq!(h["health"]["device"], "gw-c");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_fails_to_load_disables_only_its_own_pipeline() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broken.onnx"), b"this is not a protobuf").unwrap();
+    let extra = format!(
+        "{ACTIVITY_PIPELINE}\n[[pipeline]]\nname = \"broken\"\nkind = \"sensor\"\ntopics = [\"other/+\"]\nmodel = \"{}\"\n",
+        dir.path().join("broken.onnx").display()
+    );
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-f/health", "edgeinfer/gw-f/results/#"],
+    )
+    .await;
+    let daemon = Daemon::start(parse(&config_text(&broker.url(), "gw-f", &extra)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    obs.publish(
+        "sensors/f1/imu",
+        batch(1, &activity_reference().cases[0].input),
+    )
+    .await;
+    assert!(
+        obs.next_where(T, |m| m.topic.contains("/results/"))
+            .await
+            .is_some(),
+        "the good pipeline serves"
+    );
+    let health = obs
+        .next_where(T, |m| m.topic.ends_with("/health"))
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(health["pipelines"]["broken"]["state"], "failed");
+    let error = health["pipelines"]["broken"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("model broken") && error.contains("tract cannot load it"),
+        "{error}"
+    );
+    assert_eq!(health["pipelines"]["activity"]["state"], "running");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_and_resubscribes_after_a_broker_restart() {
+    let mut broker = Mosquitto::start();
+    let daemon = Daemon::start(parse(&config_text(
+        &broker.url(),
+        "gw-r",
+        ACTIVITY_PIPELINE,
+    )));
+    {
+        let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-r/results/#"]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        obs.publish(
+            "sensors/r1/imu",
+            batch(1, &activity_reference().cases[0].input),
+        )
+        .await;
+        assert!(
+            obs.next_where(T, |_| true).await.is_some(),
+            "result before the restart"
+        );
+    }
+    broker.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the daemon sees the loss and backs off
+    broker.restart();
+    // A fresh broker has no sessions: the daemon must subscribe again.
+    let mut obs = Observer::connect(
+        broker.port,
+        &[
+            "edgeinfer/gw-r/results/#",
+            "edgeinfer/gw-r/health",
+            "edgeinfer/gw-r/status",
+        ],
+    )
+    .await;
+    let online = obs
+        .next_where(T, |m| m.topic.ends_with("/status"))
+        .await
+        .expect("status after reconnect");
+    assert_eq!(online.text(), "online");
+    obs.publish(
+        "sensors/r2/imu",
+        batch(2, &activity_reference().cases[1].input),
+    )
+    .await;
+    let r = obs
+        .next_where(T, |m| m.topic.contains("/results/"))
+        .await
+        .expect("result after the restart");
+    assert_eq!(r.json()["source"], "sensors/r2/imu");
+    let h = obs
+        .next_where(T, |m| m.topic.ends_with("/health"))
+        .await
+        .unwrap()
+        .json();
+    assert!(h["broker"]["reconnects"].as_u64().unwrap() >= 1);
+    assert_eq!(h["broker"]["connected"], true);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_without_a_broker_and_connects_when_it_comes_up() {
+    let port = free_port();
+    let daemon = Daemon::start(parse(&config_text(
+        &format!("mqtt://127.0.0.1:{port}"),
+        "gw-late",
+        ACTIVITY_PIPELINE,
+    )));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        !daemon.handle.is_finished(),
+        "an unreachable broker is not fatal"
+    );
+    let broker = Mosquitto::start_on(port);
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-late/status"]).await;
+    let status = obs
+        .next_where(T, |_| true)
+        .await
+        .expect("status once the broker is up");
+    assert_eq!(status.text(), "online");
+    daemon.stop().await;
+}

@@ -1,0 +1,133 @@
+//! Golden tests: tract's outputs on the bundled int8 models against the
+//! onnxruntime references that tools/make_models.py stored beside them,
+//! on held-back real data.
+
+use edgeinfer::model::Model;
+use edgeinfer::pipeline::post::{postprocess, Output, Preprocessor};
+use serde::Deserialize;
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+struct Reference {
+    model_sha256: String,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    #[serde(default)]
+    label: String,
+    input: Vec<Vec<f32>>,
+    output: Vec<f32>,
+    #[serde(default)]
+    anomalous: Option<bool>,
+}
+
+/// Largest difference allowed between tract and onnxruntime on a
+/// dequantized int8 output: one quantization step of the output (the scale
+/// of its DequantizeLinear), because a different f32 summation order (other
+/// CPUs' kernels) may round an intermediate to the neighbouring step.
+/// Measured on x86-64: 0 for both models.
+const ACTIVITY_STEP: f32 = 0.117_431_88;
+const MOTION_STEP: f32 = 0.047_272_075;
+
+fn load(name: &str) -> (Arc<Model>, Reference) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let model =
+        Arc::new(Model::load(&dir.join(format!("{name}.toml"))).expect("bundled model loads"));
+    let text = std::fs::read_to_string(dir.join(format!("{name}.reference.json"))).unwrap();
+    let reference: Reference = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        reference.model_sha256, model.sha256,
+        "{name}.reference.json belongs to another {name}.onnx"
+    );
+    (model, reference)
+}
+
+fn run_case(model: &Arc<Model>, case: &Case) -> (Vec<f32>, Vec<f32>) {
+    let channels = *model.input().shape.last().unwrap();
+    let pre = Preprocessor::new(model, channels).unwrap();
+    let raw: Vec<f32> = case.input.iter().flatten().copied().collect();
+    let mut normalised = Vec::new();
+    let out = model
+        .session()
+        .unwrap()
+        .run(pre.tensor(&raw, &mut normalised))
+        .unwrap();
+    (out, normalised)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).max_by(|a, b| v[*a].total_cmp(&v[*b])).unwrap()
+}
+
+#[test]
+fn activity_matches_onnxruntime_on_held_back_windows() {
+    let (model, reference) = load("activity");
+    let mut worst = 0.0f32;
+    let mut same_top = 0;
+    let mut correct = 0;
+    for case in &reference.cases {
+        let (out, normalised) = run_case(&model, case);
+        worst = worst.max(max_abs_diff(&out, &case.output));
+        if argmax(&out) == argmax(&case.output) {
+            same_top += 1;
+        }
+        let Output::Classification { top } = postprocess(&model, out, &normalised).unwrap() else {
+            panic!("activity is a classifier")
+        };
+        if top[0].label == case.label {
+            correct += 1;
+        }
+    }
+    let n = reference.cases.len();
+    println!("activity: {n} cases, max |tract - onnxruntime| = {worst}, same top-1 {same_top}/{n}, correct {correct}/{n}");
+    assert!(
+        worst <= ACTIVITY_STEP,
+        "max abs difference {worst} over one quantization step"
+    );
+    assert_eq!(
+        same_top, n,
+        "top-1 must agree with onnxruntime on every case"
+    );
+    assert!(
+        correct * 100 >= n * 85,
+        "only {correct}/{n} held-back windows classified correctly"
+    );
+}
+
+#[test]
+fn motion_matches_onnxruntime_and_flags_vigorous_motion() {
+    let (model, reference) = load("motion");
+    let mut worst = 0.0f32;
+    let mut agree = 0;
+    for case in &reference.cases {
+        let (out, normalised) = run_case(&model, case);
+        worst = worst.max(max_abs_diff(&out, &case.output));
+        let Output::Anomaly { anomaly, .. } = postprocess(&model, out, &normalised).unwrap() else {
+            panic!("motion is an anomaly model")
+        };
+        if Some(anomaly) == case.anomalous {
+            agree += 1;
+        }
+    }
+    let n = reference.cases.len();
+    println!("motion: {n} cases, max |tract - onnxruntime| = {worst}, anomaly flag agrees with truth {agree}/{n}");
+    assert!(
+        worst <= MOTION_STEP,
+        "max abs difference {worst} over one quantization step"
+    );
+    assert!(
+        agree * 100 >= n * 90,
+        "anomaly flag right on only {agree}/{n}"
+    );
+}
