@@ -515,12 +515,12 @@ fn output_f32(value: &TValue, spec: &manifest::OutputSpec) -> Result<Vec<f32>, M
             .into_iter()
             .map(|q| (q as f32 - zp) * scale)
             .collect(),
-        _ => plain::<f32>(
-            &tensor
+        _ => {
+            let cast = tensor
                 .cast_to::<f32>()
-                .map_err(|e| ModelErrorKind::Inference(chain(&e)))?
-                .into_owned(),
-        )?,
+                .map_err(|e| ModelErrorKind::Inference(chain(&e)))?;
+            plain::<f32>(&cast)?
+        }
     })
 }
 
