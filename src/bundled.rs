@@ -11,7 +11,7 @@ pub const MODEL_FILES: &[(&str, &[u8])] = &[
     ("motion.onnx", include_bytes!("../models/motion.onnx")),
 ];
 
-/// Real held-back BasicMotions recordings, one per activity (see tools/make_models.py).
+/// Real held-back BasicMotions recordings, one per activity (see models/make_models.py).
 pub const ACTIVITY_STREAM: &str = include_str!("../models/samples/activity_stream.json");
 
 /// Manifests of the bundled models, by name.

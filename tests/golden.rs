@@ -1,5 +1,5 @@
 //! Golden tests: tract's outputs on the bundled int8 models against the
-//! onnxruntime references that tools/make_models.py stored beside them,
+//! onnxruntime references that models/make_models.py stored beside them,
 //! on held-back real data.
 
 use edgeinfer::model::Model;
