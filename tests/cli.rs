@@ -12,7 +12,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_edgeinfer");
 const T: Duration = Duration::from_secs(15);
 
 fn edgeinfer(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env("RUST_LOG", "warn").output().expect("run edgeinfer")
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run edgeinfer")
 }
 
 fn write_config(dir: &Path, text: &str) -> String {
@@ -25,7 +29,11 @@ fn write_config(dir: &Path, text: &str) -> String {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "kill {sig}");
 }
 
@@ -35,7 +43,10 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(Instant::now() < deadline, "edgeinfer did not exit within {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "edgeinfer did not exit within {within:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -47,7 +58,12 @@ fn print_config_output_is_a_valid_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &String::from_utf8(out.stdout).unwrap());
     let check = edgeinfer(&["check-config", "-c", &path]);
-    assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stderr));
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 }
 
 #[test]
@@ -82,13 +98,21 @@ model = "{}"
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("broker.keep_alive_s"), "{err}");
     // ...then, with the config fixed, every model problem at once.
-    let text = std::fs::read_to_string(&path).unwrap().replace("keep_alive_s = 0", "keep_alive_s = 30");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("keep_alive_s = 0", "keep_alive_s = 30");
     std::fs::write(&path, text).unwrap();
     let out = edgeinfer(&["check-config", "-c", &path]);
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("pipeline[0]") && err.contains("window.size = 40"), "{err}");
-    assert!(err.contains("pipeline[1].model") && err.contains("model corrupt"), "{err}");
+    assert!(
+        err.contains("pipeline[0]") && err.contains("window.size = 40"),
+        "{err}"
+    );
+    assert!(
+        err.contains("pipeline[1].model") && err.contains("model corrupt"),
+        "{err}"
+    );
     assert!(err.contains("2 problem(s)"), "{err}");
 }
 
@@ -96,28 +120,52 @@ model = "{}"
 fn checksum_mismatch_is_a_clear_load_error() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = std::fs::read_to_string(repo().join("models/activity.toml")).unwrap();
-    let sha = manifest.lines().find(|l| l.starts_with("sha256")).unwrap().to_owned();
+    let sha = manifest
+        .lines()
+        .find(|l| l.starts_with("sha256"))
+        .unwrap()
+        .to_owned();
     let tampered = manifest.replace(&sha, &format!("sha256 = \"{}\"", "0".repeat(64)));
     std::fs::write(dir.path().join("activity.toml"), tampered).unwrap();
-    std::fs::copy(repo().join("models/activity.onnx"), dir.path().join("activity.onnx")).unwrap();
-    let out = edgeinfer(&["models", "-c", &write_config(dir.path(), &format!(
-        "[[pipeline]]\nname = \"p\"\nkind = \"sensor\"\ntopics = [\"x\"]\nmodel = \"{}\"\n",
-        dir.path().join("activity.toml").display()
-    ))]);
+    std::fs::copy(
+        repo().join("models/activity.onnx"),
+        dir.path().join("activity.onnx"),
+    )
+    .unwrap();
+    let out = edgeinfer(&[
+        "models",
+        "-c",
+        &write_config(
+            dir.path(),
+            &format!(
+                "[[pipeline]]\nname = \"p\"\nkind = \"sensor\"\ntopics = [\"x\"]\nmodel = \"{}\"\n",
+                dir.path().join("activity.toml").display()
+            ),
+        ),
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
-    assert!(text.contains("checksum mismatch") && text.contains(&"0".repeat(64)), "{text}");
+    assert!(
+        text.contains("checksum mismatch") && text.contains(&"0".repeat(64)),
+        "{text}"
+    );
 }
 
 #[test]
 fn run_with_an_invalid_config_exits_78_before_any_network_io() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), "[broker]\nurl = \"mqtt://127.0.0.1:1\"\nbogus = 1\n");
+    let path = write_config(
+        dir.path(),
+        "[broker]\nurl = \"mqtt://127.0.0.1:1\"\nbogus = 1\n",
+    );
     let started = Instant::now();
     let out = edgeinfer(&["run", "-c", &path]);
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
-    assert!(started.elapsed() < Duration::from_secs(5), "no connection attempt, no backoff");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no connection attempt, no backoff"
+    );
 }
 
 #[test]
@@ -125,24 +173,62 @@ fn infer_prints_the_result_schema_and_rejects_bad_input_with_65() {
     let dir = tempfile::tempdir().unwrap();
     let case = &activity_reference().cases[5];
     let input = dir.path().join("window.json");
-    std::fs::write(&input, serde_json::json!({"ts": 42, "samples": case.input}).to_string()).unwrap();
+    std::fs::write(
+        &input,
+        serde_json::json!({"ts": 42, "samples": case.input}).to_string(),
+    )
+    .unwrap();
     let manifest = repo().join("models/activity.toml");
-    let out = edgeinfer(&["infer", "-m", manifest.to_str().unwrap(), "--input", input.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = edgeinfer(&[
+        "infer",
+        "-m",
+        manifest.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ts"], 42);
     assert_eq!(v["model"], "activity");
-    assert_eq!(v["output"]["top"][0]["label"], ACTIVITY_LABELS[argmax(&case.output)]);
+    assert_eq!(
+        v["output"]["top"][0]["label"],
+        ACTIVITY_LABELS[argmax(&case.output)]
+    );
 
     // The same window as raw f32le through the bare .onnx (its manifest is found beside it).
     let raw = dir.path().join("window.f32");
-    std::fs::write(&raw, case.input.iter().flatten().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    std::fs::write(
+        &raw,
+        case.input
+            .iter()
+            .flatten()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
     let onnx = repo().join("models/activity.onnx");
-    let out = edgeinfer(&["infer", "-m", onnx.to_str().unwrap(), "--input", raw.to_str().unwrap()]);
+    let out = edgeinfer(&[
+        "infer",
+        "-m",
+        onnx.to_str().unwrap(),
+        "--input",
+        raw.to_str().unwrap(),
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["output"]["top"][0]["label"], ACTIVITY_LABELS[argmax(&case.output)]);
+    assert_eq!(
+        v["output"]["top"][0]["label"],
+        ACTIVITY_LABELS[argmax(&case.output)]
+    );
 
-    for bad in [r#"{"values": [1, 2, 3, 4, 5, 6]}"#, r#"{"values": [1, 2"#, r#"{"samples": [[1, null, 3, 4, 5, 6]]}"#] {
+    for bad in [
+        r#"{"values": [1, 2, 3, 4, 5, 6]}"#,
+        r#"{"values": [1, 2"#,
+        r#"{"samples": [[1, null, 3, 4, 5, 6]]}"#,
+    ] {
         let out = edgeinfer(&["infer", "-m", manifest.to_str().unwrap(), "--json", bad]);
         assert_eq!(out.status.code(), Some(65), "{bad}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("bad input"));
@@ -152,7 +238,14 @@ fn infer_prints_the_result_schema_and_rejects_bad_input_with_65() {
 #[test]
 fn bench_json_has_the_documented_fields() {
     let manifest = repo().join("models/motion.toml");
-    let out = edgeinfer(&["bench", "-m", manifest.to_str().unwrap(), "--runs", "50", "--json"]);
+    let out = edgeinfer(&[
+        "bench",
+        "-m",
+        manifest.to_str().unwrap(),
+        "--runs",
+        "50",
+        "--json",
+    ]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["runs"], 50);
@@ -167,7 +260,12 @@ fn models_lists_the_bundled_models_with_facts() {
     let out = edgeinfer(&["models", "--json"]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let names: Vec<&str> = v.as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["activity", "motion"]);
     assert_eq!(v[0]["inputs"][0]["shape"], serde_json::json!([1, 50, 6]));
     assert_eq!(v[0]["outputs"][0]["name"], "logits");
@@ -175,7 +273,9 @@ fn models_lists_the_bundled_models_with_facts() {
 }
 
 async fn status(obs: &mut Observer) -> Option<(String, bool)> {
-    obs.next_where(T, |m| m.topic == "edgeinfer/gw-s/status").await.map(|m| (m.text(), m.retain))
+    obs.next_where(T, |m| m.topic == "edgeinfer/gw-s/status")
+        .await
+        .map(|m| (m.text(), m.retain))
 }
 
 /// SIGTERM: `offline` replaces the retained `online` and the exit is 0.
@@ -184,8 +284,17 @@ async fn status(obs: &mut Observer) -> Option<(String, bool)> {
 async fn retained_status_clean_shutdown_and_last_will() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &config_text(&broker.url(), "gw-s", ACTIVITY_PIPELINE));
-    let spawn = || Command::new(BIN).args(["run", "-c", &path]).stderr(Stdio::null()).spawn().unwrap();
+    let path = write_config(
+        dir.path(),
+        &config_text(&broker.url(), "gw-s", ACTIVITY_PIPELINE),
+    );
+    let spawn = || {
+        Command::new(BIN)
+            .args(["run", "-c", &path])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
 
     let mut daemon = spawn();
     let mut live = Observer::connect(broker.port, &["edgeinfer/gw-s/status"]).await;
@@ -196,7 +305,13 @@ async fn retained_status_clean_shutdown_and_last_will() {
 
     signal(&daemon, "-TERM");
     assert_eq!(wait_exit(&mut daemon, T).code(), Some(0));
-    assert_eq!(status(&mut live).await.expect("offline on clean shutdown").0, "offline");
+    assert_eq!(
+        status(&mut live)
+            .await
+            .expect("offline on clean shutdown")
+            .0,
+        "offline"
+    );
     let mut after = Observer::connect(broker.port, &["edgeinfer/gw-s/status"]).await;
     assert_eq!(status(&mut after).await, Some(("offline".into(), true)));
 
@@ -218,23 +333,43 @@ async fn sighup_reloads_a_valid_config_and_keeps_running_on_an_invalid_one() {
     let dir = tempfile::tempdir().unwrap();
     let good = config_text(&broker.url(), "gw-hup", ACTIVITY_PIPELINE);
     let path = write_config(dir.path(), &good);
-    let mut daemon = Command::new(BIN).args(["run", "-c", &path]).stderr(Stdio::null()).spawn().unwrap();
+    let mut daemon = Command::new(BIN)
+        .args(["run", "-c", &path])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-hup/#"]).await;
-    obs.next_where(T, |m| m.topic.ends_with("/status") && m.text() == "online").await.expect("online");
+    obs.next_where(T, |m| m.topic.ends_with("/status") && m.text() == "online")
+        .await
+        .expect("online");
     let window = serde_json::json!({"samples": activity_reference().cases[0].input}).to_string();
 
-    write_config(dir.path(), &good.replace("[health]", "[health]\nnot_a_key = 1"));
+    write_config(
+        dir.path(),
+        &good.replace("[health]", "[health]\nnot_a_key = 1"),
+    );
     signal(&daemon, "-HUP");
     tokio::time::sleep(Duration::from_millis(500)).await;
     obs.publish("sensors/x/imu", window.clone()).await;
-    let r = obs.next_where(T, |m| m.topic.contains("/results/")).await.expect("old config still serves");
+    let r = obs
+        .next_where(T, |m| m.topic.contains("/results/"))
+        .await
+        .expect("old config still serves");
     assert_eq!(r.topic, "edgeinfer/gw-hup/results/activity/x");
 
-    write_config(dir.path(), &good.replace("results/activity/{1}", "reloaded/{1}"));
+    write_config(
+        dir.path(),
+        &good.replace("results/activity/{1}", "reloaded/{1}"),
+    );
     signal(&daemon, "-HUP");
-    obs.next_where(T, |m| m.topic.ends_with("/status") && m.text() == "online").await.expect("online after reload");
+    obs.next_where(T, |m| m.topic.ends_with("/status") && m.text() == "online")
+        .await
+        .expect("online after reload");
     obs.publish("sensors/x/imu", window).await;
-    let r = obs.next_where(T, |m| m.topic.contains("/reloaded/")).await.expect("new config serves");
+    let r = obs
+        .next_where(T, |m| m.topic.contains("/reloaded/"))
+        .await
+        .expect("new config serves");
     assert_eq!(r.topic, "edgeinfer/gw-hup/reloaded/x");
 
     signal(&daemon, "-TERM");
