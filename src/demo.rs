@@ -9,7 +9,7 @@ use crate::health::percentile;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -48,11 +48,17 @@ fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+#[cfg(not(feature = "demo-broker"))]
+fn start_broker(_port: u16) -> Result<(), String> {
+    Err("this build has no in-process broker: rebuild with the `demo-broker` feature (on by default)".into())
+}
+
+#[cfg(feature = "demo-broker")]
 fn start_broker(port: u16) -> Result<(), String> {
     use rumqttd::{
         Broker, Config as BrokerConfig, ConnectionSettings, RouterConfig, ServerSettings,
     };
-    let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+    let listen: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let server = ServerSettings {
         name: "demo".into(),
         listen,
@@ -89,8 +95,13 @@ fn start_broker(port: u16) -> Result<(), String> {
             }
         })
         .map_err(|e| e.to_string())?;
+    wait_listening(listen)
+}
+
+#[cfg(feature = "demo-broker")]
+fn wait_listening(listen: std::net::SocketAddr) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect(listen).is_err() {
+    while std::net::TcpStream::connect(listen).is_err() {
         if Instant::now() > deadline {
             return Err(format!(
                 "the demo broker did not start listening on {listen}"

@@ -99,7 +99,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     subscriptions.push((cmd_filter.clone(), QoS::AtLeastOnce));
     let (cmd_tx, cmd_rx) = flume::bounded(16);
 
-    let (client, eventloop) = AsyncClient::new(options, 256);
+    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    // Results are small and latency matters: no Nagle delay.
+    eventloop.network_options.set_tcp_nodelay(true);
     let status = mqtt::status_topic(&config);
     let tasks = tokio_util::task::TaskTracker::new();
     let publisher = tasks.spawn(mqtt::publish_loop(
