@@ -6,8 +6,10 @@
 //! errors: a bad model never takes the daemon down.
 
 pub mod manifest;
+pub mod onnx;
 
 pub use manifest::{AnomalyScore, Manifest, OutputKind};
+pub use onnx::{GraphFacts, QuantParams};
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -122,6 +124,12 @@ pub struct Model {
     pub input_type: ElemType,
     /// Index of the output that postprocessing reads.
     pub output_index: usize,
+    /// Quantization of the fed input (int8/uint8): the manifest's, else the graph's.
+    pub input_quant: Option<QuantParams>,
+    /// Quantization of each output (manifest for the read one, else the graph's).
+    pub output_quant: Vec<Option<QuantParams>>,
+    /// What was learnt from the graph and rewritten in it at load.
+    pub graph: GraphFacts,
     pub load_ms: f64,
     plan: Arc<TypedRunnableModel>,
 }
@@ -242,7 +250,7 @@ impl Model {
             }
         }
 
-        let plan = catch_unwind(AssertUnwindSafe(|| build_plan(&bytes, &manifest)))
+        let (plan, graph) = catch_unwind(AssertUnwindSafe(|| build_plan(&bytes, &manifest)))
             .map_err(|p| {
                 err(ModelErrorKind::Panic {
                     stage: "loading",
@@ -311,11 +319,18 @@ impl Model {
                 inputs[0].name
             )))
         })?;
-        if input_type != ElemType::F32 && manifest.preprocess.quant_scale.is_none() {
+        let input_quant = match manifest.preprocess.quant_scale {
+            Some(scale) => Some(QuantParams {
+                scale,
+                zero_point: manifest.preprocess.zero_point.unwrap_or(0),
+            }),
+            None => graph.input_quant.get(&inputs[0].name).copied(),
+        };
+        if input_type != ElemType::F32 && input_quant.is_none() {
             return Err(err(ModelErrorKind::Manifest {
                 path: path.to_owned(),
                 message: format!(
-                    "input {} is {}: preprocess.quant_scale and zero_point are needed to quantize it",
+                    "input {} is {} and the graph does not say how it is quantized: give preprocess.quant_scale and zero_point",
                     inputs[0].name,
                     input_type.as_str()
                 ),
@@ -365,6 +380,19 @@ impl Model {
             }));
         }
 
+        let output_quant = outputs
+            .iter()
+            .enumerate()
+            .map(
+                |(i, o)| match (i == output_index, manifest.output.quant_scale) {
+                    (true, Some(scale)) => Some(QuantParams {
+                        scale,
+                        zero_point: manifest.output.zero_point.unwrap_or(0),
+                    }),
+                    _ => graph.output_quant.get(&o.name).copied(),
+                },
+            )
+            .collect();
         Ok(Model {
             name,
             path: onnx_path,
@@ -373,7 +401,10 @@ impl Model {
             inputs,
             outputs,
             input_type,
+            output_quant,
             output_index,
+            input_quant,
+            graph,
             load_ms: started.elapsed().as_secs_f64() * 1e3,
             plan,
         })
@@ -406,11 +437,36 @@ impl Model {
 fn build_plan(
     bytes: &[u8],
     manifest: &Manifest,
+) -> Result<(Arc<TypedRunnableModel>, GraphFacts), ModelErrorKind> {
+    let engine = |e: TractError| ModelErrorKind::Engine(chain(&e));
+    let mut proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut std::io::Cursor::new(bytes))
+        .map_err(engine)?;
+    let mut facts = onnx::prepare(&mut proto);
+    match plan_from_proto(&tract_onnx::onnx(), &proto, manifest) {
+        Ok(plan) => Ok((plan, facts)),
+        Err(strict) => {
+            // Some exporters declare value info or output shapes that tract
+            // disagrees with; such models often load once those are ignored.
+            let relaxed = tract_onnx::onnx()
+                .with_ignore_value_info(true)
+                .with_ignore_output_shapes(true);
+            let plan = plan_from_proto(&relaxed, &proto, manifest).map_err(|_| strict)?;
+            facts
+                .rewrites
+                .push("loaded ignoring the graph's declared value info and output shapes".into());
+            Ok((plan, facts))
+        }
+    }
+}
+
+fn plan_from_proto(
+    loader: &tract_onnx::Onnx,
+    proto: &tract_onnx::pb::ModelProto,
+    manifest: &Manifest,
 ) -> Result<Arc<TypedRunnableModel>, ModelErrorKind> {
     let engine = |e: TractError| ModelErrorKind::Engine(chain(&e));
-    let inference = tract_onnx::onnx()
-        .model_for_read(&mut std::io::Cursor::new(bytes))
-        .map_err(engine)?;
+    let inference = loader.model_for_proto_model(proto).map_err(engine)?;
     let typed = inference.into_typed().map_err(engine)?;
     // Symbolic dimensions (a batch `N`, say) become concrete: from the
     // manifest's input.shape where it gives one, else 1.
@@ -472,23 +528,41 @@ impl Session {
     }
 
     /// Runs the model on one input tensor and returns the output that
-    /// postprocessing reads, as f32 (dequantized when the manifest says how).
+    /// postprocessing reads, as f32 (dequantized where it is int8/uint8).
     pub fn run(&mut self, input: Tensor) -> Result<Vec<f32>, ModelError> {
-        let err = |kind| ModelError {
+        let ix = self.model.output_index;
+        let outputs = self.run_values(input)?;
+        output_f32(&outputs[ix], self.model.output_quant[ix]).map_err(|kind| self.error(kind))
+    }
+
+    /// Runs the model and returns every output as f32, dequantized.
+    pub fn run_all(&mut self, input: Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+        let outputs = self.run_values(input)?;
+        outputs
+            .iter()
+            .zip(&self.model.output_quant)
+            .map(|(v, q)| output_f32(v, *q).map_err(|kind| self.error(kind)))
+            .collect()
+    }
+
+    fn error(&self, kind: ModelErrorKind) -> ModelError {
+        ModelError {
             model: self.model.name.clone(),
             kind,
-        };
-        let ix = self.model.output_index;
+        }
+    }
+
+    fn run_values(&mut self, input: Tensor) -> Result<TVec<TValue>, ModelError> {
         let result = catch_unwind(AssertUnwindSafe(|| {
             self.state.run(tvec!(input.into_tvalue()))
         }));
         match result {
-            Ok(Ok(outputs)) => output_f32(&outputs[ix], &self.model.manifest.output).map_err(err),
-            Ok(Err(e)) => Err(err(ModelErrorKind::Inference(chain(&e)))),
+            Ok(Ok(outputs)) => Ok(outputs),
+            Ok(Err(e)) => Err(self.error(ModelErrorKind::Inference(chain(&e)))),
             Err(panic) => {
                 // The state may be half-updated: start from a fresh one.
                 self.state = self.model.new_state()?;
-                Err(err(ModelErrorKind::Panic {
+                Err(self.error(ModelErrorKind::Panic {
                     stage: "running",
                     message: panic_message(panic),
                 }))
@@ -497,11 +571,11 @@ impl Session {
     }
 }
 
-fn output_f32(value: &TValue, spec: &manifest::OutputSpec) -> Result<Vec<f32>, ModelErrorKind> {
+fn output_f32(value: &TValue, quant: Option<QuantParams>) -> Result<Vec<f32>, ModelErrorKind> {
     let dt = value.datum_type();
-    let (scale, zp) = match (spec.quant_scale, spec.zero_point, dt.zp_scale()) {
-        (Some(s), z, _) => (s, z.unwrap_or(0) as f32),
-        (None, _, (z, s)) if dt.is_quantized() => (s, z as f32),
+    let (scale, zp) = match (quant, dt.zp_scale()) {
+        (Some(q), _) => (q.scale, q.zero_point as f32),
+        (None, (z, s)) if dt.is_quantized() => (s, z as f32),
         _ => (1.0, 0.0),
     };
     let tensor: &Tensor = value;

@@ -39,9 +39,15 @@ impl Preprocessor {
             .iter()
             .map(|s| 1.0 / s)
             .collect();
-        let quant = match model.input_type {
-            ElemType::F32 => None,
-            t => Some((t, p.quant_scale.unwrap_or(1.0), p.zero_point.unwrap_or(0))),
+        let quant = match (model.input_type, model.input_quant) {
+            (ElemType::F32, _) => None,
+            (t, Some(q)) => Some((t, q.scale, q.zero_point)),
+            (t, None) => {
+                return Err(format!(
+                    "input of type {} without quantization parameters",
+                    t.as_str()
+                ))
+            }
         };
         Ok(Preprocessor {
             channels,

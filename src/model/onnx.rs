@@ -1,0 +1,230 @@
+//! What edgeinfer learns from, and fixes in, an ONNX graph before tract
+//! loads it: quantization parameters of int8/uint8 inputs and outputs, and
+//! rewrites of patterns that tract 0.23.9 computes wrongly.
+
+use std::collections::HashMap;
+use tract_onnx::pb::{tensor_proto::DataType, AttributeProto, ModelProto, NodeProto, TensorProto};
+
+/// A scale and zero point, as QuantizeLinear/DequantizeLinear use them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QuantParams {
+    pub scale: f32,
+    pub zero_point: i32,
+}
+
+/// Facts read from the graph, plus the rewrites applied to it.
+#[derive(Debug, Clone, Default)]
+pub struct GraphFacts {
+    /// Per graph input (by name): where the input feeds a DequantizeLinear
+    /// (possibly through layout ops), its parameters.
+    pub input_quant: HashMap<String, QuantParams>,
+    /// Per graph output (by name): where a QuantizeLinear produces it.
+    pub output_quant: HashMap<String, QuantParams>,
+    /// Human-readable notes of each rewrite, for logs and `models --check`.
+    pub rewrites: Vec<String>,
+}
+
+/// Ops that move or reshape data without changing values: the walk from an
+/// int8 input to its DequantizeLinear may pass through them.
+const LAYOUT_OPS: &[&str] = &[
+    "Transpose",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Flatten",
+];
+
+fn scalar(init: &HashMap<&str, &TensorProto>, name: &str) -> Option<f64> {
+    let t = init.get(name)?;
+    if t.dims.iter().product::<i64>() != 1 {
+        return None; // per-channel parameters are not a single scalar
+    }
+    let resolver = tract_onnx::data_resolver::default();
+    let tensor = tract_onnx::tensor::load_tensor(&*resolver, t, None).ok()?;
+    let tensor = tensor.cast_to::<f64>().ok()?.into_owned();
+    tensor
+        .try_as_plain_ram()
+        .ok()?
+        .as_slice::<f64>()
+        .ok()?
+        .first()
+        .copied()
+}
+
+fn quant_of(init: &HashMap<&str, &TensorProto>, node: &NodeProto) -> Option<QuantParams> {
+    let scale = scalar(init, node.input.get(1)?)? as f32;
+    let zero_point = match node.input.get(2) {
+        Some(zp) if !zp.is_empty() => scalar(init, zp)? as i32,
+        _ => 0,
+    };
+    Some(QuantParams { scale, zero_point })
+}
+
+/// Reads quantization facts and applies the rewrites. Never fails: a graph
+/// it does not understand is left as it is.
+pub fn prepare(model: &mut ModelProto) -> GraphFacts {
+    let mut facts = GraphFacts::default();
+    let Some(graph) = model.graph.as_mut() else {
+        return facts;
+    };
+
+    {
+        let init: HashMap<&str, &TensorProto> = graph
+            .initializer
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let consumers = |tensor: &str| -> Vec<&NodeProto> {
+            graph
+                .node
+                .iter()
+                .filter(|n| n.input.iter().any(|i| i == tensor))
+                .collect()
+        };
+        for input in graph
+            .input
+            .iter()
+            .filter(|i| !init.contains_key(i.name.as_str()))
+        {
+            let mut tensor = input.name.clone();
+            for _ in 0..8 {
+                let next = consumers(&tensor);
+                let [node] = next.as_slice() else { break };
+                if node.op_type == "DequantizeLinear" && node.input.first() == Some(&tensor) {
+                    if let Some(q) = quant_of(&init, node) {
+                        facts.input_quant.insert(input.name.clone(), q);
+                    }
+                    break;
+                }
+                if !LAYOUT_OPS.contains(&node.op_type.as_str()) || node.output.len() != 1 {
+                    break;
+                }
+                tensor = node.output[0].clone();
+            }
+        }
+        for output in &graph.output {
+            if let Some(node) = graph
+                .node
+                .iter()
+                .find(|n| n.output.first() == Some(&output.name))
+            {
+                if node.op_type == "QuantizeLinear" {
+                    if let Some(q) = quant_of(&init, node) {
+                        facts.output_quant.insert(output.name.clone(), q);
+                    }
+                }
+            }
+        }
+    }
+
+    rewrite_quantized_softmax(graph, &mut facts);
+    facts
+}
+
+/// tract 0.23.9 returns the saturated value (127) for every element of
+/// `Softmax → QuantizeLinear` (measured on the MLPerf Tiny int8 models;
+/// the graph up to the Softmax matches onnxruntime exactly). The
+/// QuantizeLinear is replaced by its definition in float ops —
+/// `Cast(Clip(Round(x / scale) + zero_point, lo, hi))`, Round being
+/// half-to-even like QuantizeLinear — which tract computes correctly.
+fn rewrite_quantized_softmax(graph: &mut tract_onnx::pb::GraphProto, facts: &mut GraphFacts) {
+    let producers: HashMap<String, String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(move |o| (o.clone(), n.op_type.clone())))
+        .collect();
+    let init: HashMap<String, TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.clone(), t.clone()))
+        .collect();
+    let mut new_nodes = Vec::with_capacity(graph.node.len());
+    let mut new_inits = Vec::new();
+    for node in std::mem::take(&mut graph.node) {
+        let fed_by_softmax = node.op_type == "QuantizeLinear"
+            && node
+                .input
+                .first()
+                .and_then(|i| producers.get(i))
+                .is_some_and(|op| op == "Softmax");
+        let params = if fed_by_softmax {
+            let init_ref: HashMap<&str, &TensorProto> =
+                init.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            quant_of(&init_ref, &node).map(|q| {
+                let signed = node
+                    .input
+                    .get(2)
+                    .and_then(|zp| init.get(zp))
+                    .map(|t| t.data_type != DataType::Uint8 as i32)
+                    .unwrap_or(false);
+                (q, signed)
+            })
+        } else {
+            None
+        };
+        let Some((q, signed)) = params else {
+            new_nodes.push(node);
+            continue;
+        };
+        let base = if node.name.is_empty() {
+            node.output[0].clone()
+        } else {
+            node.name.clone()
+        };
+        let name = |s: &str| format!("{base}/edgeinfer_{s}");
+        let (lo, hi, to) = if signed {
+            (-128.0, 127.0, DataType::Int8)
+        } else {
+            (0.0, 255.0, DataType::Uint8)
+        };
+        for (n, v) in [
+            ("scale", q.scale),
+            ("zero_point", q.zero_point as f32),
+            ("lo", lo),
+            ("hi", hi),
+        ] {
+            new_inits.push(TensorProto {
+                name: name(n),
+                data_type: DataType::Float as i32,
+                float_data: vec![v],
+                ..Default::default()
+            });
+        }
+        let x = node.input[0].clone();
+        let y = node.output[0].clone();
+        let op = |op: &str, inputs: Vec<String>, output: String| NodeProto {
+            op_type: op.into(),
+            name: format!("{output}_node"),
+            input: inputs,
+            output: vec![output],
+            ..Default::default()
+        };
+        new_nodes.push(op("Div", vec![x.clone(), name("scale")], name("scaled")));
+        new_nodes.push(op("Round", vec![name("scaled")], name("rounded")));
+        new_nodes.push(op(
+            "Add",
+            vec![name("rounded"), name("zero_point")],
+            name("shifted"),
+        ));
+        new_nodes.push(op(
+            "Clip",
+            vec![name("shifted"), name("lo"), name("hi")],
+            name("clipped"),
+        ));
+        let mut cast = op("Cast", vec![name("clipped")], y.clone());
+        cast.attribute.push(AttributeProto {
+            name: "to".into(),
+            r#type: tract_onnx::pb::attribute_proto::AttributeType::Int as i32,
+            i: to as i64,
+            ..Default::default()
+        });
+        new_nodes.push(cast);
+        facts.rewrites.push(format!(
+            "QuantizeLinear {:?} after Softmax computed in float (tract 0.23.9 saturates it)",
+            node.name
+        ));
+    }
+    graph.node = new_nodes;
+    graph.initializer.extend(new_inits);
+}

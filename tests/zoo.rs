@@ -1,0 +1,221 @@
+//! Compatibility suite: every public model in `$EDGEINFER_MODEL_ZOO` (CI:
+//! ../shared/models) against the onnxruntime outputs stored in
+//! tests/zoo/onnxruntime.json (made by tests/zoo/make_reference.py).
+//! Without the variable the suite says it was skipped.
+
+use edgeinfer::model::Model;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tract_onnx::prelude::Tensor;
+
+#[derive(Deserialize)]
+struct Reference {
+    models: BTreeMap<String, Entry>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    sha256: String,
+    inputs: Vec<InputSpec>,
+    outputs: Vec<OutputRef>,
+}
+
+#[derive(Deserialize)]
+struct InputSpec {
+    dtype: String,
+    shape: Vec<usize>,
+}
+
+#[derive(Deserialize)]
+struct OutputRef {
+    name: String,
+    dtype: String,
+    values: Vec<f32>,
+}
+
+/// The input generator of make_reference.py, bit for bit.
+fn lcg_input(spec: &InputSpec) -> Tensor {
+    let n: usize = spec.shape.iter().product();
+    let mut state: u32 = 12345;
+    let bytes: Vec<i32> = (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+            (state >> 24) as i32
+        })
+        .collect();
+    match spec.dtype.as_str() {
+        "i8" => Tensor::from_shape(
+            &spec.shape,
+            &bytes.iter().map(|v| (v - 128) as i8).collect::<Vec<_>>(),
+        ),
+        "u8" => Tensor::from_shape(
+            &spec.shape,
+            &bytes.iter().map(|v| *v as u8).collect::<Vec<_>>(),
+        ),
+        _ => Tensor::from_shape(
+            &spec.shape,
+            &bytes
+                .iter()
+                .map(|v| (v - 128) as f32 / 64.0)
+                .collect::<Vec<_>>(),
+        ),
+    }
+    .unwrap()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len())
+        .max_by(|a, b| v[*a].total_cmp(&v[*b]))
+        .unwrap_or(0)
+}
+
+#[test]
+fn public_models_load_and_match_onnxruntime() {
+    let Some(zoo) = std::env::var_os("EDGEINFER_MODEL_ZOO").map(PathBuf::from) else {
+        println!("zoo: EDGEINFER_MODEL_ZOO is not set; the compatibility suite was skipped");
+        return;
+    };
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/zoo/onnxruntime.json"
+    ))
+    .unwrap();
+    let reference: Reference = serde_json::from_str(&text).unwrap();
+    let mut failures = Vec::new();
+    println!(
+        "zoo: {} ({} reference models)",
+        zoo.display(),
+        reference.models.len()
+    );
+    println!("| model | loads | top-1 = onnxruntime | max abs diff | allowed | graph rewrites |");
+    println!("|---|---|---|---|---|---|");
+    for (rel, entry) in &reference.models {
+        let path = zoo.join(rel);
+        let Ok(bytes) = std::fs::read(&path) else {
+            println!("| {rel} | absent | | | | |");
+            continue;
+        };
+        let sha = edgeinfer::model::hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if sha != entry.sha256 {
+            println!("| {rel} | another file (sha256 {sha}) | | | | |");
+            continue;
+        }
+        let model = match Model::load(&path) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                println!("| {rel} | no: {e} | | | | |");
+                failures.push(format!("{rel}: {e}"));
+                continue;
+            }
+        };
+        let outputs = match model
+            .session()
+            .and_then(|mut s| s.run_all(lcg_input(&entry.inputs[0])))
+        {
+            Ok(o) => o,
+            Err(e) => {
+                println!("| {rel} | yes, but fails to run: {e} | | | | |");
+                failures.push(format!("{rel}: {e}"));
+                continue;
+            }
+        };
+        let mut worst = 0.0f32;
+        let mut allowed_worst = 0.0f32;
+        let mut same_top = true;
+        for (i, (got, want)) in outputs.iter().zip(&entry.outputs).enumerate() {
+            // Integer references are raw; dequantize them like edgeinfer does.
+            let (scale, zp) = match (want.dtype.as_str(), model.output_quant[i]) {
+                ("int8" | "uint8", Some(q)) => (q.scale, q.zero_point as f32),
+                _ => (1.0, 0.0),
+            };
+            let want: Vec<f32> = want.values.iter().map(|v| (v - zp) * scale).collect();
+            assert_eq!(
+                got.len(),
+                want.len(),
+                "{rel}: output {} length",
+                entry.outputs[i].name
+            );
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            let peak = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            // One quantization step for int8 outputs; f32 kernels may sum in
+            // another order, so 1e-4 of the output's range (at least 1e-4).
+            let allowed = if scale != 1.0 {
+                scale * 1.0001
+            } else {
+                1e-4 * peak.max(1.0)
+            };
+            if diff > allowed {
+                failures.push(format!(
+                    "{rel}: output {} differs by {diff} (allowed {allowed})",
+                    entry.outputs[i].name
+                ));
+            }
+            worst = worst.max(diff);
+            allowed_worst = allowed_worst.max(allowed);
+            if i == 0 && argmax(got) != argmax(&want) {
+                same_top = false;
+                failures.push(format!("{rel}: top-1 differs"));
+            }
+        }
+        println!(
+            "| {rel} | yes | {} | {worst:.3e} | {allowed_worst:.1e} | {} |",
+            if same_top { "yes" } else { "NO" },
+            if model.graph.rewrites.is_empty() {
+                "none".to_string()
+            } else {
+                model.graph.rewrites.join("; ")
+            }
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "compatibility failures:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Documents the upstream bug the Softmax rewrite works around: loaded
+/// straight through tract 0.23.9, a quantized Softmax tail saturates to 127
+/// on every output. When this test fails, tract is fixed and the rewrite in
+/// src/model/onnx.rs can go.
+#[test]
+fn tract_alone_saturates_a_quantized_softmax_tail() {
+    let Some(zoo) = std::env::var_os("EDGEINFER_MODEL_ZOO").map(PathBuf::from) else {
+        println!("zoo: EDGEINFER_MODEL_ZOO is not set; skipped");
+        return;
+    };
+    use tract_onnx::prelude::*;
+    let path = zoo.join("mlperf-tiny/kws_ref_model.onnx");
+    if !path.exists() {
+        println!("zoo: {} is absent; skipped", path.display());
+        return;
+    }
+    let mut model = tract_onnx::onnx().model_for_path(&path).unwrap();
+    model
+        .set_input_fact(0, i8::fact([1, 49, 10, 1]).into())
+        .unwrap();
+    let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+    let spec = InputSpec {
+        dtype: "i8".into(),
+        shape: vec![1, 49, 10, 1],
+    };
+    let out = plan.run(tvec!(lcg_input(&spec).into_tvalue())).unwrap();
+    let raw = out[0].cast_to_dt(i8::datum_type()).unwrap().into_owned();
+    let values = raw
+        .try_as_plain_ram()
+        .unwrap()
+        .as_slice::<i8>()
+        .unwrap()
+        .to_vec();
+    println!("tract alone on kws_ref_model: {values:?}");
+    assert!(
+        values.iter().all(|v| *v == 127),
+        "tract no longer saturates: {values:?}"
+    );
+}
