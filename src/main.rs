@@ -72,8 +72,11 @@ enum Command {
     },
     /// List models (those a config names, or the bundled ones).
     Models {
-        #[arg(short, long)]
+        #[arg(short, long, conflicts_with = "check")]
         config: Option<PathBuf>,
+        /// Load every .onnx under DIR and print a table (loads?, backend, facts, error).
+        #[arg(long, value_name = "DIR")]
+        check: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -82,6 +85,21 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     edgeinfer::systemd::init_logging(cli.verbose);
+    // Panics inside the inference engine are caught and reported as errors;
+    // log them as one line instead of the default backtrace on stderr.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(%location, %message, "Panic");
+    }));
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -157,7 +175,32 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Models { config, json } => models(config.as_deref(), json),
+        Command::Models {
+            check: Some(dir),
+            json,
+            ..
+        } => {
+            let rows = oneshot::describe(
+                &oneshot::onnx_files(&dir).with_context(|| dir.display().to_string())?,
+            );
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", oneshot::check_table(&rows, &dir));
+            }
+            let failed = rows.iter().filter(|r| r.error.is_some()).count();
+            eprintln!(
+                "{} model(s), {} load, {failed} fail",
+                rows.len(),
+                rows.len() - failed
+            );
+            Ok(if failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Models { config, json, .. } => models(config.as_deref(), json),
     }
 }
 

@@ -70,28 +70,18 @@ fn print_config_output_is_a_valid_config() {
 fn check_config_reports_every_problem_with_its_key_and_exits_78() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("corrupt.onnx"), b"\x08\x07garbage").unwrap();
-    let path = write_config(
-        dir.path(),
-        &format!(
-            r#"
-[broker]
-url = "mqtt://127.0.0.1:1"
-keep_alive_s = 0
-[[pipeline]]
-name = "a"
-kind = "sensor"
-topics = ["s/+/x"]
-model = "models/activity.toml"
-window = {{ size = 40 }}
-[[pipeline]]
-name = "b"
-kind = "sensor"
-topics = ["s/+/y"]
-model = "{}"
-"#,
-            dir.path().join("corrupt.onnx").display()
-        ),
+    let fixtures = repo().join("tests/fixtures");
+    let pipeline = |name: &str, model: &str| {
+        format!("[[pipeline]]\nname = \"{name}\"\nkind = \"sensor\"\ntopics = [\"s/{name}\"]\nmodel = \"{model}\"\n")
+    };
+    let text = format!(
+        "[broker]\nurl = \"mqtt://127.0.0.1:1\"\nkeep_alive_s = 0\n{}window = {{ size = 40 }}\n{}{}{}",
+        pipeline("a", "models/activity.toml"),
+        pipeline("b", &dir.path().join("corrupt.onnx").display().to_string()),
+        pipeline("c", &fixtures.join("unsupported_op.onnx").display().to_string()),
+        pipeline("d", &fixtures.join("pnet_dynamic.onnx").display().to_string()),
     );
+    let path = write_config(dir.path(), &text);
     // Config-level problems are reported first (no model is loaded then)...
     let out = edgeinfer(&["check-config", "-c", &path]);
     assert_eq!(out.status.code(), Some(78));
@@ -110,10 +100,56 @@ model = "{}"
         "{err}"
     );
     assert!(
-        err.contains("pipeline[1].model") && err.contains("model corrupt"),
+        err.contains("pipeline[1].model") && err.contains("not a readable ONNX model"),
         "{err}"
     );
-    assert!(err.contains("2 problem(s)"), "{err}");
+    assert!(
+        err.contains("pipeline[2].model")
+            && err.contains("FrobnicateV2 (com.example) at node \"mystery_node\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("pipeline[3].model") && err.contains("panicked while loading"),
+        "{err}"
+    );
+    assert!(err.contains("4 problem(s)"), "{err}");
+}
+
+#[test]
+fn models_check_tables_every_model_in_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["unsupported_op.onnx", "pnet_dynamic.onnx"] {
+        std::fs::copy(repo().join("tests/fixtures").join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::create_dir(dir.path().join("bundled")).unwrap();
+    for f in ["activity.onnx", "activity.toml"] {
+        std::fs::copy(
+            repo().join("models").join(f),
+            dir.path().join("bundled").join(f),
+        )
+        .unwrap();
+    }
+    let bytes = std::fs::read(repo().join("models/motion.onnx")).unwrap();
+    std::fs::write(dir.path().join("truncated.onnx"), &bytes[..bytes.len() / 2]).unwrap();
+    let out = edgeinfer(&["models", "--check", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "some models fail");
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {name} ")))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{table}"))
+            .to_owned()
+    };
+    assert!(row("bundled/activity.onnx")
+        .contains("| yes | tract-cpu | imu f32[1, 50, 6] | logits f32[1, 4] |"));
+    assert!(
+        row("unsupported_op.onnx").contains("| no |")
+            && row("unsupported_op.onnx").contains("mystery_node")
+    );
+    assert!(row("pnet_dynamic.onnx").contains("panicked while loading"));
+    assert!(row("truncated.onnx").contains("not a readable ONNX model"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4 model(s), 1 load, 3 fail"));
 }
 
 #[test]

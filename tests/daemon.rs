@@ -336,8 +336,10 @@ async fn a_model_that_fails_to_load_disables_only_its_own_pipeline() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("broken.onnx"), b"this is not a protobuf").unwrap();
     let extra = format!(
-        "{ACTIVITY_PIPELINE}\n[[pipeline]]\nname = \"broken\"\nkind = \"sensor\"\ntopics = [\"other/+\"]\nmodel = \"{}\"\n",
-        dir.path().join("broken.onnx").display()
+        "{ACTIVITY_PIPELINE}\n[[pipeline]]\nname = \"broken\"\nkind = \"sensor\"\ntopics = [\"other/+\"]\nmodel = \"{}\"\n\
+         [[pipeline]]\nname = \"panics\"\nkind = \"sensor\"\ntopics = [\"third/+\"]\nmodel = \"{}\"\n",
+        dir.path().join("broken.onnx").display(),
+        repo().join("tests/fixtures/pnet_dynamic.onnx").display()
     );
     let mut obs = Observer::connect(
         broker.port,
@@ -365,9 +367,12 @@ async fn a_model_that_fails_to_load_disables_only_its_own_pipeline() {
     assert_eq!(health["pipelines"]["broken"]["state"], "failed");
     let error = health["pipelines"]["broken"]["error"].as_str().unwrap();
     assert!(
-        error.contains("model broken") && error.contains("tract cannot load it"),
+        error.contains("model broken") && error.contains("not a readable ONNX model"),
         "{error}"
     );
+    let panicked = health["pipelines"]["panics"]["error"].as_str().unwrap();
+    assert!(panicked.contains("panicked while loading"), "{panicked}");
+    assert_eq!(health["pipelines"]["panics"]["state"], "failed");
     assert_eq!(health["pipelines"]["activity"]["state"], "running");
     daemon.stop().await;
 }

@@ -48,6 +48,10 @@ pub enum ModelErrorKind {
         expected: String,
         actual: String,
     },
+    #[error("not a readable ONNX model (truncated, corrupt or another format): {0}")]
+    Corrupt(String),
+    #[error("unsupported operator(s): {0}")]
+    UnsupportedOperators(String),
     #[error("tract cannot load it: {0}")]
     Engine(String),
     #[error("the inference engine panicked while {stage}: {message}")]
@@ -438,12 +442,16 @@ fn build_plan(
     bytes: &[u8],
     manifest: &Manifest,
 ) -> Result<(Arc<TypedRunnableModel>, GraphFacts), ModelErrorKind> {
-    let engine = |e: TractError| ModelErrorKind::Engine(chain(&e));
-    let mut proto = tract_onnx::onnx()
+    let loader = tract_onnx::onnx();
+    let mut proto = loader
         .proto_model_for_read(&mut std::io::Cursor::new(bytes))
-        .map_err(engine)?;
+        .map_err(|e| ModelErrorKind::Corrupt(chain(&e)))?;
+    let unknown = onnx::unsupported_operators(&proto, |op| loader.op_register.0.contains_key(op));
+    if !unknown.is_empty() {
+        return Err(ModelErrorKind::UnsupportedOperators(unknown.join(", ")));
+    }
     let mut facts = onnx::prepare(&mut proto);
-    match plan_from_proto(&tract_onnx::onnx(), &proto, manifest) {
+    match plan_from_proto(&loader, &proto, manifest) {
         Ok(plan) => Ok((plan, facts)),
         Err(strict) => {
             // Some exporters declare value info or output shapes that tract

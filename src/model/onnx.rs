@@ -61,6 +61,27 @@ fn quant_of(init: &HashMap<&str, &TensorProto>, node: &NodeProto) -> Option<Quan
     Some(QuantParams { scale, zero_point })
 }
 
+/// Every top-level node whose operator `known` rejects, as
+/// `OpType (domain) at node "name"`.
+pub fn unsupported_operators(model: &ModelProto, known: impl Fn(&str) -> bool) -> Vec<String> {
+    let Some(graph) = &model.graph else {
+        return vec![];
+    };
+    graph
+        .node
+        .iter()
+        .filter(|n| !known(&n.op_type))
+        .map(|n| {
+            let domain = if n.domain.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", n.domain)
+            };
+            format!("{}{domain} at node {:?}", n.op_type, n.name)
+        })
+        .collect()
+}
+
 /// Reads quantization facts and applies the rewrites. Never fails: a graph
 /// it does not understand is left as it is.
 pub fn prepare(model: &mut ModelProto) -> GraphFacts {
