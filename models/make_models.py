@@ -34,6 +34,7 @@ from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
     QuantType,
+    quantize_dynamic,
     quantize_static,
 )
 from sklearn.neural_network import MLPClassifier, MLPRegressor
@@ -116,6 +117,53 @@ def quantize(fp32_path: Path, int8_path: Path, input_name: str, calib: np.ndarra
     )
 
 
+def variants(fp32_path: Path, name: str, input_name: str, calib: np.ndarray) -> list:
+    """The other two int8 flavours, for compatibility tests (not bundled in the binary):
+    QOperator (QLinearMatMul; only MatMul is quantized, because a quantized Add
+    becomes com.microsoft QLinearAdd, which is not a standard ONNX operator) and
+    dynamic (DynamicQuantizeLinear + MatMulInteger)."""
+    qop = OUT / f"{name}_qop.onnx"
+    quantize_static(
+        str(fp32_path),
+        str(qop),
+        Calibration(input_name, calib),
+        quant_format=QuantFormat.QOperator,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+    )
+    dyn = OUT / f"{name}_dyn.onnx"
+    quantize_dynamic(str(fp32_path), str(dyn), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    return [("qop", qop), ("dyn", dyn)]
+
+
+def write_variant_files(name: str, manifest: str, flavours: list, cases_input: np.ndarray, prep, extra_case_fields):
+    """Manifest and onnxruntime references for each variant, same held-back inputs."""
+    for flavour, path in flavours:
+        ops = sorted({n.op_type for n in onnx.load(path).graph.node})
+        out = run_ort(path, input_name_of(path), prep(cases_input))
+        (OUT / f"{name}_{flavour}.toml").write_text(
+            manifest.replace(f'name = "{name}"', f'name = "{name}_{flavour}"')
+            .replace(f'file = "{name}.onnx"', f'file = "{name}_{flavour}.onnx"')
+            .replace(f"sha256 = \"{sha256(OUT / f'{name}.onnx')}\"", f"sha256 = \"{sha256(path)}\"")
+        )
+        write_json(
+            OUT / f"{name}_{flavour}.reference.json",
+            {
+                "model": path.name,
+                "model_sha256": sha256(path),
+                "operators": ops,
+                "producer": f"onnxruntime {ort.__version__}, CPUExecutionProvider, 1 thread",
+                "cases": [dict(extra_case_fields(i), input=[f32_list(r) for r in x], output=f32_list(o)) for i, (x, o) in enumerate(zip(cases_input, out))],
+            },
+        )
+        print(f"{name}_{flavour}: operators {ops}")
+
+
+def input_name_of(path: Path) -> str:
+    return onnx.load(path).graph.input[0].name
+
+
 def run_ort(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -158,6 +206,7 @@ def activity():
     fp32 = OUT / "activity_fp32.onnx"
     onnx.save(model, fp32)
     quantize(fp32, OUT / "activity.onnx", "imu", wx[::3])
+    act_flavours = variants(fp32, "activity", "imu", wx[::3])
 
     # Held-back: the 40 test recordings, windows at offsets 0 and 50.
     test_raw = np.stack([w for s in xte for w in (s[:ACT_WINDOW], s[ACT_WINDOW:])])
@@ -206,6 +255,7 @@ top_k = 2
 labels = {json.dumps(ACT_LABELS)}
 '''
     (OUT / "activity.toml").write_text(manifest)
+    write_variant_files("activity", manifest, act_flavours, test_raw, prep, lambda i: {"label": test_y[i]})
 
     # Demo stream: one held-back recording per class, 100 samples each.
     streams = []
@@ -242,6 +292,7 @@ def motion():
     fp32 = OUT / "motion_fp32.onnx"
     onnx.save(model, fp32)
     quantize(fp32, OUT / "motion.onnx", "accel", train[::2])
+    motion_flavours = variants(fp32, "motion", "accel", train[::2])
     fp32.unlink()
 
     def score(raw):
@@ -301,6 +352,9 @@ score = "reconstruction_mse"
 threshold = {threshold:.6f}
 '''
     (OUT / "motion.toml").write_text(manifest)
+    write_variant_files(
+        "motion", manifest, motion_flavours, raw, prep, lambda i: {"label": labels[i], "anomalous": bool(truth[i])}
+    )
 
 
 def main():

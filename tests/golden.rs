@@ -70,64 +70,85 @@ fn argmax(v: &[f32]) -> usize {
     (0..v.len()).max_by(|a, b| v[*a].total_cmp(&v[*b])).unwrap()
 }
 
+/// (model, allowed max |tract − onnxruntime|). Every flavour is held to one
+/// output step of the QDQ model — the coarsest rounding at the output of
+/// these graphs. Measured on x86-64: QDQ 0, QOperator 0, dynamic 1.9e-6
+/// (its output is dequantized in float by the graph itself).
+const ACTIVITY: &[(&str, f32)] = &[
+    ("activity", ACTIVITY_STEP),
+    ("activity_qop", ACTIVITY_STEP),
+    ("activity_dyn", ACTIVITY_STEP),
+];
+const MOTION: &[(&str, f32)] = &[
+    ("motion", MOTION_STEP),
+    ("motion_qop", MOTION_STEP),
+    ("motion_dyn", MOTION_STEP),
+];
+
 #[test]
-fn activity_matches_onnxruntime_on_held_back_windows() {
-    let (model, reference) = load("activity");
-    let mut worst = 0.0f32;
-    let mut same_top = 0;
-    let mut correct = 0;
-    for case in &reference.cases {
-        let (out, normalised) = run_case(&model, case);
-        worst = worst.max(max_abs_diff(&out, &case.output));
-        if argmax(&out) == argmax(&case.output) {
-            same_top += 1;
+fn activity_flavours_match_onnxruntime_on_held_back_windows() {
+    for &(name, allowed) in ACTIVITY {
+        let (model, reference) = load(name);
+        let mut worst = 0.0f32;
+        let mut same_top = 0;
+        let mut correct = 0;
+        for case in &reference.cases {
+            let (out, normalised) = run_case(&model, case);
+            worst = worst.max(max_abs_diff(&out, &case.output));
+            if argmax(&out) == argmax(&case.output) {
+                same_top += 1;
+            }
+            let Output::Classification { top } = postprocess(&model, out, &normalised).unwrap()
+            else {
+                panic!("{name} is a classifier")
+            };
+            if top[0].label == case.label {
+                correct += 1;
+            }
         }
-        let Output::Classification { top } = postprocess(&model, out, &normalised).unwrap() else {
-            panic!("activity is a classifier")
-        };
-        if top[0].label == case.label {
-            correct += 1;
-        }
+        let n = reference.cases.len();
+        println!("{name}: {n} cases, max |tract - onnxruntime| = {worst}, same top-1 {same_top}/{n}, correct {correct}/{n}");
+        assert!(
+            worst <= allowed,
+            "{name}: max abs difference {worst} over {allowed}"
+        );
+        assert_eq!(
+            same_top, n,
+            "{name}: top-1 must agree with onnxruntime on every case"
+        );
+        assert!(
+            correct * 100 >= n * 85,
+            "{name}: only {correct}/{n} held-back windows classified correctly"
+        );
     }
-    let n = reference.cases.len();
-    println!("activity: {n} cases, max |tract - onnxruntime| = {worst}, same top-1 {same_top}/{n}, correct {correct}/{n}");
-    assert!(
-        worst <= ACTIVITY_STEP,
-        "max abs difference {worst} over one quantization step"
-    );
-    assert_eq!(
-        same_top, n,
-        "top-1 must agree with onnxruntime on every case"
-    );
-    assert!(
-        correct * 100 >= n * 85,
-        "only {correct}/{n} held-back windows classified correctly"
-    );
 }
 
 #[test]
-fn motion_matches_onnxruntime_and_flags_vigorous_motion() {
-    let (model, reference) = load("motion");
-    let mut worst = 0.0f32;
-    let mut agree = 0;
-    for case in &reference.cases {
-        let (out, normalised) = run_case(&model, case);
-        worst = worst.max(max_abs_diff(&out, &case.output));
-        let Output::Anomaly { anomaly, .. } = postprocess(&model, out, &normalised).unwrap() else {
-            panic!("motion is an anomaly model")
-        };
-        if Some(anomaly) == case.anomalous {
-            agree += 1;
+fn motion_flavours_match_onnxruntime_and_flag_vigorous_motion() {
+    for &(name, allowed) in MOTION {
+        let (model, reference) = load(name);
+        let mut worst = 0.0f32;
+        let mut agree = 0;
+        for case in &reference.cases {
+            let (out, normalised) = run_case(&model, case);
+            worst = worst.max(max_abs_diff(&out, &case.output));
+            let Output::Anomaly { anomaly, .. } = postprocess(&model, out, &normalised).unwrap()
+            else {
+                panic!("{name} is an anomaly model")
+            };
+            if Some(anomaly) == case.anomalous {
+                agree += 1;
+            }
         }
+        let n = reference.cases.len();
+        println!("{name}: {n} cases, max |tract - onnxruntime| = {worst}, anomaly flag agrees with truth {agree}/{n}");
+        assert!(
+            worst <= allowed,
+            "{name}: max abs difference {worst} over {allowed}"
+        );
+        assert!(
+            agree * 100 >= n * 90,
+            "{name}: anomaly flag right on only {agree}/{n}"
+        );
     }
-    let n = reference.cases.len();
-    println!("motion: {n} cases, max |tract - onnxruntime| = {worst}, anomaly flag agrees with truth {agree}/{n}");
-    assert!(
-        worst <= MOTION_STEP,
-        "max abs difference {worst} over one quantization step"
-    );
-    assert!(
-        agree * 100 >= n * 90,
-        "anomaly flag right on only {agree}/{n}"
-    );
 }
