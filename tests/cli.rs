@@ -411,3 +411,56 @@ async fn sighup_reloads_a_valid_config_and_keeps_running_on_an_invalid_one() {
     signal(&daemon, "-TERM");
     assert_eq!(wait_exit(&mut daemon, T).code(), Some(0));
 }
+
+#[test]
+fn dynamic_spatial_dimensions_are_fixed_from_the_manifest() {
+    // pnet_dynamic.onnx has input [1, 3, H, W]: with H = W = 1 tract panics
+    // (contained, see check-config's test); with the manifest's shape it runs.
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = repo().join("tests/fixtures/pnet_dynamic.onnx");
+    let manifest = dir.path().join("pnet.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "file = {:?}\n[input]\nshape = [1, 3, 48, 64]\n",
+            fixture.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = edgeinfer(&[
+        "models",
+        "--json",
+        "-c",
+        &write_config(
+            dir.path(),
+            &format!(
+                "[[pipeline]]\nname = \"p\"\nkind = \"sensor\"\ntopics = [\"x\"]\nmodel = \"{}\"\n",
+                manifest.display()
+            ),
+        ),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v[0]["inputs"][0]["shape"],
+        serde_json::json!([1, 3, 48, 64])
+    );
+    assert_eq!(
+        v[0]["outputs"][0]["shape"],
+        // 48 -conv3-> 46 -pool2-> 23 -conv3-> 21; 64 -> 62 -> 31 -> 29.
+        serde_json::json!([1, 16, 21, 29])
+    );
+    let out = edgeinfer(&[
+        "bench",
+        "-m",
+        manifest.to_str().unwrap(),
+        "--runs",
+        "3",
+        "--json",
+    ]);
+    assert!(out.status.success());
+}

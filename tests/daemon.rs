@@ -458,3 +458,68 @@ async fn starts_without_a_broker_and_connects_when_it_comes_up() {
     assert_eq!(status.text(), "online");
     daemon.stop().await;
 }
+
+/// A streaming model's recurrent state is fed back per source topic: two
+/// devices interleaved give each the results onnxruntime gives when it
+/// carries that device's state alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_models_keep_recurrent_state_per_source() {
+    #[derive(serde::Deserialize)]
+    struct Stream {
+        windows: Vec<Vec<Vec<f32>>>,
+        logits: Vec<Vec<f32>>,
+        stateless_logits: Vec<Vec<f32>>,
+    }
+    let text =
+        std::fs::read_to_string(repo().join("tests/fixtures/stateful.reference.json")).unwrap();
+    let reference: std::collections::HashMap<String, Stream> = serde_json::from_str(&text).unwrap();
+    let broker = Mosquitto::start();
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-st/results/#"]).await;
+    let pipeline = format!(
+        "[[pipeline]]\nname = \"stream\"\nkind = \"sensor\"\ntopics = [\"mic/+\"]\nmodel = \"{}\"\nresults = \"edgeinfer/{{device}}/results/{{1}}\"\n",
+        repo().join("tests/fixtures/stateful.toml").display()
+    );
+    let daemon = Daemon::start(parse(&config_text(&broker.url(), "gw-st", &pipeline)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for k in 0..5 {
+        for source in ["src-a", "src-b"] {
+            obs.publish(
+                &format!("mic/{source}"),
+                batch(k as u64, &reference[source].windows[k]),
+            )
+            .await;
+        }
+    }
+    let results = obs.collect(10, T, |_| true).await;
+    assert_eq!(results.len(), 10);
+    let softmax = |v: &[f32]| {
+        let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = v.iter().map(|x| (x - m).exp()).collect();
+        let s: f32 = e.iter().sum();
+        e.into_iter().map(|x| x / s).collect::<Vec<f32>>()
+    };
+    for r in results {
+        let v = r.json();
+        let source = r.topic.rsplit('/').next().unwrap().to_owned();
+        let k = v["seq"].as_u64().unwrap() as usize;
+        let want = softmax(&reference[&source].logits[k]);
+        let cold = softmax(&reference[&source].stateless_logits[k]);
+        for entry in v["output"]["top"].as_array().unwrap() {
+            let i = ["a", "b", "c"]
+                .iter()
+                .position(|l| *l == entry["label"])
+                .unwrap();
+            let got = entry["score"].as_f64().unwrap() as f32;
+            assert!(
+                (got - want[i]).abs() < 1e-4,
+                "{source} window {k} class {i}: {got} vs {}",
+                want[i]
+            );
+        }
+        if k > 0 {
+            let differs = (0..3).any(|i| (want[i] - cold[i]).abs() > 1e-3);
+            assert!(differs, "{source} window {k}: the reference does not depend on state, the test proves nothing");
+        }
+    }
+    daemon.stop().await;
+}

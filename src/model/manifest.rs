@@ -20,12 +20,24 @@ pub struct Manifest {
     pub preprocess: Preprocess,
     #[serde(default)]
     pub output: OutputSpec,
+    /// Recurrent state of streaming models: each output named here is fed
+    /// back, on the next call for the same source, into the named input.
+    #[serde(default)]
+    pub state: Vec<StateSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSpec {
+    pub input: String,
+    pub output: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputSpec {
-    /// Default: the graph's first input.
+    /// The input fed with data. Default: the graph's only input that is not
+    /// a `[[state]]` input.
     pub name: Option<String>,
     /// Concrete shape; fixes symbolic dimensions (default: each symbol becomes 1).
     pub shape: Option<Vec<usize>>,
@@ -73,7 +85,7 @@ pub enum AnomalyScore {
 pub struct OutputSpec {
     #[serde(default)]
     pub kind: OutputKind,
-    /// Default: the graph's first output.
+    /// Default: the graph's first output that is not a `[[state]]` output.
     pub name: Option<String>,
     #[serde(default)]
     pub labels: Vec<String>,

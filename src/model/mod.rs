@@ -128,6 +128,12 @@ pub struct Model {
     pub input_type: ElemType,
     /// Index of the output that postprocessing reads.
     pub output_index: usize,
+    /// Index (in `inputs`) of the input fed with data.
+    pub data_input: usize,
+    /// (input, output) index pairs of recurrent state, fed back per source.
+    pub state_io: Vec<(usize, usize)>,
+    /// The state a new source starts from: zeros.
+    pub initial_state: Vec<Tensor>,
     /// Quantization of the fed input (int8/uint8): the manifest's, else the graph's.
     pub input_quant: Option<QuantParams>,
     /// Quantization of each output (manifest for the read one, else the graph's).
@@ -298,29 +304,75 @@ impl Model {
                 .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?,
         )
         .map_err(err)?;
-        if inputs.len() != 1 {
-            return Err(err(ModelErrorKind::Unsupported(format!(
-                "{} inputs ({}); this build feeds models with exactly one input",
-                inputs.len(),
-                inputs
-                    .iter()
-                    .map(|i| i.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))));
+        let bad_manifest = |message: String| {
+            err(ModelErrorKind::Manifest {
+                path: path.to_owned(),
+                message,
+            })
+        };
+        let mut state_io = Vec::new();
+        for st in &manifest.state {
+            let i = inputs.iter().position(|t| t.name == st.input);
+            let o = outputs.iter().position(|t| t.name == st.output);
+            let (Some(i), Some(o)) = (i, o) else {
+                return Err(bad_manifest(format!(
+                    "state {:?} -> {:?}: the graph has no such input or output",
+                    st.output, st.input
+                )));
+            };
+            if inputs[i].shape != outputs[o].shape {
+                return Err(bad_manifest(format!(
+                    "state output {} and input {} differ in shape",
+                    outputs[o], inputs[i]
+                )));
+            }
+            state_io.push((i, o));
         }
+        let is_state_input = |i: usize| state_io.iter().any(|(si, _)| *si == i);
+        let data_input = match &manifest.input.name {
+            Some(name) => inputs
+                .iter()
+                .position(|t| &t.name == name)
+                .filter(|i| !is_state_input(*i))
+                .ok_or_else(|| {
+                    bad_manifest(format!(
+                        "input.name {name:?} is not a data input of the graph"
+                    ))
+                })?,
+            None => {
+                let data: Vec<usize> = (0..inputs.len()).filter(|i| !is_state_input(*i)).collect();
+                match data.as_slice() {
+                    [one] => *one,
+                    _ => {
+                        return Err(err(ModelErrorKind::Unsupported(format!(
+                            "{} inputs not declared as [[state]] ({}); edgeinfer feeds one data input: \
+                             name it with input.name and declare recurrent ones as [[state]]",
+                            data.len(),
+                            data.iter().map(|i| inputs[*i].name.as_str()).collect::<Vec<_>>().join(", ")
+                        ))))
+                    }
+                }
+            }
+        };
+        let input_outlets = model
+            .input_outlets()
+            .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?;
+        let initial_state = state_io
+            .iter()
+            .map(|(i, _)| {
+                let dt = model.outlet_fact(input_outlets[*i]).map(|f| f.datum_type);
+                dt.and_then(|dt| Tensor::zero_dt(dt, &inputs[*i].shape))
+                    .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let input_dt = model
-            .outlet_fact(
-                model
-                    .input_outlets()
-                    .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?[0],
-            )
+            .outlet_fact(input_outlets[data_input])
             .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?
             .datum_type;
         let input_type = ElemType::of(input_dt).ok_or_else(|| {
             err(ModelErrorKind::Unsupported(format!(
                 "input {} has type {input_dt:?}; f32, i8 and u8 are supported",
-                inputs[0].name
+                inputs[data_input].name
             )))
         })?;
         let input_quant = match manifest.preprocess.quant_scale {
@@ -328,14 +380,14 @@ impl Model {
                 scale,
                 zero_point: manifest.preprocess.zero_point.unwrap_or(0),
             }),
-            None => graph.input_quant.get(&inputs[0].name).copied(),
+            None => graph.input_quant.get(&inputs[data_input].name).copied(),
         };
         if input_type != ElemType::F32 && input_quant.is_none() {
             return Err(err(ModelErrorKind::Manifest {
                 path: path.to_owned(),
                 message: format!(
                     "input {} is {} and the graph does not say how it is quantized: give preprocess.quant_scale and zero_point",
-                    inputs[0].name,
+                    inputs[data_input].name,
                     input_type.as_str()
                 ),
             }));
@@ -347,15 +399,17 @@ impl Model {
                     message: format!("output.name {n:?} is not an output of the graph"),
                 })
             })?,
-            None => 0,
+            None => (0..outputs.len())
+                .find(|o| !state_io.iter().any(|(_, so)| so == o))
+                .unwrap_or(0),
         };
         if let Some(name) = &manifest.input.name {
-            if &inputs[0].name != name {
+            if &inputs[data_input].name != name {
                 return Err(err(ModelErrorKind::Manifest {
                     path: path.to_owned(),
                     message: format!(
                         "input.name {name:?}, but the graph's input is {:?}",
-                        inputs[0].name
+                        inputs[data_input].name
                     ),
                 }));
             }
@@ -373,13 +427,13 @@ impl Model {
         }
         if manifest.output.kind == OutputKind::Anomaly
             && manifest.output.score == AnomalyScore::ReconstructionMse
-            && out.len() != inputs[0].len()
+            && out.len() != inputs[data_input].len()
         {
             return Err(err(ModelErrorKind::Manifest {
                 path: path.to_owned(),
                 message: format!(
                     "score = \"reconstruction_mse\" needs output {out} the size of input {}",
-                    inputs[0]
+                    inputs[data_input]
                 ),
             }));
         }
@@ -407,6 +461,9 @@ impl Model {
             input_type,
             output_quant,
             output_index,
+            data_input,
+            state_io,
+            initial_state,
             input_quant,
             graph,
             load_ms: started.elapsed().as_secs_f64() * 1e3,
@@ -415,7 +472,7 @@ impl Model {
     }
 
     pub fn input(&self) -> &TensorInfo {
-        &self.inputs[0]
+        &self.inputs[self.data_input]
     }
 
     pub fn output(&self) -> &TensorInfo {
@@ -479,9 +536,21 @@ fn plan_from_proto(
     // Symbolic dimensions (a batch `N`, say) become concrete: from the
     // manifest's input.shape where it gives one, else 1.
     let mut subs = HashMap::new();
-    for (ix, outlet) in typed.input_outlets().map_err(engine)?.iter().enumerate() {
+    let outlets = typed.input_outlets().map_err(engine)?.to_vec();
+    let label = |o: &OutletId| {
+        typed
+            .outlet_label(*o)
+            .unwrap_or(&typed.node(o.node).name)
+            .to_owned()
+    };
+    let is_state = |name: &str| manifest.state.iter().any(|s| s.input == name);
+    let data_ix = match &manifest.input.name {
+        Some(n) => outlets.iter().position(|o| &label(o) == n),
+        None => outlets.iter().position(|o| !is_state(&label(o))),
+    };
+    for (ix, outlet) in outlets.iter().enumerate() {
         let fact = typed.outlet_fact(*outlet).map_err(engine)?;
-        let wanted = if ix == 0 {
+        let wanted = if Some(ix) == data_ix {
             manifest.input.shape.as_deref()
         } else {
             None
@@ -538,14 +607,30 @@ impl Session {
     /// Runs the model on one input tensor and returns the output that
     /// postprocessing reads, as f32 (dequantized where it is int8/uint8).
     pub fn run(&mut self, input: Tensor) -> Result<Vec<f32>, ModelError> {
+        let mut state = self.model.initial_state.clone();
+        self.run_with_state(input, &mut state)
+    }
+
+    /// Like [`run`](Self::run) for streaming models: `state` (one tensor per
+    /// `[[state]]`, from [`Model::initial_state`]) is fed in and replaced by
+    /// the state outputs. On error it is left unchanged.
+    pub fn run_with_state(
+        &mut self,
+        input: Tensor,
+        state: &mut [Tensor],
+    ) -> Result<Vec<f32>, ModelError> {
         let ix = self.model.output_index;
-        let outputs = self.run_values(input)?;
+        let outputs = self.run_values(input, state)?;
+        for (k, (_, o)) in self.model.state_io.iter().enumerate() {
+            state[k] = outputs[*o].clone().into_tensor();
+        }
         output_f32(&outputs[ix], self.model.output_quant[ix]).map_err(|kind| self.error(kind))
     }
 
     /// Runs the model and returns every output as f32, dequantized.
     pub fn run_all(&mut self, input: Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
-        let outputs = self.run_values(input)?;
+        let state = self.model.initial_state.clone();
+        let outputs = self.run_values(input, &state)?;
         outputs
             .iter()
             .zip(&self.model.output_quant)
@@ -560,10 +645,18 @@ impl Session {
         }
     }
 
-    fn run_values(&mut self, input: Tensor) -> Result<TVec<TValue>, ModelError> {
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            self.state.run(tvec!(input.into_tvalue()))
-        }));
+    fn run_values(&mut self, input: Tensor, state: &[Tensor]) -> Result<TVec<TValue>, ModelError> {
+        let model = &self.model;
+        let mut fed: Vec<Option<TValue>> = vec![None; model.inputs.len()];
+        fed[model.data_input] = Some(input.into_tvalue());
+        for (k, (i, _)) in model.state_io.iter().enumerate() {
+            fed[*i] = Some(state[k].clone().into_tvalue());
+        }
+        let inputs: TVec<TValue> = fed
+            .into_iter()
+            .map(|v| v.expect("every input is data or state"))
+            .collect();
+        let result = catch_unwind(AssertUnwindSafe(|| self.state.run(inputs)));
         match result {
             Ok(Ok(outputs)) => Ok(outputs),
             Ok(Err(e)) => Err(self.error(ModelErrorKind::Inference(chain(&e)))),

@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tract_onnx::prelude::Tensor;
 
 /// One message handed from the MQTT poll loop to a pipeline worker.
 #[derive(Debug)]
@@ -197,6 +198,8 @@ struct Source {
     window: SensorWindow,
     seq: u64,
     last_seen: u64,
+    /// Recurrent state of streaming models (empty for the others).
+    state: Vec<Tensor>,
 }
 
 struct Worker {
@@ -293,6 +296,7 @@ impl Worker {
                     window: SensorWindow::new(self.spec.size, self.spec.stride, self.spec.channels),
                     seq: 0,
                     last_seen: 0,
+                    state: self.spec.model.initial_state.clone(),
                 }
             }
         };
@@ -307,6 +311,7 @@ impl Worker {
                     ts,
                     source.seq,
                     if first { Some((queue, decode)) } else { None },
+                    &mut source.state,
                 );
                 source.seq += 1;
                 first = false;
@@ -317,12 +322,19 @@ impl Worker {
 
     /// Runs the model on `self.raw`. `waited` is (queue time, decode time) for
     /// the first window of a message; later windows of a batch carry none.
-    fn infer(&mut self, topic: &str, ts: u64, seq: u64, waited: Option<(Duration, Duration)>) {
+    fn infer(
+        &mut self,
+        topic: &str,
+        ts: u64,
+        seq: u64,
+        waited: Option<(Duration, Duration)>,
+        state: &mut [Tensor],
+    ) {
         let (queue, decode) = waited.unwrap_or_default();
         let t0 = Instant::now();
         let tensor = self.pre.tensor(&self.raw, &mut self.normalised);
         let t1 = Instant::now();
-        let out = self.session.run(tensor);
+        let out = self.session.run_with_state(tensor, state);
         let t2 = Instant::now();
         let output = match out {
             Ok(out) => post::postprocess(&self.spec.model, out, &self.normalised),

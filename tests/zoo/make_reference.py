@@ -85,7 +85,6 @@ def main():
                 {"name": o.name, "dtype": str(v.dtype), "shape": list(v.shape), "values": [float(x) for x in v.ravel()]}
                 for o, v in zip(sess.get_outputs(), outs)
             ],
-            "onnxruntime_p50_ms": round(p50, 4),
         }
         rows.append((rel, p50))
         print(f"{rel}: {len(outs)} outputs, onnxruntime p50 {p50:.4f} ms", file=sys.stderr)
