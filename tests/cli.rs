@@ -118,7 +118,11 @@ fn check_config_reports_every_problem_with_its_key_and_exits_78() {
 #[test]
 fn models_check_tables_every_model_in_a_folder() {
     let dir = tempfile::tempdir().unwrap();
-    for f in ["unsupported_op.onnx", "pnet_dynamic.onnx"] {
+    for f in [
+        "unsupported_op.onnx",
+        "pnet_dynamic.onnx",
+        "bad_value_info.onnx",
+    ] {
         std::fs::copy(repo().join("tests/fixtures").join(f), dir.path().join(f)).unwrap();
     }
     std::fs::create_dir(dir.path().join("bundled")).unwrap();
@@ -148,8 +152,12 @@ fn models_check_tables_every_model_in_a_folder() {
             && row("unsupported_op.onnx").contains("mystery_node")
     );
     assert!(row("pnet_dynamic.onnx").contains("panicked while loading"));
+    assert!(
+        row("bad_value_info.onnx").contains("| yes |")
+            && row("bad_value_info.onnx").contains("ignoring the graph's declared value info")
+    );
     assert!(row("truncated.onnx").contains("not a readable ONNX model"));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("4 model(s), 1 load, 3 fail"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("5 model(s), 2 load, 3 fail"));
 }
 
 #[test]
@@ -463,4 +471,25 @@ fn dynamic_spatial_dimensions_are_fixed_from_the_manifest() {
         "--json",
     ]);
     assert!(out.status.success());
+}
+
+#[test]
+fn a_model_with_wrong_declared_shapes_loads_relaxed_and_matches_onnxruntime() {
+    let model = repo().join("tests/fixtures/bad_value_info.onnx");
+    let out = edgeinfer(&[
+        "infer",
+        "-m",
+        model.to_str().unwrap(),
+        "--json",
+        r#"{"values": [1, 1, 1, 1]}"#,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // onnxruntime 1.32 on the same input (it warns about the declared shape too).
+    let want = [1.5, 1.625, 1.75, 1.875, 2.0, 2.125, 2.25, 2.375];
+    assert_eq!(v["output"]["values"], serde_json::json!(want));
 }
