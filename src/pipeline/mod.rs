@@ -176,9 +176,16 @@ pub fn start(
         let thread = std::thread::Builder::new()
             .name(format!("infer-{}-{i}", spec.name))
             .spawn(move || {
-                while let Ok(msg) = rx.recv() {
+                while let Ok::<Ingested, _>(msg) = rx.recv() {
                     worker.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                    worker.handle(msg);
+                    let topic = msg.topic.clone();
+                    // A bug in one message's handling must not end the worker:
+                    // its queue would then drop everything, silently.
+                    let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.handle(msg)));
+                    if handled.is_err() {
+                        worker.sources.remove(&topic);
+                        worker.reject(&topic, "internal", "internal error while handling this input (see the log); the source's window was reset".into());
+                    }
                 }
             })
             .map_err(|e| format!("cannot start worker thread: {e}"))?;
