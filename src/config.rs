@@ -47,6 +47,15 @@ pub struct Broker {
     pub username: Option<String>,
     /// File holding the password (first line). Never logged.
     pub password_file: Option<PathBuf>,
+    /// Name of a systemd credential (`LoadCredential=`) holding the password,
+    /// read from `$CREDENTIALS_DIRECTORY`. Never logged.
+    pub password_credential: Option<String>,
+    /// PEM CA certificate(s) the broker's certificate must chain to
+    /// (`mqtts://`). Default: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and private key, for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_s: u64,
     /// Largest MQTT packet accepted or sent, in bytes (rumqttc's own default is 10 KiB).
@@ -69,6 +78,10 @@ impl Default for Broker {
             client_id: None,
             username: None,
             password_file: None,
+            password_credential: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
             keep_alive_s: default_keep_alive(),
             max_packet_bytes: default_max_packet(),
             reconnect_initial_ms: default_backoff_initial(),
@@ -379,6 +392,43 @@ impl Config {
             if let Err(e) = std::fs::metadata(self.base_dir.join(file)) {
                 bad("broker.password_file", format!("{}: {e}", file.display()));
             }
+        }
+        if let Some(name) = &self.broker.password_credential {
+            if self.broker.username.is_none() {
+                bad("broker.password_credential", "needs broker.username".into());
+            }
+            if self.broker.password_file.is_some() {
+                bad(
+                    "broker.password_credential",
+                    "give password_file or password_credential, not both".into(),
+                );
+            }
+            if name.is_empty() || name.contains('/') {
+                bad(
+                    "broker.password_credential",
+                    format!("{name:?} is not a credential name"),
+                );
+            }
+        }
+        let tls = self.broker.url.starts_with("mqtts://");
+        for (key, file) in [
+            ("broker.ca_file", &self.broker.ca_file),
+            ("broker.cert_file", &self.broker.cert_file),
+            ("broker.key_file", &self.broker.key_file),
+        ] {
+            if let Some(file) = file {
+                if !tls {
+                    bad(key, "only used with an mqtts:// broker.url".into());
+                } else if let Err(e) = std::fs::metadata(self.base_dir.join(file)) {
+                    bad(key, format!("{}: {e}", file.display()));
+                }
+            }
+        }
+        if self.broker.cert_file.is_some() != self.broker.key_file.is_some() {
+            bad(
+                "broker.cert_file",
+                "mutual TLS needs both cert_file and key_file".into(),
+            );
         }
         if let Err(e) = crate::mqtt::check_template(&self.topics.prefix, 0) {
             bad("topics.prefix", e);

@@ -50,6 +50,15 @@ pub fn check(config: &Config) -> Vec<Problem> {
     if problems.iter().any(|p| p.key.starts_with("pipeline")) {
         return problems;
     }
+    if problems.is_empty() {
+        // Reads the password and the TLS files, as `run` will.
+        if let Err(message) = mqtt::connect_options(config) {
+            problems.push(Problem {
+                key: "broker".into(),
+                message,
+            });
+        }
+    }
     let mut registry = Registry::default();
     for (i, p) in config.pipelines.iter().enumerate() {
         match registry.get_or_load(&config.model_path(p)) {
@@ -81,7 +90,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     if !problems.is_empty() {
         return Err(RunError::Config(problems));
     }
-    let options = mqtt::connect_options(&config).map_err(RunError::Mqtt)?;
+    let options = mqtt::connect_options(&config).map_err(|message| {
+        RunError::Config(vec![Problem {
+            key: "broker".into(),
+            message,
+        }])
+    })?;
     let telemetry = Arc::new(Telemetry::default());
     let (outbox, outbox_rx) =
         mqtt::outbox(config.limits.outbox_capacity, Arc::clone(&telemetry.outbox));

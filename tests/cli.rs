@@ -493,3 +493,53 @@ fn a_model_with_wrong_declared_shapes_loads_relaxed_and_matches_onnxruntime() {
     let want = [1.5, 1.625, 1.75, 1.875, 2.0, 2.125, 2.25, 2.375];
     assert_eq!(v["output"]["values"], serde_json::json!(want));
 }
+
+/// The password comes from a systemd credential and never reaches the logs,
+/// even at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_from_a_systemd_credential_is_used_and_never_logged() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    let secret = "s3cret-Pa55-7f1c9";
+    std::fs::write(creds.join("mqtt-password"), format!("{secret}\n")).unwrap();
+    let text = config_text(&broker.url(), "gw-cred", ACTIVITY_PIPELINE).replace(
+        "reconnect_max_ms = 1000\n",
+        "reconnect_max_ms = 1000\nusername = \"gateway\"\npassword_credential = \"mqtt-password\"\n",
+    );
+    let path = write_config(dir.path(), &text);
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-cred/status"]).await;
+    // A file, not a pipe: trace logging would fill an unread pipe and block.
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(BIN)
+        .args(["-v", "run", "-c", &path])
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .env("RUST_LOG", "trace")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    assert_eq!(
+        obs.next_where(T, |_| true)
+            .await
+            .map(|m| m.text())
+            .as_deref(),
+        Some("online")
+    );
+    signal(&child, "-TERM");
+    assert_eq!(wait_exit(&mut child, T).code(), Some(0));
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        stderr.contains("Connected to broker"),
+        "the log was captured: {stderr}"
+    );
+    assert!(!stderr.contains(secret), "the password leaked into the log");
+    // Without the credentials directory the config is refused, clearly.
+    let out = Command::new(BIN)
+        .args(["check-config", "-c", &path])
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CREDENTIALS_DIRECTORY"));
+}

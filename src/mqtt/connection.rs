@@ -37,18 +37,37 @@ pub fn connect_options(config: &Config) -> Result<MqttOptions, String> {
     ));
     options.set_clean_session(true);
     if let Some(user) = &config.broker.username {
-        let password = match &config.broker.password_file {
-            Some(file) => {
-                let path = config.base_dir.join(file);
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| format!("broker.password_file {}: {e}", path.display()))?;
-                text.lines().next().unwrap_or("").to_owned()
-            }
-            None => String::new(),
-        };
-        options.set_credentials(user.clone(), password);
+        options.set_credentials(user.clone(), password(config)?);
+    }
+    if addr.tls {
+        let tls = super::tls::client_config(config)?;
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+        ));
     }
     Ok(options)
+}
+
+/// The broker password: the first line of `password_file`, or of the
+/// systemd credential `password_credential` (`$CREDENTIALS_DIRECTORY/NAME`).
+fn password(config: &Config) -> Result<String, String> {
+    let b = &config.broker;
+    let (path, key) = match (&b.password_file, &b.password_credential) {
+        (Some(file), _) => (config.base_dir.join(file), "broker.password_file"),
+        (None, Some(name)) => {
+            let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                format!("broker.password_credential {name:?}: $CREDENTIALS_DIRECTORY is not set (LoadCredential= in the unit)")
+            })?;
+            (
+                std::path::Path::new(&dir).join(name),
+                "broker.password_credential",
+            )
+        }
+        (None, None) => return Ok(String::new()),
+    };
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
+    Ok(text.lines().next().unwrap_or("").to_owned())
 }
 
 pub fn status_topic(config: &Config) -> String {
@@ -161,10 +180,15 @@ pub async fn drive(
                 }
                 trim_pending(&mut eventloop, ctx.max_pending, &ctx.stats);
                 let delay = ctx.backoff.next_delay();
-                if was {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Lost broker connection");
+                let retry_in_ms = delay.as_millis() as u64;
+                let text = e.to_string();
+                if text.contains("certificate") {
+                    let hint = "check broker.ca_file (the broker's certificate must chain to it) and, for mutual TLS, cert_file/key_file";
+                    tracing::warn!(error = %text, hint, retry_in_ms, "TLS handshake with the broker failed");
+                } else if was {
+                    tracing::warn!(error = %text, retry_in_ms, "Lost broker connection");
                 } else {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Cannot reach broker");
+                    tracing::warn!(error = %text, retry_in_ms, "Cannot reach broker");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

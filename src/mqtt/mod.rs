@@ -5,6 +5,7 @@
 mod backoff;
 mod connection;
 mod outbox;
+mod tls;
 mod topic;
 
 pub use backoff::Backoff;
@@ -16,31 +17,36 @@ pub use topic::{check_template, TopicFilter, TopicTemplate};
 
 use rumqttc::QoS;
 
-/// Host and port of an `mqtt://` broker URL.
+/// Host, port and transport of a broker URL: `mqtt://HOST[:PORT]` (1883)
+/// or `mqtts://HOST[:PORT]` (8883, TLS).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddress {
     pub host: String,
     pub port: u16,
+    pub tls: bool,
 }
 
 impl BrokerAddress {
     pub fn parse(url: &str) -> Result<BrokerAddress, String> {
-        let rest = if let Some(r) = url
+        let (rest, tls) = if let Some(r) = url
             .strip_prefix("mqtt://")
             .or_else(|| url.strip_prefix("tcp://"))
         {
-            r
-        } else if url.starts_with("mqtts://") || url.starts_with("ssl://") {
-            return Err(format!(
-                "{url:?}: TLS (mqtts://) is not available in this build yet"
-            ));
+            (r, false)
+        } else if let Some(r) = url
+            .strip_prefix("mqtts://")
+            .or_else(|| url.strip_prefix("ssl://"))
+        {
+            (r, true)
         } else {
-            return Err(format!("{url:?}: expected mqtt://HOST[:PORT]"));
+            return Err(format!(
+                "{url:?}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+            ));
         };
         let rest = rest.trim_end_matches('/');
         if rest.contains(['/', '?', '@']) {
             return Err(format!(
-                "{url:?}: expected mqtt://HOST[:PORT] with no path, query or credentials"
+                "{url:?}: expected a host and port, with no path, query or credentials"
             ));
         }
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
@@ -58,6 +64,7 @@ impl BrokerAddress {
             return Err(format!("{url:?}: no host"));
         }
         let port = match port {
+            None if tls => 8883,
             None => 1883,
             Some(p) => p
                 .parse::<u16>()
@@ -68,6 +75,7 @@ impl BrokerAddress {
         Ok(BrokerAddress {
             host: host.to_owned(),
             port,
+            tls,
         })
     }
 }
@@ -87,22 +95,28 @@ mod tests {
     #[test]
     fn broker_urls() {
         let a = |u| BrokerAddress::parse(u);
+        let addr = |host: &str, port, tls| BrokerAddress {
+            host: host.into(),
+            port,
+            tls,
+        };
         assert_eq!(
             a("mqtt://127.0.0.1:1884").unwrap(),
-            BrokerAddress {
-                host: "127.0.0.1".into(),
-                port: 1884
-            }
+            addr("127.0.0.1", 1884, false)
         );
-        assert_eq!(a("mqtt://broker.local").unwrap().port, 1883);
         assert_eq!(
-            a("tcp://[::1]:2000").unwrap(),
-            BrokerAddress {
-                host: "::1".into(),
-                port: 2000
-            }
+            a("mqtt://broker.local").unwrap(),
+            addr("broker.local", 1883, false)
         );
-        assert!(a("mqtts://x").unwrap_err().contains("TLS"));
+        assert_eq!(a("tcp://[::1]:2000").unwrap(), addr("::1", 2000, false));
+        assert_eq!(
+            a("mqtts://broker.local").unwrap(),
+            addr("broker.local", 8883, true)
+        );
+        assert_eq!(
+            a("ssl://10.0.0.1:9000").unwrap(),
+            addr("10.0.0.1", 9000, true)
+        );
         assert!(a("http://x").is_err());
         assert!(a("mqtt://:1883").is_err());
         assert!(a("mqtt://x:0").is_err());

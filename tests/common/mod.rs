@@ -41,6 +41,8 @@ pub struct Mosquitto {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// More mosquitto.conf lines (extra listeners, TLS).
+    extra: String,
 }
 
 impl Mosquitto {
@@ -49,11 +51,17 @@ impl Mosquitto {
     }
 
     pub fn start_on(port: u16) -> Mosquitto {
+        Self::start_with(port, String::new())
+    }
+
+    /// With more configuration after the plain listener on `port`.
+    pub fn start_with(port: u16, extra: String) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let mut m = Mosquitto {
             port,
             dir,
             child: None,
+            extra,
         };
         m.spawn();
         m
@@ -64,8 +72,8 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nlog_dest none\n",
-                self.port
+                "allow_anonymous true\npersistence false\nmax_queued_messages 100000\nlog_dest none\nlistener {} 127.0.0.1\n{}",
+                self.port, self.extra
             ),
         )
         .unwrap();
