@@ -347,6 +347,11 @@ impl Model {
                 let data: Vec<usize> = (0..inputs.len()).filter(|i| !is_state_input(*i)).collect();
                 match data.as_slice() {
                     [one] => *one,
+                    [] => {
+                        return Err(err(ModelErrorKind::Unsupported(
+                            "the graph has no input to feed".into(),
+                        )))
+                    }
                     _ => {
                         return Err(err(ModelErrorKind::Unsupported(format!(
                             "{} inputs not declared as [[state]] ({}); edgeinfer feeds one data input: \

@@ -12,6 +12,9 @@ pub(super) fn build_plan(
     bytes: &[u8],
     manifest: &Manifest,
 ) -> Result<(Arc<TypedRunnableModel>, GraphFacts), ModelErrorKind> {
+    if bytes.is_empty() {
+        return Err(ModelErrorKind::Corrupt("the file is empty".into()));
+    }
     let loader = tract_onnx::onnx();
     let mut proto = loader
         .proto_model_for_read(&mut std::io::Cursor::new(bytes))

@@ -62,8 +62,11 @@ pub fn decode_json(payload: &[u8], channels: usize) -> Result<Samples, InputErro
     if payload.is_empty() {
         return Err(InputError::Empty);
     }
+    // JSON is UTF-8; serde_json does not check the strings it skips.
+    let text = std::str::from_utf8(payload)
+        .map_err(|e| InputError::MalformedJson(format!("not UTF-8: {e}")))?;
     let p: JsonPayload =
-        serde_json::from_slice(payload).map_err(|e| InputError::MalformedJson(e.to_string()))?;
+        serde_json::from_str(text).map_err(|e| InputError::MalformedJson(e.to_string()))?;
     let mut values = Vec::new();
     let mut push = |sample: usize, row: &[Option<f64>]| {
         if row.len() != channels {
