@@ -100,7 +100,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let (outbox, outbox_rx) =
         mqtt::outbox(config.limits.outbox_capacity, Arc::clone(&telemetry.outbox));
 
-    let (pipelines, threads) = start_pipelines(&config, &outbox, &telemetry).await;
+    let Started(pipelines, threads) = start_pipelines(&config, &outbox, &telemetry).await;
     let mut subscriptions: Vec<(String, QoS)> = Vec::new();
     for p in &pipelines {
         for f in &p.spec.filters {
@@ -142,6 +142,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         prefix.clone(),
         device.clone(),
         Arc::clone(&telemetry),
+        config.health.thermal_dir.clone(),
     ));
     drop(outbox);
 
@@ -197,39 +198,47 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     Ok(())
 }
 
-async fn start_pipelines(
-    config: &Config,
-    outbox: &Outbox,
-    telemetry: &Arc<Telemetry>,
-) -> (
-    Vec<pipeline::PipelineHandle>,
-    Vec<std::thread::JoinHandle<()>>,
-) {
-    let mut registry = Registry::default();
-    let mut handles = Vec::new();
-    let mut threads = Vec::new();
-    for p in &config.pipelines {
-        let path = config.model_path(p);
-        let stats = telemetry.pipeline(&p.name);
-        let started = tokio::task::block_in_place(|| {
-            let model = registry.get_or_load(&path).map_err(|e| e.to_string())?;
-            tracing::info!(pipeline = %p.name, model = %model.name, sha256 = %model.sha256, load_ms = model.load_ms, "Model loaded");
-            let spec = pipeline::PipelineSpec::new(config, p, model)?;
-            pipeline::start(spec, p.queue, p.workers, outbox.clone(), telemetry)
-        });
-        match started {
-            Ok((handle, t)) => {
-                handles.push(handle);
-                threads.extend(t);
-            }
-            Err(e) => {
-                tracing::error!(pipeline = %p.name, error = %e, "Pipeline disabled");
-                *stats.failed.lock().expect("stats lock") = Some(e);
+/// Loads every model and starts each pipeline's workers. Model loading is
+/// blocking work (milliseconds to seconds): it runs on the blocking pool, so
+/// `run` works on any tokio runtime, current-thread included.
+async fn start_pipelines(config: &Config, outbox: &Outbox, telemetry: &Arc<Telemetry>) -> Started {
+    let (config, outbox, telemetry) = (config.clone(), outbox.clone(), Arc::clone(telemetry));
+    tokio::task::spawn_blocking(move || {
+        let mut registry = Registry::default();
+        let mut started = Started::default();
+        for p in &config.pipelines {
+            let stats = telemetry.pipeline(&p.name);
+            let result = registry
+                .get_or_load(&config.model_path(p))
+                .map_err(|e| e.to_string())
+                .and_then(|model| {
+                    tracing::info!(pipeline = %p.name, model = %model.name, sha256 = %model.sha256, load_ms = model.load_ms, "Model loaded");
+                    let spec = pipeline::PipelineSpec::new(&config, p, model)?;
+                    pipeline::start(spec, p.queue, p.workers, outbox.clone(), &telemetry)
+                });
+            match result {
+                Ok((handle, threads)) => {
+                    started.0.push(handle);
+                    started.1.extend(threads);
+                }
+                Err(e) => {
+                    tracing::error!(pipeline = %p.name, error = %e, "Pipeline disabled");
+                    *stats.failed.lock().expect("stats lock") = Some(e);
+                }
             }
         }
-    }
-    (handles, threads)
+        started
+    })
+    .await
+    .expect("pipeline start-up does not panic: model panics are caught")
 }
+
+/// Running pipelines and their worker threads.
+#[derive(Default)]
+struct Started(
+    Vec<pipeline::PipelineHandle>,
+    Vec<std::thread::JoinHandle<()>>,
+);
 
 async fn health_loop(
     telemetry: Arc<Telemetry>,
@@ -267,8 +276,9 @@ async fn command_loop(
     prefix: String,
     device: String,
     telemetry: Arc<Telemetry>,
+    thermal_dir: std::path::PathBuf,
 ) {
-    let mut sampler = SystemSampler::new(std::path::Path::new("/sys/class/thermal"));
+    let mut sampler = SystemSampler::new(&thermal_dir);
     while let Ok((name, _payload)) = rx.recv_async().await {
         let reply = match name.as_str() {
             "ping" => serde_json::json!({"ok": true, "device": device, "ts": pipeline::unix_ms()}),

@@ -523,3 +523,32 @@ async fn streaming_models_keep_recurrent_state_per_source() {
     }
     daemon.stop().await;
 }
+
+/// `run` is a library call: it must work on a current-thread runtime too
+/// (model loading runs on the blocking pool, not `block_in_place`).
+#[tokio::test]
+async fn runs_on_a_current_thread_runtime() {
+    let broker = Mosquitto::start();
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-ct/#"]).await;
+    let daemon = Daemon::start(parse(&config_text(
+        &broker.url(),
+        "gw-ct",
+        ACTIVITY_PIPELINE,
+    )));
+    let online = obs
+        .next_where(T, |m| m.topic.ends_with("/status"))
+        .await
+        .expect("online");
+    assert_eq!(online.text(), "online");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    obs.publish(
+        "sensors/ct/imu",
+        batch(1, &activity_reference().cases[0].input),
+    )
+    .await;
+    assert!(obs
+        .next_where(T, |m| m.topic.contains("/results/"))
+        .await
+        .is_some());
+    daemon.stop().await;
+}
