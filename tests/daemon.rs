@@ -552,3 +552,51 @@ async fn runs_on_a_current_thread_runtime() {
         .is_some());
     daemon.stop().await;
 }
+
+/// `limits.max_sources` bounds the windows kept per pipeline: a new source
+/// beyond it evicts the least recently seen one, whose window starts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_beyond_the_limit_evict_the_least_recently_seen_window() {
+    let broker = Mosquitto::start();
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-ev/results/#", "edgeinfer/gw-ev/health"],
+    )
+    .await;
+    let extra = format!("[limits]\nmax_sources = 2\n{ACTIVITY_PIPELINE}");
+    let daemon = Daemon::start(parse(&config_text(&broker.url(), "gw-ev", &extra)));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let samples = &activity_reference().cases[0].input; // 50 samples: one window
+                                                        // a, b, c each send 30 samples: c evicts a (the least recently seen).
+    for device in ["a", "b", "c"] {
+        obs.publish(&format!("sensors/{device}/imu"), batch(1, &samples[..30]))
+            .await;
+    }
+    // 20 more from b (completes its window), then from a: a's return evicts
+    // c (now the least recently seen) and a starts over with only 20.
+    for device in ["b", "a"] {
+        obs.publish(&format!("sensors/{device}/imu"), batch(2, &samples[30..]))
+            .await;
+    }
+    let results = obs
+        .collect(2, Duration::from_secs(3), |m| m.topic.contains("/results/"))
+        .await;
+    let sources: Vec<String> = results
+        .iter()
+        .map(|r| r.json()["source"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sources, vec!["sensors/b/imu"], "only b has a full window");
+    let health = loop {
+        let h = obs
+            .next_where(T, |m| m.topic.ends_with("/health"))
+            .await
+            .expect("health")
+            .json();
+        if h["pipelines"]["activity"]["processed"] == 5 {
+            break h;
+        }
+    };
+    // c evicted a, then a's return evicted c.
+    assert_eq!(health["pipelines"]["activity"]["evicted_sources"], 2);
+    daemon.stop().await;
+}
