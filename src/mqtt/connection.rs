@@ -239,3 +239,40 @@ pub async fn publish_loop(client: AsyncClient, outbox: OutboxReceiver, status_to
         .await;
     let _ = client.disconnect().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::{Publish, Subscribe};
+
+    #[test]
+    fn trim_pending_drops_the_oldest_publishes_and_keeps_subscriptions() {
+        let mut el = EventLoop::new(MqttOptions::new("t", "127.0.0.1", 1), 10);
+        el.pending
+            .push_back(Request::Subscribe(Subscribe::new("a/#", QoS::AtLeastOnce)));
+        for i in 0..10u8 {
+            el.pending.push_back(Request::Publish(Publish::new(
+                "r",
+                QoS::AtLeastOnce,
+                vec![i],
+            )));
+        }
+        let stats = BrokerStats::default();
+        trim_pending(&mut el, 4, &stats);
+        assert_eq!(el.pending.len(), 4);
+        assert_eq!(stats.pending_dropped.get(), 7);
+        assert!(matches!(el.pending[0], Request::Subscribe(_)));
+        // The newest three publishes survive, in order.
+        let kept: Vec<u8> = el
+            .pending
+            .iter()
+            .filter_map(|r| match r {
+                Request::Publish(p) => Some(p.payload[0]),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kept, vec![7, 8, 9]);
+        trim_pending(&mut el, 4, &stats);
+        assert_eq!(stats.pending_dropped.get(), 7, "nothing more to drop");
+    }
+}
