@@ -1,9 +1,11 @@
-//! Real photos through real public models (needs `$EDGEINFER_MODEL_ZOO`,
-//! i.e. ../shared/models, with ../shared/samples beside it).
+//! Real photos through real public models (needs the model zoo: `$EDGEINFER_MODEL_ZOO`,
+//! default ../shared/models, with ../shared/samples beside it).
 //!
 //! The int8 models go through edgeinfer's own preprocessing: raw pixel
 //! values, the manifest's scale, then quantization with the parameters
 //! edgeinfer reads from the graph's input DequantizeLinear.
+
+mod common;
 
 use edgeinfer::model::Model;
 use edgeinfer::pipeline::post::{postprocess, Output, Preprocessor};
@@ -13,11 +15,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::Tensor;
 
 fn zoo() -> Option<PathBuf> {
-    let zoo = std::env::var_os("EDGEINFER_MODEL_ZOO").map(PathBuf::from);
-    if zoo.is_none() {
-        println!("real inputs: EDGEINFER_MODEL_ZOO is not set; skipped");
-    }
-    zoo
+    common::model_zoo()
 }
 
 fn photo(zoo: &Path, name: &str, w: u32, h: u32) -> Vec<f32> {

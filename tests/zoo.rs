@@ -1,12 +1,13 @@
-//! Compatibility suite: every public model in `$EDGEINFER_MODEL_ZOO` (CI:
-//! ../shared/models) against the onnxruntime outputs stored in
+//! Compatibility suite: every public model in `$EDGEINFER_MODEL_ZOO` (default:
+//! ../shared/models beside the checkout) against the onnxruntime outputs stored in
 //! tests/zoo/onnxruntime.json (made by tests/zoo/make_reference.py).
 //! Without the variable the suite says it was skipped.
+
+mod common;
 
 use edgeinfer::model::Model;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use tract_onnx::prelude::Tensor;
 
@@ -73,8 +74,7 @@ fn argmax(v: &[f32]) -> usize {
 
 #[test]
 fn public_models_load_and_match_onnxruntime() {
-    let Some(zoo) = std::env::var_os("EDGEINFER_MODEL_ZOO").map(PathBuf::from) else {
-        println!("zoo: EDGEINFER_MODEL_ZOO is not set; the compatibility suite was skipped");
+    let Some(zoo) = common::model_zoo() else {
         return;
     };
     let text = std::fs::read_to_string(concat!(
@@ -186,8 +186,7 @@ fn public_models_load_and_match_onnxruntime() {
 /// src/model/onnx.rs can go.
 #[test]
 fn tract_alone_saturates_a_quantized_softmax_tail() {
-    let Some(zoo) = std::env::var_os("EDGEINFER_MODEL_ZOO").map(PathBuf::from) else {
-        println!("zoo: EDGEINFER_MODEL_ZOO is not set; skipped");
+    let Some(zoo) = common::model_zoo() else {
         return;
     };
     use tract_onnx::prelude::*;

@@ -311,3 +311,22 @@ pub fn argmax(v: &[f32]) -> usize {
 }
 
 pub const ACTIVITY_LABELS: [&str; 4] = ["standing", "walking", "running", "badminton"];
+
+/// The public model zoo for the compatibility tests: `$EDGEINFER_MODEL_ZOO`,
+/// else `../shared/models` beside the checkout when it exists (CI has it).
+/// `None` (the caller says it skipped) when there is none.
+pub fn model_zoo() -> Option<PathBuf> {
+    let zoo = match std::env::var_os("EDGEINFER_MODEL_ZOO") {
+        Some(dir) => PathBuf::from(dir),
+        None => repo().join("../shared/models"),
+    };
+    if zoo.is_dir() {
+        Some(zoo)
+    } else {
+        println!(
+            "model zoo: {} is not a folder (set EDGEINFER_MODEL_ZOO); skipped",
+            zoo.display()
+        );
+        None
+    }
+}
