@@ -264,7 +264,11 @@ async fn client(port: u16, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
     let mut o = MqttOptions::new(id, "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(10));
     o.set_max_packet_size(256 * 1024, 256 * 1024);
-    AsyncClient::new(o, 64)
+    let (client, mut eventloop) = AsyncClient::new(o, 64);
+    // Devices send two small messages back to back: without this the second
+    // can wait for a delayed ACK (tens of ms), which is not the daemon's latency.
+    eventloop.network_options.set_tcp_nodelay(true);
+    (client, eventloop)
 }
 
 async fn observe(
