@@ -185,25 +185,27 @@ fn check_config_reports_unusable_tls_files() {
         )
         .replace("\"models/", &format!("\"{}/models/", repo().display()));
     let path = dir.path().join("e.toml");
-    std::fs::write(&path, &text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
-        .args(["check-config", "-c", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    let check = |config: &str| {
+        std::fs::write(&path, config).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+            .args(["check-config", "-c", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = check(&text);
     assert!(
         err.contains("broker.cert_file") && err.contains("needs both"),
         "{err}"
     );
     // With the pair fixed, the CA file's content is the problem.
-    std::fs::write(&path, text.replace("cert_file = \"client.pem\"\n", "")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
-        .args(["check-config", "-c", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    let err = check(&text.replace("cert_file = \"client.pem\"\n", ""));
     assert!(
         err.contains("broker.ca_file") && err.contains("no PEM certificate"),
         "{err}"
