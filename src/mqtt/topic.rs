@@ -53,43 +53,54 @@ impl TopicFilter {
     /// Matches `topic` and returns the text of each wildcard level in order
     /// (`#` captures the rest of the topic, slashes included).
     pub fn captures<'t>(&self, topic: &'t str) -> Option<Vec<&'t str>> {
-        let mut caps = Vec::new();
+        let mut caps = Vec::with_capacity(self.wildcards());
+        self.walk(topic, |c| caps.push(c)).then_some(caps)
+    }
+
+    /// Whether `topic` matches, without collecting captures: this runs in
+    /// the MQTT poll loop for every message and pipeline.
+    pub fn matches(&self, topic: &str) -> bool {
+        self.walk(topic, |_| {})
+    }
+
+    /// The one matching walk: calls `capture` with the text of each wildcard
+    /// level in order and returns whether the whole topic matched.
+    fn walk<'t>(&self, topic: &'t str, mut capture: impl FnMut(&'t str)) -> bool {
         let mut rest = topic;
         for (i, level) in self.levels.iter().enumerate() {
             if let Level::Rest = level {
                 // MQTT: "sport/#" also matches "sport"; topics starting with $ never match a leading wildcard.
                 if i == 0 && topic.starts_with('$') {
-                    return None;
+                    return false;
                 }
-                caps.push(rest);
-                return Some(caps);
+                capture(rest);
+                return true;
             }
             let (head, tail) = match rest.find('/') {
                 Some(at) => (&rest[..at], Some(&rest[at + 1..])),
                 None => (rest, None),
             };
             match level {
-                Level::Exact(e) if e != head => return None,
-                Level::One if i == 0 && head.starts_with('$') => return None,
-                Level::One => caps.push(head),
+                Level::Exact(e) if e != head => return false,
+                Level::One if i == 0 && head.starts_with('$') => return false,
+                Level::One => capture(head),
                 _ => {}
             }
             match tail {
                 Some(t) => rest = t,
                 None => {
-                    let remaining = &self.levels[i + 1..];
-                    return match remaining {
-                        [] => Some(caps),
+                    return match &self.levels[i + 1..] {
+                        [] => true,
                         [Level::Rest] => {
-                            caps.push("");
-                            Some(caps)
+                            capture("");
+                            true
                         }
-                        _ => None,
+                        _ => false,
                     };
                 }
             }
         }
-        None // topic has more levels than the filter
+        false // topic has more levels than the filter
     }
 }
 
@@ -211,6 +222,32 @@ mod tests {
         assert_eq!(caps("#", "x/y"), Some(vec!["x/y"]));
         assert_eq!(caps("#", "$SYS/uptime"), None);
         assert_eq!(caps("+/uptime", "$SYS/uptime"), None);
+    }
+
+    #[test]
+    fn matches_agrees_with_captures() {
+        let filters = ["sensors/+/accel", "plant/#", "#", "+/+", "a/b", "+/uptime"];
+        let topics = [
+            "sensors/p/accel",
+            "sensors/p/gyro",
+            "plant",
+            "plant/a/b",
+            "$SYS/uptime",
+            "a/b",
+            "a/b/c",
+            "x",
+        ];
+        for f in filters {
+            let f = TopicFilter::parse(f).unwrap();
+            for t in topics {
+                assert_eq!(
+                    f.matches(t),
+                    f.captures(t).is_some(),
+                    "{} on {t}",
+                    f.as_str()
+                );
+            }
+        }
     }
 
     #[test]

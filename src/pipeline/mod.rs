@@ -116,10 +116,7 @@ pub struct PipelineHandle {
 
 impl PipelineHandle {
     pub fn matches(&self, topic: &str) -> bool {
-        self.spec
-            .filters
-            .iter()
-            .any(|f| f.captures(topic).is_some())
+        self.spec.filters.iter().any(|f| f.matches(topic))
     }
 
     /// Hands a message to the worker that owns its source, never waiting: a
