@@ -53,7 +53,9 @@ impl TopicFilter {
     /// Matches `topic` and returns the text of each wildcard level in order
     /// (`#` captures the rest of the topic, slashes included).
     pub fn captures<'t>(&self, topic: &'t str) -> Option<Vec<&'t str>> {
-        let mut caps = Vec::with_capacity(self.wildcards());
+        // Vec::new allocates on the first push only: a topic that fails at its
+        // first level (most non-command traffic in the router) costs nothing.
+        let mut caps = Vec::new();
         self.walk(topic, |c| caps.push(c)).then_some(caps)
     }
 
