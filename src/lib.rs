@@ -101,14 +101,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         mqtt::outbox(config.limits.outbox_capacity, Arc::clone(&telemetry.outbox));
 
     let Started(pipelines, threads) = start_pipelines(&config, &outbox, &telemetry).await;
-    let mut subscriptions: Vec<(String, QoS)> = Vec::new();
-    for p in &pipelines {
-        for f in &p.spec.filters {
-            if !subscriptions.iter().any(|(s, _)| s == f.as_str()) {
-                subscriptions.push((f.as_str().to_owned(), p.spec.qos));
-            }
-        }
-    }
+    let mut subscriptions = subscriptions(
+        pipelines
+            .iter()
+            .flat_map(|p| p.spec.filters.iter().map(|f| (f.as_str(), p.spec.qos))),
+    );
     let cmd_filter = format!("{}/cmd/+", config.prefix());
     subscriptions.push((cmd_filter.clone(), QoS::AtLeastOnce));
     let (cmd_tx, cmd_rx) = flume::bounded(16);
@@ -196,6 +193,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     tracing::info!("Stopped");
     Ok(())
+}
+
+/// One subscription per distinct filter, at the highest QoS any pipeline
+/// using it asks for (the broker delivers at the subscription's QoS, so the
+/// first pipeline's lower QoS must not win).
+fn subscriptions<'a>(filters: impl IntoIterator<Item = (&'a str, QoS)>) -> Vec<(String, QoS)> {
+    let mut subs: Vec<(String, QoS)> = Vec::new();
+    for (filter, wanted) in filters {
+        match subs.iter_mut().find(|(s, _)| s == filter) {
+            Some((_, qos)) if wanted as u8 > *qos as u8 => *qos = wanted,
+            Some(_) => {}
+            None => subs.push((filter.to_owned(), wanted)),
+        }
+    }
+    subs
 }
 
 /// Loads every model and starts each pipeline's workers. Model loading is
@@ -295,5 +307,27 @@ async fn command_loop(
             qos: QoS::AtLeastOnce,
             retain: false,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_filters_subscribe_once_at_the_highest_qos() {
+        let subs = subscriptions([
+            ("a/+", QoS::AtMostOnce),
+            ("b/#", QoS::AtLeastOnce),
+            ("a/+", QoS::AtLeastOnce),
+            ("b/#", QoS::AtMostOnce),
+        ]);
+        assert_eq!(
+            subs,
+            vec![
+                ("a/+".to_string(), QoS::AtLeastOnce),
+                ("b/#".to_string(), QoS::AtLeastOnce)
+            ]
+        );
     }
 }
