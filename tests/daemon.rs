@@ -16,14 +16,13 @@ fn batch(ts: u64, samples: &[Vec<f32>]) -> String {
 async fn held_back_samples_get_the_reference_labels_in_the_documented_schema() {
     let broker = Mosquitto::start();
     let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-test/results/#"]).await;
-    let daemon = Daemon::start(parse(&config_text(
-        &broker.url(),
-        "gw-test",
-        ACTIVITY_PIPELINE,
-    )));
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-test", ACTIVITY_PIPELINE)),
+        broker.port,
+    )
+    .await;
     // One window per source: every case is its own device.
     let reference = activity_reference();
-    tokio::time::sleep(Duration::from_millis(500)).await; // let the daemon subscribe
     for (i, case) in reference.cases.iter().enumerate() {
         obs.publish(
             &format!("sensors/case-{i}/imu"),
@@ -95,8 +94,11 @@ async fn sliding_windows_follow_size_and_stride_per_source() {
     let broker = Mosquitto::start();
     let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-w/results/#"]).await;
     let pipeline = ACTIVITY_PIPELINE.replace("stride = 50", "stride = 10");
-    let daemon = Daemon::start(parse(&config_text(&broker.url(), "gw-w", &pipeline)));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-w", &pipeline)),
+        broker.port,
+    )
+    .await;
     let case = &activity_reference().cases[0];
     // 80 single-sample messages from one device: windows at samples 50, 60, 70, 80.
     for k in 0..80 {
@@ -146,8 +148,11 @@ model = "models/activity.toml"
 payload = "f32le"
 "#
     );
-    let daemon = Daemon::start(parse(&config_text(&broker.url(), "gw-bad", &extra)));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-bad", &extra)),
+        broker.port,
+    )
+    .await;
 
     let f32le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let bad: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -247,12 +252,11 @@ async fn health_reports_counters_system_and_broker_state() {
         &["edgeinfer/gw-h/health", "edgeinfer/gw-h/results/#"],
     )
     .await;
-    let daemon = Daemon::start(parse(&config_text(
-        &broker.url(),
-        "gw-h",
-        ACTIVITY_PIPELINE,
-    )));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-h", ACTIVITY_PIPELINE)),
+        broker.port,
+    )
+    .await;
     let case = &activity_reference().cases[0];
     obs.publish("sensors/h1/imu", batch(1, &case.input)).await;
     obs.publish("sensors/h1/imu", "not json").await;
@@ -299,12 +303,11 @@ async fn health_reports_counters_system_and_broker_state() {
 async fn remote_commands_are_answered_on_their_reply_topic() {
     let broker = Mosquitto::start();
     let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-c/cmd/+/reply"]).await;
-    let daemon = Daemon::start(parse(&config_text(
-        &broker.url(),
-        "gw-c",
-        ACTIVITY_PIPELINE,
-    )));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-c", ACTIVITY_PIPELINE)),
+        broker.port,
+    )
+    .await;
     obs.publish("edgeinfer/gw-c/cmd/ping", "").await;
     let pong = obs
         .next_where(T, |m| m.topic == "edgeinfer/gw-c/cmd/ping/reply")
@@ -346,8 +349,11 @@ async fn a_model_that_fails_to_load_disables_only_its_own_pipeline() {
         &["edgeinfer/gw-f/health", "edgeinfer/gw-f/results/#"],
     )
     .await;
-    let daemon = Daemon::start(parse(&config_text(&broker.url(), "gw-f", &extra)));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-f", &extra)),
+        broker.port,
+    )
+    .await;
     obs.publish(
         "sensors/f1/imu",
         batch(1, &activity_reference().cases[0].input),
@@ -380,14 +386,13 @@ async fn a_model_that_fails_to_load_disables_only_its_own_pipeline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_and_resubscribes_after_a_broker_restart() {
     let mut broker = Mosquitto::start();
-    let daemon = Daemon::start(parse(&config_text(
-        &broker.url(),
-        "gw-r",
-        ACTIVITY_PIPELINE,
-    )));
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-r", ACTIVITY_PIPELINE)),
+        broker.port,
+    )
+    .await;
     {
         let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-r/results/#"]).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
         obs.publish(
             "sensors/r1/imu",
             batch(1, &activity_reference().cases[0].input),
@@ -479,8 +484,11 @@ async fn streaming_models_keep_recurrent_state_per_source() {
         "[[pipeline]]\nname = \"stream\"\nkind = \"sensor\"\ntopics = [\"mic/+\"]\nmodel = \"{}\"\nresults = \"edgeinfer/{{device}}/results/{{1}}\"\n",
         repo().join("tests/fixtures/stateful.toml").display()
     );
-    let daemon = Daemon::start(parse(&config_text(&broker.url(), "gw-st", &pipeline)));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-st", &pipeline)),
+        broker.port,
+    )
+    .await;
     for k in 0..5 {
         for source in ["src-a", "src-b"] {
             obs.publish(
@@ -564,8 +572,11 @@ async fn sources_beyond_the_limit_evict_the_least_recently_seen_window() {
     )
     .await;
     let extra = format!("[limits]\nmax_sources = 2\n{ACTIVITY_PIPELINE}");
-    let daemon = Daemon::start(parse(&config_text(&broker.url(), "gw-ev", &extra)));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-ev", &extra)),
+        broker.port,
+    )
+    .await;
     let samples = &activity_reference().cases[0].input; // 50 samples: one window
                                                         // a, b, c each send 30 samples: c evicts a (the least recently seen).
     for device in ["a", "b", "c"] {

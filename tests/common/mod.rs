@@ -277,6 +277,24 @@ impl Daemon {
         Daemon { shutdown, handle }
     }
 
+    /// Starts the daemon and returns once it is online: its `online` is
+    /// published after its subscribe requests on the same connection, so
+    /// from then on it receives what is published. (A fixed sleep raced
+    /// with slow start-ups, e.g. a model that panics while loading.)
+    pub async fn start_online(config: Config, port: u16) -> Daemon {
+        let status = format!("{}/status", config.prefix());
+        let mut obs = Observer::connect(port, &[&status]).await;
+        let daemon = Daemon::start(config);
+        let online = obs
+            .next_where(Duration::from_secs(30), |m| m.text() == "online")
+            .await;
+        assert!(
+            online.is_some(),
+            "the daemon did not come online within 30 s"
+        );
+        daemon
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(20), self.handle)
