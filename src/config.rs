@@ -22,6 +22,8 @@ pub struct Config {
     pub health: Health,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
     #[serde(default, rename = "pipeline")]
     pub pipelines: Vec<Pipeline>,
     /// Directory that relative model paths are resolved against: the config
@@ -65,10 +67,13 @@ pub struct Broker {
     pub reconnect_initial_ms: u64,
     #[serde(default = "default_backoff_max")]
     pub reconnect_max_ms: u64,
-    /// Requests (publishes) that may wait in the client while the broker is
-    /// unreachable; older ones are dropped and counted beyond this.
-    #[serde(default = "default_pending")]
-    pub max_pending: usize,
+    /// Start a new MQTT session on each connect. Default false: the broker
+    /// keeps the session, and queues QoS 1 input while edgeinfer is away.
+    #[serde(default)]
+    pub clean_session: bool,
+    /// QoS 1 publishes sent and not yet acknowledged by the broker.
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
 }
 
 impl Default for Broker {
@@ -86,7 +91,8 @@ impl Default for Broker {
             max_packet_bytes: default_max_packet(),
             reconnect_initial_ms: default_backoff_initial(),
             reconnect_max_ms: default_backoff_max(),
-            max_pending: default_pending(),
+            clean_session: false,
+            inflight: default_inflight(),
         }
     }
 }
@@ -136,9 +142,14 @@ pub struct Limits {
     /// least recently seen one is evicted beyond this.
     #[serde(default = "default_max_sources")]
     pub max_sources: usize,
-    /// Results and errors waiting to be handed to the MQTT client.
+    /// Health messages and command replies waiting for the broker (in
+    /// memory); results and errors wait in the outbox instead.
     #[serde(default = "default_outbox")]
     pub outbox_capacity: usize,
+    /// Memory budget of the whole process, MiB. Input queues take at most
+    /// half of what is left after start-up, an in-memory outbox the other half.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
 }
 
 impl Default for Limits {
@@ -147,6 +158,53 @@ impl Default for Limits {
             max_payload_bytes: default_max_payload(),
             max_sources: default_max_sources(),
             outbox_capacity: default_outbox(),
+            memory_mb: default_memory_mb(),
+        }
+    }
+}
+
+/// Where results and errors wait for the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Spool directory. Default: `$STATE_DIRECTORY/outbox` when systemd
+    /// gives a state directory, else none (the outbox is in memory).
+    pub dir: Option<PathBuf>,
+    /// Cap on the spool, MiB; beyond it the oldest records are dropped.
+    #[serde(default = "default_outbox_mb")]
+    pub max_mb: u64,
+    /// Records older than this are dropped unsent (0: kept until delivered or capped).
+    #[serde(default = "default_ttl")]
+    pub ttl_s: u64,
+    /// How often the spool is fsynced (and its commit point saved), ms.
+    #[serde(default = "default_sync_ms")]
+    pub sync_ms: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_mb: default_outbox_mb(),
+            ttl_s: default_ttl(),
+            sync_ms: default_sync_ms(),
+        }
+    }
+}
+
+impl OutboxConfig {
+    /// The spool directory in effect, if any.
+    pub fn effective_dir(&self, base: &Path) -> Option<PathBuf> {
+        match &self.dir {
+            Some(d) => Some(base.join(d)),
+            None => std::env::var_os("STATE_DIRECTORY")
+                .filter(|v| !v.is_empty())
+                // systemd may pass several, colon-separated: the first is ours.
+                .and_then(|v| {
+                    v.to_str()
+                        .map(|s| s.split(':').next().unwrap_or("").to_owned())
+                })
+                .map(|d| Path::new(&d).join("outbox")),
         }
     }
 }
@@ -223,8 +281,20 @@ const fn default_backoff_initial() -> u64 {
 const fn default_backoff_max() -> u64 {
     30_000
 }
-const fn default_pending() -> usize {
-    10_000
+const fn default_inflight() -> u16 {
+    100
+}
+const fn default_memory_mb() -> u64 {
+    256
+}
+const fn default_outbox_mb() -> u64 {
+    64
+}
+const fn default_ttl() -> u64 {
+    7 * 24 * 3600
+}
+const fn default_sync_ms() -> u64 {
+    1000
 }
 fn default_prefix() -> String {
     "edgeinfer/{device}".into()
@@ -242,7 +312,7 @@ const fn default_max_sources() -> usize {
     1024
 }
 const fn default_outbox() -> usize {
-    4096
+    256
 }
 const fn default_payload() -> PayloadFormat {
     PayloadFormat::Json
@@ -382,8 +452,8 @@ impl Config {
                 "must be above 0 and at most broker.reconnect_max_ms".into(),
             );
         }
-        if self.broker.max_pending == 0 {
-            bad("broker.max_pending", "must be at least 1".into());
+        if self.broker.inflight == 0 {
+            bad("broker.inflight", "must be at least 1".into());
         }
         if let Some(file) = &self.broker.password_file {
             if self.broker.username.is_none() {
@@ -449,6 +519,21 @@ impl Config {
         }
         if self.limits.outbox_capacity == 0 {
             bad("limits.outbox_capacity", "must be at least 1".into());
+        }
+        if self.limits.memory_mb < 32 {
+            bad(
+                "limits.memory_mb",
+                format!(
+                    "{} MiB is below what the daemon itself needs (32 at least)",
+                    self.limits.memory_mb
+                ),
+            );
+        }
+        if self.outbox.max_mb == 0 {
+            bad("outbox.max_mb", "must be at least 1".into());
+        }
+        if self.outbox.sync_ms == 0 {
+            bad("outbox.sync_ms", "must be at least 1".into());
         }
         if self.pipelines.is_empty() {
             bad("pipeline", "no [[pipeline]] is configured".into());

@@ -345,7 +345,7 @@ async fn observe(
         };
         // Print the first results in full, then one in ten, so the screen stays readable.
         printed += 1;
-        if printed <= 24 || printed % 10 == 0 {
+        if printed <= 24 || printed.is_multiple_of(10) {
             println!(
                 "  result  {line}  [infer {:.3} ms]",
                 l["infer"].as_f64().unwrap_or(0.0)

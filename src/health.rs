@@ -104,17 +104,22 @@ pub struct ModelStats {
 pub struct BrokerStats {
     pub connected: AtomicBool,
     pub reconnects: Counter,
-    /// Publishes waiting inside the MQTT client (rumqttc's pending queue).
-    pub pending: AtomicU64,
-    /// Publishes dropped from that queue to keep it within broker.max_pending.
-    pub pending_dropped: Counter,
+    /// Publishes handed to the broker and not acknowledged yet.
+    pub in_flight: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 pub struct OutboxStats {
     pub queued_messages: AtomicU64,
     pub queued_bytes: AtomicU64,
+    /// Dropped by the byte cap (oldest first), or a full in-memory queue.
     pub dropped: Counter,
+    /// Dropped unsent because they outlived the TTL.
+    pub expired: Counter,
+    /// Torn or corrupt records skipped in the spool.
+    pub corrupt: Counter,
+    /// Whether the spool is on disk (survives a restart).
+    pub persistent: AtomicBool,
 }
 
 /// All the shared counters of one daemon run.
@@ -124,6 +129,52 @@ pub struct Telemetry {
     models: Mutex<BTreeMap<String, Arc<ModelStats>>>,
     pub broker: Arc<BrokerStats>,
     pub outbox: Arc<OutboxStats>,
+    /// Bytes of input waiting in all pipeline queues, against its share of
+    /// the memory budget.
+    pub input_budget: Arc<Budget>,
+    /// `limits.memory_mb` in bytes (0 until the daemon has started).
+    pub memory_budget: AtomicU64,
+}
+
+/// A byte budget shared by several queues: taking fails past the cap.
+#[derive(Debug)]
+pub struct Budget {
+    cap: AtomicU64,
+    used: AtomicU64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            cap: AtomicU64::new(u64::MAX),
+            used: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Budget {
+    pub fn set_cap(&self, cap: u64) {
+        self.cap.store(cap, Ordering::Relaxed);
+    }
+    /// Takes `n` bytes if they fit under the cap.
+    pub fn try_take(&self, n: u64) -> bool {
+        let cap = self.cap.load(Ordering::Relaxed);
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |u| {
+                (u.saturating_add(n) <= cap).then_some(u + n)
+            })
+            .is_ok()
+    }
+    pub fn give(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
 }
 
 impl Telemetry {
@@ -200,6 +251,8 @@ impl Telemetry {
             memory: MemoryHealth {
                 rss_bytes: rss_bytes().unwrap_or(0),
                 system_available_bytes: mem_available(),
+                budget_bytes: self.memory_budget.load(Ordering::Relaxed),
+                queued_input_bytes: self.input_budget.used(),
             },
             temperature_c: read_temperatures(&sys.thermal_dir),
             pipelines,
@@ -207,13 +260,15 @@ impl Telemetry {
             broker: BrokerHealth {
                 connected: self.broker.connected.load(Ordering::Relaxed),
                 reconnects: self.broker.reconnects.get(),
-                pending: self.broker.pending.load(Ordering::Relaxed),
-                pending_dropped: self.broker.pending_dropped.get(),
+                in_flight: self.broker.in_flight.load(Ordering::Relaxed),
             },
             outbox: OutboxHealth {
                 queued_messages: self.outbox.queued_messages.load(Ordering::Relaxed),
                 queued_bytes: self.outbox.queued_bytes.load(Ordering::Relaxed),
                 dropped: self.outbox.dropped.get(),
+                expired: self.outbox.expired.get(),
+                corrupt_skipped: self.outbox.corrupt.get(),
+                persistent: self.outbox.persistent.load(Ordering::Relaxed),
             },
         }
     }
@@ -239,6 +294,10 @@ pub struct HealthMessage {
 pub struct MemoryHealth {
     pub rss_bytes: u64,
     pub system_available_bytes: u64,
+    /// `limits.memory_mb`, in bytes.
+    pub budget_bytes: u64,
+    /// Input payloads waiting in pipeline queues.
+    pub queued_input_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -266,8 +325,7 @@ pub struct ModelHealth {
 pub struct BrokerHealth {
     pub connected: bool,
     pub reconnects: u64,
-    pub pending: u64,
-    pub pending_dropped: u64,
+    pub in_flight: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -275,6 +333,9 @@ pub struct OutboxHealth {
     pub queued_messages: u64,
     pub queued_bytes: u64,
     pub dropped: u64,
+    pub expired: u64,
+    pub corrupt_skipped: u64,
+    pub persistent: bool,
 }
 
 /// Process CPU share between two calls, plus where to read temperatures.

@@ -97,10 +97,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         }])
     })?;
     let telemetry = Arc::new(Telemetry::default());
-    let (outbox, outbox_rx) =
-        mqtt::outbox(config.limits.outbox_capacity, Arc::clone(&telemetry.outbox));
+    let spool = open_spool(&config, &telemetry).map_err(|message| {
+        RunError::Config(vec![Problem {
+            key: "outbox.dir".into(),
+            message,
+        }])
+    })?;
+    let (outbox, outbox_rx, tracker) = mqtt::outbox(
+        spool,
+        config.limits.outbox_capacity,
+        Arc::clone(&telemetry.outbox),
+        Arc::clone(&telemetry.broker),
+    );
 
     let Started(pipelines, threads) = start_pipelines(&config, &outbox, &telemetry).await;
+    apply_memory_budget(&config, &telemetry, &outbox_rx);
     let mut subscriptions = subscriptions(
         pipelines
             .iter()
@@ -110,7 +121,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     subscriptions.push((cmd_filter.clone(), QoS::AtLeastOnce));
     let (cmd_tx, cmd_rx) = flume::bounded(16);
 
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    // Room for a full window of publishes plus the acks of incoming messages.
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
     // Results are small and latency matters: no Nagle delay.
     eventloop.network_options.set_tcp_nodelay(true);
     let status = mqtt::status_topic(&config);
@@ -118,6 +130,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let publisher = tasks.spawn(mqtt::publish_loop(
         client.clone(),
         outbox_rx,
+        config.broker.inflight as usize,
+        Duration::from_millis(config.outbox.sync_ms),
         status.clone(),
     ));
 
@@ -157,8 +171,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             Duration::from_millis(config.broker.reconnect_initial_ms),
             Duration::from_millis(config.broker.reconnect_max_ms),
         ),
-        max_pending: config.broker.max_pending,
         stats: Arc::clone(&telemetry.broker),
+        tracker,
         on_connect: Box::new(|| {}),
     };
     let driver = tokio::spawn(mqtt::drive(
@@ -193,6 +207,51 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     }
     tracing::info!("Stopped");
     Ok(())
+}
+
+/// The outbox's spool: on disk in `outbox.dir` (or the systemd state
+/// directory), else in memory.
+fn open_spool(config: &Config, telemetry: &Telemetry) -> Result<mqtt::spool::Spool, String> {
+    let limits = mqtt::spool::SpoolLimits {
+        max_bytes: config.outbox.max_mb << 20,
+        ttl_ms: config.outbox.ttl_s.saturating_mul(1000),
+    };
+    let stats = Arc::clone(&telemetry.outbox);
+    match config.outbox.effective_dir(&config.base_dir) {
+        Some(dir) => {
+            let spool = mqtt::spool::Spool::open(&dir, limits, stats)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            telemetry
+                .outbox
+                .persistent
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(dir = %dir.display(), waiting = telemetry.outbox.queued_messages.load(std::sync::atomic::Ordering::Relaxed), "Outbox opened");
+            Ok(spool)
+        }
+        None => Ok(mqtt::spool::Spool::in_memory(limits, stats)),
+    }
+}
+
+/// Splits what the memory budget leaves after start-up (models loaded)
+/// between the input queues and an in-memory outbox.
+fn apply_memory_budget(config: &Config, telemetry: &Telemetry, outbox: &mqtt::OutboxReceiver) {
+    let budget = config.limits.memory_mb << 20;
+    let rss = health::rss_bytes().unwrap_or(0);
+    let left = budget.saturating_sub(rss);
+    if left < budget / 4 {
+        tracing::warn!(
+            budget_mib = config.limits.memory_mb,
+            rss_mib = rss >> 20,
+            "limits.memory_mb leaves little room for queues after start-up"
+        );
+    }
+    // A floor, so that a budget set too low still lets input through.
+    let share = (left / 2).max(4 << 20);
+    telemetry.input_budget.set_cap(share);
+    telemetry
+        .memory_budget
+        .store(budget, std::sync::atomic::Ordering::Relaxed);
+    outbox.limit_memory(share);
 }
 
 /// One subscription per distinct filter, at the highest QoS any pipeline
@@ -270,6 +329,10 @@ async fn health_loop(
             _ = stop.cancelled() => break,
             _ = ticker.tick() => {
                 let snapshot = telemetry.snapshot(&device, &mut sampler);
+                let budget = telemetry.memory_budget.load(std::sync::atomic::Ordering::Relaxed);
+                if budget > 0 && snapshot.memory.rss_bytes > budget {
+                    tracing::warn!(rss_mib = snapshot.memory.rss_bytes >> 20, budget_mib = budget >> 20, "Process memory over limits.memory_mb");
+                }
                 let payload = serde_json::to_vec(&snapshot).expect("health serializes");
                 outbox.offer(Outgoing { topic: topic.clone(), payload, qos: QoS::AtMostOnce, retain: false });
             }

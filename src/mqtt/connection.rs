@@ -4,17 +4,22 @@
 //! reconnects at once on the next poll after an error. The poll loop here
 //! therefore (1) never awaits downstream work — incoming publishes are
 //! handed to pipeline queues with `try_send`, drops counted; (2) sleeps a
-//! jittered exponential backoff after each error; (3) resubscribes on every
-//! ConnAck that has no session; (4) bounds rumqttc's `pending` queue, which
-//! otherwise grows without limit while the broker is away.
+//! jittered exponential backoff after each error; (3) subscribes on every
+//! ConnAck; (4) acknowledges each QoS 1 input only once it was handled
+//! (manual acks, in arrival order); (5) reports packet ids and PUBACKs to
+//! the outbox, which is the only replay queue: on a disconnect rumqttc's
+//! own (unbounded) pending publishes are discarded and the outbox resends
+//! from its first unacknowledged record.
 
-use super::{Backoff, BrokerAddress, OutboxReceiver, TopicFilter};
+use super::{Backoff, BrokerAddress, Outgoing, TopicFilter, Tracker};
 use crate::config::Config;
 use crate::health::BrokerStats;
 use crate::pipeline::{Ingested, PipelineHandle};
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, Request};
-use std::sync::atomic::Ordering;
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS, Request,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +40,12 @@ pub fn connect_options(config: &Config) -> Result<MqttOptions, String> {
         QoS::AtLeastOnce,
         true,
     ));
-    options.set_clean_session(true);
+    // A persistent session: the broker keeps the subscriptions and queues
+    // QoS 1 input while edgeinfer is away; inputs are acknowledged only once
+    // handled (manual acks), so a crash makes the broker send them again.
+    options.set_clean_session(config.broker.clean_session);
+    options.set_manual_acks(true);
+    options.set_inflight(config.broker.inflight);
     if let Some(user) = &config.broker.username {
         options.set_credentials(user.clone(), password(config)?);
     }
@@ -82,7 +92,7 @@ pub struct Router {
 }
 
 impl Router {
-    fn route(&self, topic: &str, payload: Bytes) {
+    fn route(&self, topic: &str, payload: Bytes, ack: Option<AckToken>) {
         if let Some((filter, tx)) = &self.commands {
             if let Some(caps) = filter.captures(topic) {
                 let _ = tx.try_send((caps[0].to_owned(), payload));
@@ -95,6 +105,7 @@ impl Router {
                 topic: topic.to_owned(),
                 payload: payload.clone(),
                 received,
+                ack: ack.clone(),
             });
         }
     }
@@ -104,10 +115,42 @@ pub struct ConnectionContext {
     pub subscriptions: Vec<(String, QoS)>,
     pub status_topic: String,
     pub backoff: Backoff,
-    pub max_pending: usize,
     pub stats: Arc<BrokerStats>,
+    pub tracker: Tracker,
     /// Called once per successful connection (systemd readiness, for one).
     pub on_connect: Box<dyn FnMut() + Send>,
+}
+
+/// Held by every pipeline an incoming QoS 1 message went to. When the last
+/// holder drops it — the message was handled and its results are in the
+/// outbox — the message is acknowledged to the broker (acks go out in the
+/// order the messages came, as MQTT requires).
+pub type AckToken = Arc<tokio::sync::oneshot::Sender<()>>;
+
+struct PendingAck {
+    pkid: u16,
+    qos: QoS,
+    generation: u64,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+async fn ack_loop(
+    client: AsyncClient,
+    rx: flume::Receiver<PendingAck>,
+    generation: Arc<AtomicU64>,
+) {
+    while let Ok(p) = rx.recv_async().await {
+        let _ = p.done.await;
+        if generation.load(Ordering::Relaxed) != p.generation {
+            // From an earlier connection: the broker sends it again.
+            continue;
+        }
+        let mut stub = Publish::new("", p.qos, Vec::new());
+        stub.pkid = p.pkid;
+        if client.ack(&stub).await.is_err() {
+            break;
+        }
+    }
 }
 
 /// Drives the event loop until the publisher has sent DISCONNECT after
@@ -122,6 +165,10 @@ pub async fn drive(
 ) {
     let mut router = Some(router);
     let mut connected_once = false;
+    let manual_acks = eventloop.mqtt_options.manual_acks();
+    let generation = Arc::new(AtomicU64::new(0));
+    let (ack_tx, ack_rx) = flume::unbounded();
+    let acker = tokio::spawn(ack_loop(client.clone(), ack_rx, Arc::clone(&generation)));
     loop {
         let event = tokio::select! {
             biased;
@@ -134,12 +181,29 @@ pub async fn drive(
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                let token = if manual_acks && p.qos != QoS::AtMostOnce {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let _ = ack_tx.send(PendingAck {
+                        pkid: p.pkid,
+                        qos: p.qos,
+                        generation: generation.load(Ordering::Relaxed),
+                        done: rx,
+                    });
+                    Some(Arc::new(tx))
+                } else {
+                    None
+                };
                 if let Some(r) = &router {
-                    r.route(&p.topic, p.payload);
+                    r.route(&p.topic, p.payload, token);
                 }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => ctx.tracker.acknowledged(ack.pkid),
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) if pkid != 0 => {
+                ctx.tracker.published(pkid)
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 ctx.stats.connected.store(true, Ordering::Relaxed);
+                generation.fetch_add(1, Ordering::Relaxed);
                 if connected_once {
                     ctx.stats.reconnects.inc();
                 }
@@ -147,24 +211,28 @@ pub async fn drive(
                 ctx.backoff.reset();
                 tracing::info!(session_present = ack.session_present, "Connected to broker");
                 (ctx.on_connect)();
-                // Subscribing and announcing go through the request channel,
-                // which this loop drains: do it from a task, never inline.
+                // Subscribing goes through the request channel, which this
+                // loop drains: do it from a task, never inline. Always
+                // subscribe, session or not: the config may have changed.
+                // `online` (and any result) follows the SUBSCRIBEs in the
+                // channel, so whoever sees `online` can rely on them.
                 let client = client.clone();
-                let subs = if ack.session_present {
-                    Vec::new()
-                } else {
-                    ctx.subscriptions.clone()
+                let subs = ctx.subscriptions.clone();
+                let tracker = ctx.tracker.clone();
+                let generation = tracker.generation();
+                let online = Outgoing {
+                    topic: ctx.status_topic.clone(),
+                    payload: b"online".to_vec(),
+                    qos: QoS::AtLeastOnce,
+                    retain: true,
                 };
-                let status = ctx.status_topic.clone();
                 tokio::spawn(async move {
                     for (filter, qos) in subs {
                         if let Err(e) = client.subscribe(filter.clone(), qos).await {
                             tracing::warn!(%filter, error = %e, "Subscribe request failed");
                         }
                     }
-                    let _ = client
-                        .publish(status, QoS::AtLeastOnce, true, "online")
-                        .await;
+                    tracker.connected(generation, online);
                 });
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
@@ -174,11 +242,19 @@ pub async fn drive(
             Ok(_) => {}
             Err(e) => {
                 let was = ctx.stats.connected.swap(false, Ordering::Relaxed);
+                // The spool is the only replay queue: what the client still
+                // holds (unacknowledged publishes, queued requests) goes, and
+                // the spool resends from its first unacknowledged record.
+                ctx.tracker.disconnected(|| {
+                    eventloop.clean();
+                    eventloop
+                        .pending
+                        .retain(|r| !matches!(r, Request::Publish(_)));
+                });
                 if router.is_none() {
                     tracing::warn!(error = %e, "Broker connection ended during shutdown");
                     break;
                 }
-                trim_pending(&mut eventloop, ctx.max_pending, &ctx.stats);
                 let delay = ctx.backoff.next_delay();
                 let retry_in_ms = delay.as_millis() as u64;
                 let text = e.to_string();
@@ -199,80 +275,7 @@ pub async fn drive(
                 }
             }
         }
-        ctx.stats
-            .pending
-            .store(eventloop.pending.len() as u64, Ordering::Relaxed);
     }
     ctx.stats.connected.store(false, Ordering::Relaxed);
-}
-
-/// Keeps rumqttc's replay queue within `max`: the oldest publishes go
-/// first (subscriptions and acks are kept), each counted.
-fn trim_pending(eventloop: &mut EventLoop, max: usize, stats: &BrokerStats) {
-    let mut excess = eventloop.pending.len().saturating_sub(max);
-    if excess == 0 {
-        return;
-    }
-    eventloop.pending.retain(|r| {
-        if excess > 0 && matches!(r, Request::Publish(_)) {
-            excess -= 1;
-            stats.pending_dropped.inc();
-            false
-        } else {
-            true
-        }
-    });
-}
-
-/// Moves messages from the outbox to the client until every outbox sender
-/// is gone, then publishes the retained `offline` and disconnects cleanly
-/// (so the broker does not fire the Last Will).
-pub async fn publish_loop(client: AsyncClient, outbox: OutboxReceiver, status_topic: String) {
-    while let Some(m) = outbox.recv().await {
-        if let Err(e) = client.publish(m.topic, m.qos, m.retain, m.payload).await {
-            tracing::error!(error = %e, "MQTT client closed; results can no longer be published");
-            return;
-        }
-    }
-    let _ = client
-        .publish(status_topic, QoS::AtLeastOnce, true, "offline")
-        .await;
-    let _ = client.disconnect().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rumqttc::{Publish, Subscribe};
-
-    #[test]
-    fn trim_pending_drops_the_oldest_publishes_and_keeps_subscriptions() {
-        let mut el = EventLoop::new(MqttOptions::new("t", "127.0.0.1", 1), 10);
-        el.pending
-            .push_back(Request::Subscribe(Subscribe::new("a/#", QoS::AtLeastOnce)));
-        for i in 0..10u8 {
-            el.pending.push_back(Request::Publish(Publish::new(
-                "r",
-                QoS::AtLeastOnce,
-                vec![i],
-            )));
-        }
-        let stats = BrokerStats::default();
-        trim_pending(&mut el, 4, &stats);
-        assert_eq!(el.pending.len(), 4);
-        assert_eq!(stats.pending_dropped.get(), 7);
-        assert!(matches!(el.pending[0], Request::Subscribe(_)));
-        // The newest three publishes survive, in order.
-        let kept: Vec<u8> = el
-            .pending
-            .iter()
-            .filter_map(|r| match r {
-                Request::Publish(p) => Some(p.payload[0]),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(kept, vec![7, 8, 9]);
-        trim_pending(&mut el, 4, &stats);
-        assert_eq!(stats.pending_dropped.get(), 7, "nothing more to drop");
-    }
+    acker.abort();
 }

@@ -5,14 +5,13 @@
 mod backoff;
 mod connection;
 mod outbox;
+pub mod spool;
 mod tls;
 mod topic;
 
 pub use backoff::Backoff;
-pub use connection::{
-    connect_options, drive, publish_loop, status_topic, ConnectionContext, Router,
-};
-pub use outbox::{outbox, Outbox, OutboxReceiver, Outgoing};
+pub use connection::{connect_options, drive, status_topic, AckToken, ConnectionContext, Router};
+pub use outbox::{outbox, publish_loop, Outbox, OutboxReceiver, Outgoing, Tracker};
 pub use topic::{check_template, TopicFilter, TopicTemplate};
 
 use rumqttc::QoS;

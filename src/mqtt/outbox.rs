@@ -1,13 +1,29 @@
-//! The outbox: a bounded queue of messages waiting for the MQTT client.
-//! Worker threads block on it when it is full (backpressure that ends in
-//! counted drops at the pipeline's input queue, never in unbounded memory).
+//! The outbox: everything edgeinfer publishes waits here until the broker
+//! has it.
+//!
+//! Two lanes:
+//! - **durable** ([`Outbox::send`]: results and errors) goes through the
+//!   [`Spool`] — on disk when a directory is configured — and leaves it only
+//!   once the broker acknowledged it (QoS 1) or it was written to the socket
+//!   (QoS 0). A disconnect rewinds to the first unacknowledged record.
+//! - **transient** ([`Outbox::offer`]: health, command replies): a small
+//!   in-memory queue; full means dropped and counted.
+//!
+//! Delivery tracking is shared by the publisher task (which hands messages
+//! to the rumqttc client) and the poll loop (which sees the packet id each
+//! publish got and the broker's PUBACKs): every QoS 1 publish of this
+//! process goes through the publisher, in order, so the n-th
+//! `Outgoing::Publish` event belongs to the n-th handed-out message.
 
-use crate::health::OutboxStats;
-use rumqttc::QoS;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use super::spool::{Spool, Spooled};
+use crate::health::{BrokerStats, OutboxStats};
+use rumqttc::{AsyncClient, ClientError, QoS};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
     pub topic: String,
     pub payload: Vec<u8>,
@@ -15,102 +31,467 @@ pub struct Outgoing {
     pub retain: bool,
 }
 
-#[derive(Clone)]
+/// What a handed-out QoS 1 publish was.
+#[derive(Debug, Clone, Copy)]
+enum Handed {
+    Spooled(u64),
+    Other,
+}
+
+pub struct State {
+    spool: Spool,
+    transient: VecDeque<Outgoing>,
+    transient_cap: usize,
+    connected: bool,
+    /// Published first after each connect (the retained `online`).
+    announce: Option<Outgoing>,
+    /// QoS 1 publishes handed to the client that have no packet id yet.
+    handed: VecDeque<Handed>,
+    /// Packet id → publish, until the broker acknowledges it.
+    by_pkid: HashMap<u16, Handed>,
+    /// Counts disconnects: a `connected` from before one is stale.
+    generation: u64,
+}
+
+impl State {
+    fn in_flight(&self) -> usize {
+        self.handed.len() + self.by_pkid.len()
+    }
+}
+
+pub struct Shared {
+    state: Mutex<State>,
+    wake: tokio::sync::Notify,
+    senders: AtomicUsize,
+    stats: Arc<OutboxStats>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The sending side, held by workers and tasks. The publisher finishes once
+/// every `Outbox` is dropped and what they sent is delivered.
 pub struct Outbox {
-    tx: flume::Sender<Outgoing>,
-    stats: Arc<OutboxStats>,
+    shared: Arc<Shared>,
 }
 
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::SeqCst);
+        Outbox {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// The publisher's side (and the poll loop's, through [`Tracker`]).
 pub struct OutboxReceiver {
-    rx: flume::Receiver<Outgoing>,
-    stats: Arc<OutboxStats>,
+    shared: Arc<Shared>,
 }
 
-pub fn outbox(capacity: usize, stats: Arc<OutboxStats>) -> (Outbox, OutboxReceiver) {
-    let (tx, rx) = flume::bounded(capacity);
+/// The poll loop's view: packet ids, acknowledgements, connection changes.
+#[derive(Clone)]
+pub struct Tracker {
+    shared: Arc<Shared>,
+    broker: Arc<BrokerStats>,
+}
+
+pub fn outbox(
+    spool: Spool,
+    transient_cap: usize,
+    stats: Arc<OutboxStats>,
+    broker: Arc<BrokerStats>,
+) -> (Outbox, OutboxReceiver, Tracker) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            spool,
+            transient: VecDeque::new(),
+            transient_cap,
+            connected: false,
+            announce: None,
+            handed: VecDeque::new(),
+            by_pkid: HashMap::new(),
+            generation: 0,
+        }),
+        wake: tokio::sync::Notify::new(),
+        senders: AtomicUsize::new(1),
+        stats,
+    });
     (
         Outbox {
-            tx,
-            stats: Arc::clone(&stats),
+            shared: Arc::clone(&shared),
         },
-        OutboxReceiver { rx, stats },
+        OutboxReceiver {
+            shared: Arc::clone(&shared),
+        },
+        Tracker { shared, broker },
     )
 }
 
 impl Outbox {
-    fn account(&self, msg: &Outgoing) {
-        self.stats.queued_messages.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .queued_bytes
-            .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
-    }
-
-    fn unaccount(stats: &OutboxStats, msg: &Outgoing) {
-        stats.queued_messages.fetch_sub(1, Ordering::Relaxed);
-        stats
-            .queued_bytes
-            .fetch_sub(msg.payload.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Queues a message, waiting while the outbox is full. For worker threads.
+    /// Queues a result or an error in the spool. Never waits on the broker;
+    /// a full spool drops its oldest records (counted). For worker threads:
+    /// with a disk spool this writes to the file.
     pub fn send(&self, msg: Outgoing) {
-        self.account(&msg);
-        if let Err(flume::SendError(msg)) = self.tx.send(msg) {
-            Self::unaccount(&self.stats, &msg);
-            self.stats.dropped.inc();
+        let appended = self
+            .shared
+            .lock()
+            .spool
+            .append(&msg, crate::pipeline::unix_ms());
+        match appended {
+            Ok(()) => self.shared.wake.notify_one(),
+            Err(e) => {
+                self.shared.stats.dropped.inc();
+                tracing::error!(error = %e, topic = %msg.topic, "Cannot write to the outbox; message dropped");
+            }
         }
     }
 
-    /// Queues a message if there is room, else drops and counts it. For async tasks.
+    /// Queues a transient message (health, a command reply) if there is
+    /// room, else drops and counts it.
     pub fn offer(&self, msg: Outgoing) {
-        self.account(&msg);
-        if let Err(e) = self.tx.try_send(msg) {
-            let msg = match e {
-                flume::TrySendError::Full(m) | flume::TrySendError::Disconnected(m) => m,
-            };
-            Self::unaccount(&self.stats, &msg);
-            self.stats.dropped.inc();
+        let mut st = self.shared.lock();
+        if st.transient.len() >= st.transient_cap {
+            self.shared.stats.dropped.inc();
+            return;
         }
+        st.transient.push_back(msg);
+        drop(st);
+        self.shared.wake.notify_one();
     }
 }
 
-impl OutboxReceiver {
-    /// The next message; `None` once every [`Outbox`] is dropped and the queue is empty.
-    pub async fn recv(&self) -> Option<Outgoing> {
-        let msg = self.rx.recv_async().await.ok()?;
-        Outbox::unaccount(&self.stats, &msg);
-        Some(msg)
+impl Tracker {
+    /// The current connection's generation, for [`Tracker::connected`].
+    pub fn generation(&self) -> u64 {
+        self.shared.lock().generation
     }
+
+    /// The connection of `generation` is ready (subscriptions requested):
+    /// publishing may start, `announce` first. Ignored if that connection
+    /// has been lost since.
+    pub fn connected(&self, generation: u64, announce: Outgoing) {
+        let mut st = self.shared.lock();
+        if st.generation != generation {
+            return;
+        }
+        st.connected = true;
+        st.announce = Some(announce);
+        drop(st);
+        self.shared.wake.notify_one();
+    }
+
+    /// The connection was lost. `purge` removes what the client still holds
+    /// (unacknowledged publishes and queued requests); everything not
+    /// acknowledged is sent again from the spool after the next connect.
+    pub fn disconnected(&self, purge: impl FnOnce()) {
+        let mut st = self.shared.lock();
+        st.connected = false;
+        st.generation += 1;
+        purge();
+        st.handed.clear();
+        st.by_pkid.clear();
+        st.spool.rewind();
+        self.broker.in_flight.store(0, Ordering::Relaxed);
+    }
+
+    /// The client sent a QoS 1 publish with this packet id.
+    pub fn published(&self, pkid: u16) {
+        let mut st = self.shared.lock();
+        if st.by_pkid.contains_key(&pkid) {
+            return; // a retransmission
+        }
+        if let Some(h) = st.handed.pop_front() {
+            st.by_pkid.insert(pkid, h);
+        }
+    }
+
+    /// The broker acknowledged this packet id.
+    pub fn acknowledged(&self, pkid: u16) {
+        let mut st = self.shared.lock();
+        if let Some(Handed::Spooled(seq)) = st.by_pkid.remove(&pkid) {
+            st.spool.ack(seq);
+        }
+        self.broker
+            .in_flight
+            .store(st.in_flight() as u64, Ordering::Relaxed);
+        drop(st);
+        self.shared.wake.notify_one();
+    }
+}
+
+/// What the publisher should do next.
+enum Step {
+    Publish(Outgoing, Option<Handed>, Option<u64>),
+    Wait,
+    Finish,
+}
+
+impl OutboxReceiver {
+    fn step(&self, window: usize) -> Step {
+        let mut st = self.shared.lock();
+        let st = &mut *st;
+        let senders_gone = self.shared.senders.load(Ordering::SeqCst) == 0;
+        if !st.connected {
+            if senders_gone {
+                return Step::Finish;
+            }
+            return Step::Wait;
+        }
+        if let Some(a) = st.announce.take() {
+            let handed = (a.qos != QoS::AtMostOnce).then_some(Handed::Other);
+            return Step::Publish(a, handed, None);
+        }
+        if st.in_flight() >= window {
+            return Step::Wait;
+        }
+        if let Some(m) = st.transient.pop_front() {
+            let handed = (m.qos != QoS::AtMostOnce).then_some(Handed::Other);
+            return Step::Publish(m, handed, None);
+        }
+        if let Some(Spooled { seq, msg }) = st.spool.next(crate::pipeline::unix_ms()) {
+            let handed = (msg.qos != QoS::AtMostOnce).then_some(Handed::Spooled(seq));
+            return Step::Publish(msg, handed, Some(seq));
+        }
+        if senders_gone && st.in_flight() == 0 && st.spool.in_flight() == 0 {
+            return Step::Finish;
+        }
+        Step::Wait
+    }
+
+    /// Hands `msg` to the client without waiting, recording it for packet-id
+    /// tracking under the same lock (so the order of records is the order
+    /// of requests in the client's channel).
+    fn hand(
+        &self,
+        client: &AsyncClient,
+        msg: Outgoing,
+        handed: Option<Handed>,
+        seq: Option<u64>,
+    ) -> Result<(), ClientError> {
+        let mut st = self.shared.lock();
+        if !st.connected {
+            // Lost the connection meanwhile: the spool rewound already.
+            if let Some(Handed::Other) = handed {
+                st.transient.push_front(msg);
+            }
+            return Ok(());
+        }
+        client.try_publish(msg.topic.clone(), msg.qos, msg.retain, msg.payload.clone())?;
+        match (handed, seq) {
+            (Some(h), _) => st.handed.push_back(h),
+            // QoS 0 from the spool: written is as good as it gets.
+            (None, Some(seq)) => st.spool.ack(seq),
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
+    fn sync(&self) {
+        if let Err(e) = self.shared.lock().spool.sync() {
+            tracing::error!(error = %e, "Cannot sync the outbox to disk");
+        }
+    }
+
+    /// Caps an in-memory spool at `bytes` (a disk spool keeps its own cap).
+    pub fn limit_memory(&self, bytes: u64) {
+        self.shared.lock().spool.limit_memory(bytes);
+    }
+
+    fn waiting(&self) -> u64 {
+        self.shared.stats.queued_messages.load(Ordering::Relaxed)
+    }
+}
+
+/// Moves messages from the outbox to the client, at most `window` QoS 1
+/// publishes unacknowledged at a time, and syncs the spool every
+/// `sync_every`. Ends once every [`Outbox`] is dropped and all was
+/// delivered (or, when disconnected, left in the spool); then publishes the
+/// retained `offline` and disconnects cleanly (so no Last Will fires).
+pub async fn publish_loop(
+    client: AsyncClient,
+    outbox: OutboxReceiver,
+    window: usize,
+    sync_every: Duration,
+    status_topic: String,
+) {
+    let mut sync = tokio::time::interval(sync_every);
+    sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        match outbox.step(window) {
+            Step::Publish(msg, handed, seq) => {
+                if let Err(e) = outbox.hand(&client, msg.clone(), handed, seq) {
+                    match e {
+                        ClientError::TryRequest(_) => {
+                            // The client's channel is full: put it back, retry shortly.
+                            {
+                                let mut st = outbox.shared.lock();
+                                match seq {
+                                    Some(_) => st.spool.rewind_one(),
+                                    None => st.transient.push_front(msg),
+                                }
+                            }
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                        ClientError::Request(_) => {
+                            tracing::error!(
+                                "MQTT client closed; results can no longer be published"
+                            );
+                            outbox.sync();
+                            return;
+                        }
+                    }
+                }
+            }
+            Step::Wait => {
+                tokio::select! {
+                    _ = outbox.shared.wake.notified() => {}
+                    _ = sync.tick() => outbox.sync(),
+                }
+            }
+            Step::Finish => break,
+        }
+    }
+    outbox.sync();
+    let left = outbox.waiting();
+    if left > 0 {
+        let persistent = outbox.shared.stats.persistent.load(Ordering::Relaxed);
+        if persistent {
+            tracing::info!(
+                messages = left,
+                "Undelivered results stay in the outbox for the next start"
+            );
+        } else {
+            tracing::warn!(
+                messages = left,
+                "Undelivered results lost: the outbox is in memory (set outbox.dir)"
+            );
+        }
+    }
+    let _ = client
+        .publish(status_topic, QoS::AtLeastOnce, true, "offline")
+        .await;
+    let _ = client.disconnect().await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mqtt::spool::SpoolLimits;
 
-    fn msg(n: usize) -> Outgoing {
+    fn msg(topic: &str, qos: QoS) -> Outgoing {
         Outgoing {
-            topic: "t".into(),
-            payload: vec![0; n],
-            qos: QoS::AtMostOnce,
+            topic: topic.into(),
+            payload: vec![1, 2, 3],
+            qos,
             retain: false,
         }
     }
 
-    #[tokio::test]
-    async fn counts_queued_bytes_and_drops_when_full() {
+    fn parts() -> (Outbox, OutboxReceiver, Tracker, Arc<OutboxStats>) {
         let stats = Arc::new(OutboxStats::default());
-        let (tx, rx) = outbox(2, Arc::clone(&stats));
-        tx.offer(msg(10));
-        tx.offer(msg(5));
-        tx.offer(msg(7)); // full: dropped
-        assert_eq!(stats.queued_messages.load(Ordering::Relaxed), 2);
-        assert_eq!(stats.queued_bytes.load(Ordering::Relaxed), 15);
+        let spool = Spool::in_memory(
+            SpoolLimits {
+                max_bytes: 1 << 20,
+                ttl_ms: 0,
+            },
+            Arc::clone(&stats),
+        );
+        let (o, r, t) = outbox(spool, 2, Arc::clone(&stats), Arc::default());
+        (o, r, t, stats)
+    }
+
+    fn next(r: &OutboxReceiver) -> Option<(String, Option<Handed>, Option<u64>)> {
+        match r.step(10) {
+            Step::Publish(m, h, s) => {
+                // As `hand` does, without a client.
+                let mut st = r.shared.lock();
+                match (h, s) {
+                    (Some(h), _) => st.handed.push_back(h),
+                    (None, Some(seq)) => st.spool.ack(seq),
+                    _ => {}
+                }
+                Some((m.topic, h, s))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn nothing_leaves_before_a_connect_and_online_goes_first() {
+        let (o, r, t, _) = parts();
+        o.send(msg("r/1", QoS::AtLeastOnce));
+        assert!(matches!(r.step(10), Step::Wait));
+        t.connected(t.generation(), msg("status", QoS::AtLeastOnce));
+        assert_eq!(next(&r).unwrap().0, "status");
+        assert_eq!(next(&r).unwrap().0, "r/1");
+    }
+
+    #[test]
+    fn a_lost_connection_resends_everything_unacknowledged_in_order() {
+        let (o, r, t, stats) = parts();
+        for i in 0..4 {
+            o.send(msg(&format!("r/{i}"), QoS::AtLeastOnce));
+        }
+        t.connected(t.generation(), msg("status", QoS::AtLeastOnce));
+        for pkid in 1..=5u16 {
+            next(&r).unwrap();
+            t.published(pkid);
+        }
+        t.acknowledged(1); // status
+        t.acknowledged(2); // r/0
+        t.acknowledged(4); // r/2, out of order: r/1 is still owed
+        assert_eq!(stats.queued_messages.load(Ordering::Relaxed), 3);
+        let mut purged = false;
+        t.disconnected(|| purged = true);
+        assert!(purged);
+        assert!(matches!(r.step(10), Step::Wait), "nothing while offline");
+        t.connected(t.generation(), msg("status", QoS::AtLeastOnce));
+        let again: Vec<String> = std::iter::from_fn(|| next(&r).map(|n| n.0)).collect();
+        assert_eq!(again, vec!["status", "r/1", "r/2", "r/3"]);
+    }
+
+    #[test]
+    fn the_window_bounds_unacknowledged_publishes() {
+        let (o, r, t, _) = parts();
+        for i in 0..20 {
+            o.send(msg(&format!("r/{i}"), QoS::AtLeastOnce));
+        }
+        t.connected(t.generation(), msg("status", QoS::AtMostOnce));
+        let mut n = 0;
+        while next(&r).is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 1 + 10, "QoS 0 status plus a window of 10");
+        t.published(1);
+        t.acknowledged(1);
+        assert!(next(&r).is_some(), "an acknowledgement frees a slot");
+    }
+
+    #[test]
+    fn transient_messages_are_bounded_and_finish_waits_for_senders() {
+        let (o, r, t, stats) = parts();
+        for _ in 0..3 {
+            o.offer(msg("health", QoS::AtMostOnce));
+        }
         assert_eq!(stats.dropped.get(), 1);
-        assert_eq!(rx.recv().await.unwrap().payload.len(), 10);
-        assert_eq!(stats.queued_bytes.load(Ordering::Relaxed), 5);
-        drop(tx);
-        assert!(rx.recv().await.is_some());
-        assert!(rx.recv().await.is_none());
-        assert_eq!(stats.queued_messages.load(Ordering::Relaxed), 0);
+        t.connected(t.generation(), msg("status", QoS::AtMostOnce));
+        assert!(next(&r).unwrap().1.is_none());
+        assert_eq!(next(&r).unwrap().0, "health");
+        assert_eq!(next(&r).unwrap().0, "health");
+        assert!(matches!(r.step(10), Step::Wait), "a sender is alive");
+        drop(o);
+        assert!(matches!(r.step(10), Step::Finish));
     }
 }

@@ -7,7 +7,7 @@ pub mod post;
 pub mod sensor;
 
 use crate::config::{Config, PayloadFormat, Pipeline as PipelineConfig};
-use crate::health::{PipelineStats, Telemetry};
+use crate::health::{Budget, PipelineStats, Telemetry};
 use crate::model::{Model, Session};
 use crate::mqtt::{Outbox, Outgoing, TopicFilter, TopicTemplate};
 use bytes::Bytes;
@@ -29,6 +29,8 @@ pub struct Ingested {
     pub topic: String,
     pub payload: Bytes,
     pub received: Instant,
+    /// Acknowledges the MQTT message once every pipeline dropped it.
+    pub ack: Option<crate::mqtt::AckToken>,
 }
 
 /// Everything a worker needs to know about its pipeline, fixed at start.
@@ -112,6 +114,7 @@ pub struct PipelineHandle {
     pub spec: Arc<PipelineSpec>,
     pub stats: Arc<PipelineStats>,
     senders: Vec<flume::Sender<Ingested>>,
+    budget: Arc<Budget>,
 }
 
 impl PipelineHandle {
@@ -120,9 +123,15 @@ impl PipelineHandle {
     }
 
     /// Hands a message to the worker that owns its source, never waiting: a
-    /// full queue drops the message and counts it.
+    /// full queue, or input queues holding their share of the memory
+    /// budget, drop the message and count it.
     pub fn offer(&self, msg: Ingested) {
         self.stats.received.inc();
+        let bytes = msg.payload.len() as u64;
+        if !self.budget.try_take(bytes) {
+            self.stats.dropped.inc();
+            return;
+        }
         let shard = if self.senders.len() == 1 {
             0
         } else {
@@ -134,6 +143,7 @@ impl PipelineHandle {
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         if self.senders[shard].try_send(msg).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            self.budget.give(bytes);
             self.stats.dropped.inc();
         }
     }
@@ -158,6 +168,7 @@ pub fn start(
         let (tx, rx) = flume::bounded(per_worker);
         senders.push(tx);
         let session = spec.model.session().map_err(|e| e.to_string())?;
+        let budget = Arc::clone(&telemetry.input_budget);
         let mut worker = Worker {
             pre: Preprocessor::new(&spec.model, spec.channels)?,
             spec: Arc::clone(&spec),
@@ -175,6 +186,7 @@ pub fn start(
             .spawn(move || {
                 while let Ok::<Ingested, _>(msg) = rx.recv() {
                     worker.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    budget.give(msg.payload.len() as u64);
                     let topic = msg.topic.clone();
                     // A bug in one message's handling must not end the worker:
                     // its queue would then drop everything, silently.
@@ -193,6 +205,7 @@ pub fn start(
             spec,
             stats,
             senders,
+            budget: Arc::clone(&telemetry.input_budget),
         },
         threads,
     ))

@@ -98,7 +98,7 @@ pub fn decode_f32le(payload: &[u8], channels: usize) -> Result<Samples, InputErr
     if payload.is_empty() {
         return Err(InputError::Empty);
     }
-    if payload.len() % (4 * channels) != 0 {
+    if !payload.len().is_multiple_of(4 * channels) {
         return Err(InputError::BadLength {
             len: payload.len(),
             channels,

@@ -43,6 +43,8 @@ pub struct Mosquitto {
     child: Option<Child>,
     /// More mosquitto.conf lines (extra listeners, TLS).
     extra: String,
+    /// Keep sessions and queued messages across restarts (in `dir`).
+    persistent: bool,
 }
 
 impl Mosquitto {
@@ -62,6 +64,26 @@ impl Mosquitto {
             dir,
             child: None,
             extra,
+            persistent: false,
+        };
+        m.spawn();
+        m
+    }
+
+    /// A broker with persistence on: sessions, subscriptions and queued
+    /// QoS 1 messages survive a [`Mosquitto::restart_gracefully`].
+    pub fn start_persistent() -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        // mosquitto started as root runs as the `mosquitto` user: it must be
+        // able to write its persistence file here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mut m = Mosquitto {
+            port: free_port(),
+            dir,
+            child: None,
+            extra: String::new(),
+            persistent: true,
         };
         m.spawn();
         m
@@ -69,10 +91,18 @@ impl Mosquitto {
 
     fn spawn(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
+        let persistence = if self.persistent {
+            format!(
+                "persistence true\npersistence_location {}/\n",
+                self.dir.path().display()
+            )
+        } else {
+            "persistence false\n".to_owned()
+        };
         std::fs::write(
             &conf,
             format!(
-                "allow_anonymous true\npersistence false\nmax_queued_messages 100000\nlog_dest none\nlistener {} 127.0.0.1\n{}",
+                "allow_anonymous true\n{persistence}max_queued_messages 100000\nlog_dest none\nlistener {} 127.0.0.1\n{}",
                 self.port, self.extra
             ),
         )
@@ -105,6 +135,19 @@ impl Mosquitto {
 
     pub fn restart(&mut self) {
         self.stop();
+        self.spawn();
+    }
+
+    /// SIGTERM (mosquitto saves its persistence file), wait, start again.
+    pub fn restart_gracefully(&mut self, down_for: Duration) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+        std::thread::sleep(down_for);
         self.spawn();
     }
 
@@ -146,7 +189,20 @@ pub struct Observer {
 
 impl Observer {
     pub async fn connect(port: u16, filters: &[&str]) -> Observer {
-        let mut o = MqttOptions::new(format!("observer-{}", fastrand::u32(..)), "127.0.0.1", port);
+        Self::connect_as(
+            port,
+            filters,
+            &format!("observer-{}", fastrand::u32(..)),
+            true,
+        )
+        .await
+    }
+
+    /// With a fixed client id and, with `clean` false, a persistent
+    /// session: messages published while it is cut off reach it later.
+    pub async fn connect_as(port: u16, filters: &[&str], id: &str, clean: bool) -> Observer {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_clean_session(clean);
         o.set_max_packet_size(1 << 20, 1 << 20);
         o.set_keep_alive(Duration::from_secs(30));
         let (client, mut ev) = AsyncClient::new(o, 1024);
@@ -235,6 +291,14 @@ impl Drop for Observer {
 
 /// A config for the bundled activity model against `broker`, plus `extra` TOML.
 pub fn config_text(broker: &str, device: &str, extra: &str) -> String {
+    // Daemons run inside the test process and share its RSS, which the
+    // memory budget is measured against: give them room.
+    const BUDGET: &str = "[limits]\nmemory_mb = 16384\n";
+    let extra = if extra.contains("[limits]\n") {
+        extra.replace("[limits]\n", BUDGET)
+    } else {
+        format!("{BUDGET}{extra}")
+    };
     format!(
         r#"
 [device]

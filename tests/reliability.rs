@@ -1,0 +1,432 @@
+//! Fault tests against a real mosquitto: a broker restart and a SIGKILL in
+//! the middle of QoS 1 streams (nothing accepted is lost; duplicates are
+//! counted), and a burst against a slow model (memory stays within the
+//! budget, drops are counted, nothing panics). Each prints its counts.
+mod common;
+
+use common::*;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn batch(ts: u64, samples: &[Vec<f32>]) -> Vec<u8> {
+    serde_json::json!({ "ts": ts, "samples": samples })
+        .to_string()
+        .into_bytes()
+}
+
+/// One window (and so one result) per message; results at QoS 1.
+fn full_window_pipeline() -> String {
+    format!(
+        r#"
+[[pipeline]]
+name = "activity"
+kind = "sensor"
+topics = ["sensors/+/imu"]
+model = "{}"
+window = {{ size = 50, stride = 50 }}
+results = "edgeinfer/{{device}}/results/activity/{{1}}"
+qos = 1
+queue = 100000
+"#,
+        repo().join("models/activity.toml").display()
+    )
+}
+
+/// A publisher with a persistent session that keeps publishing across
+/// broker restarts; counts the broker's PUBACKs.
+struct Publisher {
+    client: AsyncClient,
+    acked: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    fn connect(port: u16, id: &str) -> Publisher {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_clean_session(false);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut ev) = AsyncClient::new(o, 1000);
+        let acked = Arc::new(AtomicU64::new(0));
+        let count = Arc::clone(&acked);
+        let task = tokio::spawn(async move {
+            loop {
+                match ev.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Publisher {
+            client,
+            acked,
+            task,
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Results by input id (the `ts` each input carried).
+struct Tally {
+    by_ts: HashMap<u64, u32>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            by_ts: HashMap::new(),
+        }
+    }
+    fn add(&mut self, m: &Seen) {
+        let ts = m.json()["ts"].as_u64().expect("result has ts");
+        *self.by_ts.entry(ts).or_default() += 1;
+    }
+    fn distinct(&self) -> usize {
+        self.by_ts.len()
+    }
+    fn total(&self) -> u64 {
+        self.by_ts.values().map(|n| *n as u64).sum()
+    }
+    /// Collects from `obs` until every id in `0..n` has a result or `timeout`.
+    async fn fill(&mut self, obs: &mut Observer, n: usize, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.distinct() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match obs
+                .next_where(left, |m| m.topic.contains("/results/"))
+                .await
+            {
+                Some(m) => self.add(&m),
+                None => break,
+            }
+        }
+        // Late duplicates still in flight.
+        while let Some(m) = obs
+            .next_where(Duration::from_millis(500), |m| {
+                m.topic.contains("/results/")
+            })
+            .await
+        {
+            self.add(&m);
+        }
+    }
+    fn report(&self, what: &str, sent: usize) -> usize {
+        let lost = (0..sent as u64)
+            .filter(|ts| !self.by_ts.contains_key(ts))
+            .count();
+        println!(
+            "{what}: sent {sent}, results {}, distinct {}, duplicates {}, lost {lost}",
+            self.total(),
+            self.distinct(),
+            self.total() - self.distinct() as u64
+        );
+        lost
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_stream_loses_no_input() {
+    const N: usize = 10_000;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
+        .try_init();
+    let mut broker = Mosquitto::start_persistent();
+    let spool = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "{}\n[outbox]\ndir = \"{}\"\n",
+        full_window_pipeline(),
+        spool.path().display()
+    );
+    let mut obs = Observer::connect_as(
+        broker.port,
+        &["edgeinfer/gw-rs/results/#"],
+        "observer-restart",
+        false,
+    )
+    .await;
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-rs", &extra)),
+        broker.port,
+    )
+    .await;
+    let input = activity_reference().cases[0].input.clone();
+    let publisher = Publisher::connect(broker.port, "publisher-restart");
+    let client = publisher.client.clone();
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            client
+                .publish(
+                    format!("sensors/dev-{}/imu", i % 10),
+                    QoS::AtLeastOnce,
+                    false,
+                    batch(i as u64, &input),
+                )
+                .await
+                .unwrap();
+        }
+    });
+    let mut tally = Tally::new();
+    // Restart the broker once part of the stream went through.
+    while tally.distinct() < N / 4 {
+        let m = obs
+            .next_where(Duration::from_secs(60), |m| m.topic.contains("/results/"))
+            .await
+            .expect("results flow before the restart");
+        tally.add(&m);
+    }
+    let before = tally.distinct();
+    let broker = tokio::task::spawn_blocking(move || {
+        broker.restart_gracefully(Duration::from_millis(1500));
+        broker
+    })
+    .await
+    .unwrap();
+    sender.await.unwrap();
+    tally.fill(&mut obs, N, Duration::from_secs(180)).await;
+    let lost = tally.report("broker restart", N);
+    println!(
+        "broker restart: {before} distinct results before the restart; publisher saw {} PUBACKs",
+        publisher.acked.load(Ordering::Relaxed)
+    );
+    let mut health = Observer::connect(broker.port, &["edgeinfer/gw-rs/health"]).await;
+    let h = health
+        .next_where(Duration::from_secs(5), |_| true)
+        .await
+        .expect("health")
+        .json();
+    let p = &h["pipelines"]["activity"];
+    // Duplicate inputs come from the broker (redelivery of its restored
+    // queue); results beyond the inputs from the outbox's replay.
+    println!(
+        "broker restart: the daemon received {} inputs, produced {} results; reconnects {}",
+        p["received"], p["results"], h["broker"]["reconnects"]
+    );
+    assert!(p["received"].as_u64().unwrap() >= N as u64);
+    assert_eq!(lost, 0, "every input has a result after the broker restart");
+    daemon.stop().await;
+}
+
+fn write_config(dir: &Path, port: u16, device: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("edgeinfer.toml");
+    let text = format!(
+        "[device]\nid = \"{device}\"\n[broker]\nurl = \"mqtt://127.0.0.1:{port}\"\nreconnect_initial_ms = 100\nreconnect_max_ms = 1000\n[health]\ninterval_s = 1\n{extra}"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn_daemon(config: &Path, log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+        .args(["run", "-c"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_no_acknowledged_input() {
+    const N: usize = 3_000;
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[outbox]\ndir = \"{}\"\n{}",
+        dir.path().join("outbox").display(),
+        full_window_pipeline()
+    );
+    let config = write_config(dir.path(), broker.port, "gw-kill", &extra);
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-kill/results/#", "edgeinfer/gw-kill/status"],
+    )
+    .await;
+    let mut child = spawn_daemon(&config, &dir.path().join("first.log"));
+    assert!(
+        obs.next_where(Duration::from_secs(30), |m| m.text() == "online")
+            .await
+            .is_some(),
+        "first run came online"
+    );
+    let input = activity_reference().cases[1].input.clone();
+    let publisher = Publisher::connect(broker.port, "publisher-kill");
+    let client = publisher.client.clone();
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            client
+                .publish(
+                    format!("sensors/dev-{}/imu", i % 7),
+                    QoS::AtLeastOnce,
+                    false,
+                    batch(i as u64, &input),
+                )
+                .await
+                .unwrap();
+        }
+    });
+    let mut tally = Tally::new();
+    while tally.distinct() < N / 5 {
+        let m = obs
+            .next_where(Duration::from_secs(60), |m| m.topic.contains("/results/"))
+            .await
+            .expect("results flow before the kill");
+        tally.add(&m);
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = tally.distinct();
+    sender.await.unwrap();
+    // The broker queues the rest for the daemon's persistent session.
+    let mut child = spawn_daemon(&config, &dir.path().join("second.log"));
+    tally.fill(&mut obs, N, Duration::from_secs(120)).await;
+    let second = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
+    let reopened = second
+        .lines()
+        .find(|l| l.contains("Outbox opened"))
+        .unwrap_or("")
+        .to_owned();
+    let lost = tally.report("SIGKILL", N);
+    println!("SIGKILL: {before} distinct results before the kill; second run: {reopened}");
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    child.wait().unwrap();
+    assert!(!second.contains("panicked"), "{second}");
+    assert_eq!(lost, 0, "every input has a result after the restart");
+}
+
+fn vm_hwm_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_against_a_slow_model_stays_within_the_memory_budget() {
+    const N: usize = 100_000;
+    const BUDGET_MB: u64 = 96;
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        r#"
+[limits]
+memory_mb = {BUDGET_MB}
+[[pipeline]]
+name = "slow"
+kind = "sensor"
+topics = ["burst/+"]
+model = "{}"
+window = {{ size = 64, stride = 64 }}
+qos = 0
+queue = 1000000
+"#,
+        repo().join("tests/fixtures/slow.onnx").display()
+    );
+    let config = write_config(dir.path(), broker.port, "gw-burst", &extra);
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-burst/status", "edgeinfer/gw-burst/health"],
+    )
+    .await;
+    let mut child = spawn_daemon(&config, &dir.path().join("burst.log"));
+    assert!(
+        obs.next_where(Duration::from_secs(30), |m| m.text() == "online")
+            .await
+            .is_some(),
+        "came online"
+    );
+    // 64 samples × 8 channels per message: ~4 KB of JSON, 0.6 ms of model.
+    let samples: Vec<Vec<f32>> = (0..64)
+        .map(|i| (0..8).map(|c| ((i * 8 + c) as f32 * 0.37).sin()).collect())
+        .collect();
+    let payload = batch(1, &samples);
+    let mut o = MqttOptions::new("burst", "127.0.0.1", broker.port);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut ev) = AsyncClient::new(o, 10_000);
+    let poller = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    for i in 0..N {
+        client
+            .publish(
+                format!("burst/{}", i % 16),
+                QoS::AtMostOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    // Wait until the daemon has seen the whole burst (received + what
+    // mosquitto dropped never arrives: stop when `received` stays put).
+    let mut last = (0u64, 0u64, 0u64);
+    let mut still = 0;
+    while still < 3 {
+        let h = obs
+            .next_where(Duration::from_secs(10), |m| m.topic.ends_with("/health"))
+            .await
+            .expect("health keeps coming during the burst")
+            .json();
+        let p = &h["pipelines"]["slow"];
+        let now = (
+            p["received"].as_u64().unwrap(),
+            p["dropped"].as_u64().unwrap(),
+            p["processed"].as_u64().unwrap(),
+        );
+        still = if now.0 == last.0 { still + 1 } else { 0 };
+        last = now;
+    }
+    let peak = vm_hwm_bytes(child.id());
+    let (received, dropped, processed) = last;
+    println!(
+        "burst: sent {N}, received {received}, dropped {dropped}, processed so far {processed}, peak RSS {:.1} MiB (budget {BUDGET_MB} MiB)",
+        peak as f64 / (1 << 20) as f64
+    );
+    poller.abort();
+    // Still serving: it answers a ping.
+    let mut replies = Observer::connect(broker.port, &["edgeinfer/gw-burst/cmd/ping/reply"]).await;
+    replies.publish("edgeinfer/gw-burst/cmd/ping", "").await;
+    assert!(
+        replies
+            .next_where(Duration::from_secs(30), |_| true)
+            .await
+            .is_some(),
+        "answers a ping after the burst"
+    );
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(dir.path().join("burst.log")).unwrap();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        status.success(),
+        "clean exit after the burst: {status}\n{log}"
+    );
+    assert!(
+        dropped > 0,
+        "a slow model under a burst drops (and counts) input"
+    );
+    assert!(received > 0 && processed > 0);
+    assert!(
+        peak < BUDGET_MB << 20,
+        "peak RSS {peak} over the {BUDGET_MB} MiB budget"
+    );
+}
