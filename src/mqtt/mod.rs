@@ -79,11 +79,12 @@ impl BrokerAddress {
     }
 }
 
+/// The QoS for a configured level. 2 is served as 1: delivery is at least
+/// once end to end (the outbox tracks PUBACKs), and consumers de-duplicate.
 pub fn qos(level: u8) -> QoS {
     match level {
         0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
+        _ => QoS::AtLeastOnce,
     }
 }
 
