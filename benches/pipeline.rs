@@ -43,7 +43,7 @@ fn stages(c: &mut Criterion) {
 
     for (name, channels) in [("activity", 6usize), ("motion", 3)] {
         let m = model(name);
-        let pre = Preprocessor::new(&m, channels).unwrap();
+        let mut pre = Preprocessor::new(&m, channels).unwrap();
         let raw: Vec<f32> = (0..m.input().len())
             .map(|i| (i as f32 * 0.37).sin())
             .collect();

@@ -146,6 +146,12 @@ pub struct Limits {
     /// memory); results and errors wait in the outbox instead.
     #[serde(default = "default_outbox")]
     pub outbox_capacity: usize,
+    /// Largest camera frame payload, bytes (sensor payloads: max_payload_bytes).
+    #[serde(default = "default_max_image_bytes")]
+    pub max_image_bytes: usize,
+    /// Largest camera frame, pixels, checked from the header before decoding.
+    #[serde(default = "default_max_image_pixels")]
+    pub max_image_pixels: u64,
     /// Memory budget of the whole process, MiB. Input queues take at most
     /// half of what is left after start-up, an in-memory outbox the other half.
     #[serde(default = "default_memory_mb")]
@@ -159,6 +165,8 @@ impl Default for Limits {
             max_sources: default_max_sources(),
             outbox_capacity: default_outbox(),
             memory_mb: default_memory_mb(),
+            max_image_bytes: default_max_image_bytes(),
+            max_image_pixels: default_max_image_pixels(),
         }
     }
 }
@@ -223,6 +231,12 @@ pub enum PayloadFormat {
     Json,
     /// Raw little-endian f32, whole samples.
     F32le,
+    /// Camera: the payload is a JPEG or PNG file.
+    Image,
+    /// Camera: raw 8-bit RGB, `width` x `height` (from the pipeline config).
+    Rgb8,
+    /// Camera: raw 8-bit grey, `width` x `height`.
+    Gray8,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -242,8 +256,8 @@ pub struct Pipeline {
     pub topics: Vec<String>,
     /// Manifest (`*.toml`) or bare `.onnx`, relative to the config file.
     pub model: PathBuf,
-    #[serde(default = "default_payload")]
-    pub payload: PayloadFormat,
+    /// Default: `json` for sensors, `image` for cameras (see [`Pipeline::payload`]).
+    pub payload: Option<PayloadFormat>,
     pub window: Option<Window>,
     /// Result topic template: `{device}`, `{pipeline}`, and `{1}`, `{2}`… for
     /// the topic levels matched by the filter's wildcards.
@@ -256,9 +270,28 @@ pub struct Pipeline {
     /// Inference threads; sources are spread over them by topic.
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// Camera, raw frames: size of every frame.
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    /// Camera: publish each frame with its detections drawn on it (JPEG,
+    /// QoS 0, not spooled) to this topic template.
+    pub snapshot: Option<String>,
+    /// Camera detection overrides of the manifest's settings.
+    pub score_threshold: Option<f32>,
+    pub iou_threshold: Option<f32>,
+    pub max_detections: Option<usize>,
+    /// Only report these labels.
+    pub classes: Option<Vec<String>>,
 }
 
 impl Pipeline {
+    pub fn payload(&self) -> PayloadFormat {
+        self.payload.unwrap_or(match self.kind {
+            PipelineKind::Sensor => PayloadFormat::Json,
+            PipelineKind::Camera => PayloadFormat::Image,
+        })
+    }
+
     pub fn results_template(&self) -> String {
         self.results
             .clone()
@@ -273,7 +306,7 @@ const fn default_keep_alive() -> u64 {
     30
 }
 const fn default_max_packet() -> usize {
-    256 * 1024
+    4 << 20
 }
 const fn default_backoff_initial() -> u64 {
     500
@@ -283,6 +316,12 @@ const fn default_backoff_max() -> u64 {
 }
 const fn default_inflight() -> u16 {
     100
+}
+const fn default_max_image_bytes() -> usize {
+    4_000_000
+}
+const fn default_max_image_pixels() -> u64 {
+    16_000_000
 }
 const fn default_memory_mb() -> u64 {
     256
@@ -313,9 +352,6 @@ const fn default_max_sources() -> usize {
 }
 const fn default_outbox() -> usize {
     256
-}
-const fn default_payload() -> PayloadFormat {
-    PayloadFormat::Json
 }
 const fn default_qos() -> u8 {
     1
@@ -556,10 +592,46 @@ impl Config {
                     format!("{:?} is used by another pipeline", p.name),
                 );
             }
-            if p.kind == PipelineKind::Camera {
+            let payload = p.payload();
+            let image_payload = matches!(
+                payload,
+                PayloadFormat::Image | PayloadFormat::Rgb8 | PayloadFormat::Gray8
+            );
+            match p.kind {
+                PipelineKind::Camera if !image_payload => bad(
+                    &key("payload"),
+                    "a camera pipeline takes \"image\" (JPEG/PNG), \"rgb8\" or \"gray8\"".into(),
+                ),
+                PipelineKind::Sensor if image_payload => bad(
+                    &key("payload"),
+                    "a sensor pipeline takes \"json\" or \"f32le\"; frames need kind = \"camera\""
+                        .into(),
+                ),
+                _ => {}
+            }
+            if matches!(payload, PayloadFormat::Rgb8 | PayloadFormat::Gray8)
+                && (p.width.unwrap_or(0) == 0 || p.height.unwrap_or(0) == 0)
+            {
+                bad(&key("width"), "raw frames need width and height".into());
+            }
+            if p.kind == PipelineKind::Camera
+                && self.broker.max_packet_bytes < self.limits.max_image_bytes.min(1 << 28)
+                && payload == PayloadFormat::Image
+            {
                 bad(
-                    &key("kind"),
-                    "camera pipelines are not available in this build yet".into(),
+                    "broker.max_packet_bytes",
+                    format!(
+                        "{} is below limits.max_image_bytes ({}): frames that size would be refused by the MQTT client",
+                        self.broker.max_packet_bytes, self.limits.max_image_bytes
+                    ),
+                );
+            }
+            if p.kind == PipelineKind::Sensor
+                && (p.snapshot.is_some() || p.classes.is_some() || p.width.is_some())
+            {
+                bad(
+                    &key("snapshot"),
+                    "snapshot, classes, width and height are camera settings".into(),
                 );
             }
             if p.topics.is_empty() {

@@ -88,6 +88,9 @@ pub struct PipelineStats {
     pub results: Counter,
     /// Source windows evicted to stay within `limits.max_sources`.
     pub evicted: Counter,
+    /// Camera frames replaced by a newer frame of the same camera before
+    /// they were processed (latest frame wins).
+    pub replaced: Counter,
     /// Messages in the pipeline's queues right now.
     pub queued: AtomicU64,
     pub latency: Latencies,
@@ -221,6 +224,7 @@ impl Telemetry {
                         errors: s.errors.get(),
                         results: s.results.get(),
                         evicted_sources: s.evicted.get(),
+                        replaced: s.replaced.get(),
                         queue_depth: s.queued.load(Ordering::Relaxed),
                         latency_ms: s.latency.percentiles(),
                     },
@@ -311,6 +315,7 @@ pub struct PipelineHealth {
     pub errors: u64,
     pub results: u64,
     pub evicted_sources: u64,
+    pub replaced: u64,
     pub queue_depth: u64,
     pub latency_ms: Percentiles,
 }

@@ -68,7 +68,7 @@ pub fn infer(model_path: &Path, input: InferInput) -> Result<serde_json::Value, 
             model.input()
         )));
     }
-    let pre = Preprocessor::new(&model, channels).map_err(OneShotError::Other)?;
+    let mut pre = Preprocessor::new(&model, channels).map_err(OneShotError::Other)?;
     let mut session = model.session()?;
     let mut normalised = Vec::new();
     let t0 = Instant::now();
@@ -117,7 +117,7 @@ pub struct BenchReport {
 pub fn bench(model_path: &Path, runs: usize) -> Result<BenchReport, OneShotError> {
     let model = Arc::new(Model::load(model_path)?);
     let channels = *model.input().shape.last().unwrap_or(&1);
-    let pre = Preprocessor::new(&model, channels).map_err(OneShotError::Other)?;
+    let mut pre = Preprocessor::new(&model, channels).map_err(OneShotError::Other)?;
     let mut rng = fastrand::Rng::with_seed(42);
     let raw: Vec<f32> = (0..model.input().len())
         .map(|_| rng.f32() * 2.0 - 1.0)

@@ -47,7 +47,7 @@ fn load(name: &str) -> (Arc<Model>, Reference) {
 
 fn run_case(model: &Arc<Model>, case: &Case) -> (Vec<f32>, Vec<f32>) {
     let channels = *model.input().shape.last().unwrap();
-    let pre = Preprocessor::new(model, channels).unwrap();
+    let mut pre = Preprocessor::new(model, channels).unwrap();
     let raw: Vec<f32> = case.input.iter().flatten().copied().collect();
     let mut normalised = Vec::new();
     let out = model

@@ -43,7 +43,7 @@ fn with_manifest(zoo: &Path, rel: &str, manifest: &str) -> (Arc<Model>, tempfile
 }
 
 fn classify(model: &Arc<Model>, pixels: &[f32]) -> Vec<(String, f32)> {
-    let pre = Preprocessor::new(model, 3).unwrap();
+    let mut pre = Preprocessor::new(model, 3).unwrap();
     let mut normalised = Vec::new();
     let out = model
         .session()

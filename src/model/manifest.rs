@@ -43,6 +43,54 @@ pub struct InputSpec {
     pub shape: Option<Vec<usize>>,
     /// Names of the channels of one sample, for documentation and `models`.
     pub channels: Option<Vec<String>>,
+    /// Image models: where the colour channel is (default: `nchw` when the
+    /// second dimension is 1 or 3, else `nhwc`).
+    pub layout: Option<Layout>,
+    /// Image models: channel order the model expects (default `rgb`; `gray`
+    /// for one channel).
+    pub color: Option<ColorOrder>,
+    /// Image models: how a frame is fitted to the input (default `stretch`).
+    #[serde(default)]
+    pub resize: ResizeMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColorOrder {
+    Rgb,
+    Bgr,
+    Gray,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeMode {
+    /// Scale each axis to the input size (aspect ratio not kept).
+    #[default]
+    Stretch,
+    /// Keep the aspect ratio, pad with grey (114) to the input size.
+    Letterbox,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectionFormat {
+    /// One output `[1, 4 + classes, anchors]`: cx, cy, w, h in input pixels,
+    /// then one score per class (Ultralytics YOLOv8/v11 export).
+    Yolov8,
+    /// Two outputs: boxes `[1, N, 4]` (x0, y0, x1, y1, normalised 0..1)
+    /// and scores `[1, N, classes]` (class 0 = background).
+    Ssd,
+    /// UltraFace: scores `[1, N, 2]` then boxes `[1, N, 4]` (normalised
+    /// corners; class 1 = face).
+    Ultraface,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -68,6 +116,8 @@ pub enum OutputKind {
     /// The output tensor as it is (flattened).
     #[default]
     Raw,
+    /// Boxes with labels and scores (image models; see `format`).
+    Detection,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -99,6 +149,15 @@ pub struct OutputSpec {
     /// For int8/uint8 outputs: `x = (q - zero_point) * quant_scale`.
     pub quant_scale: Option<f32>,
     pub zero_point: Option<i32>,
+    /// Detection: the output layout.
+    pub format: Option<DetectionFormat>,
+    /// Detection: candidates below this score are dropped (default 0.5).
+    pub score_threshold: Option<f32>,
+    /// Detection: overlap (IoU) above which a weaker box of the same class
+    /// is suppressed (default 0.45).
+    pub iou_threshold: Option<f32>,
+    /// Detection: most boxes reported per frame (default 100).
+    pub max_detections: Option<usize>,
 }
 
 impl Manifest {
@@ -133,6 +192,20 @@ impl Manifest {
         }
         if self.output.kind == OutputKind::Anomaly && self.output.threshold.is_none() {
             p.push("output.threshold is required for kind = \"anomaly\"".into());
+        }
+        if self.output.kind == OutputKind::Detection && self.output.format.is_none() {
+            p.push(
+                "output.format is required for kind = \"detection\" (yolov8, ssd or ultraface)"
+                    .into(),
+            );
+        }
+        for (k, v) in [
+            ("score_threshold", self.output.score_threshold),
+            ("iou_threshold", self.output.iou_threshold),
+        ] {
+            if v.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+                p.push(format!("output.{k} must be between 0 and 1"));
+            }
         }
         if self.output.top_k == Some(0) {
             p.push("output.top_k must be at least 1".into());

@@ -14,7 +14,7 @@ pub use connection::{connect_options, drive, status_topic, AckToken, ConnectionC
 pub use outbox::{outbox, publish_loop, Outbox, OutboxReceiver, Outgoing, Tracker};
 pub use topic::{check_template, TopicFilter, TopicTemplate};
 
-use rumqttc::QoS;
+pub use rumqttc::QoS;
 
 /// Host, port and transport of a broker URL: `mqtt://HOST[:PORT]` (1883)
 /// or `mqtts://HOST[:PORT]` (8883, TLS).

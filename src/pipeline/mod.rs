@@ -3,10 +3,11 @@
 //! (never tokio workers); a source topic always goes to the same worker, so
 //! its samples stay in order, and each worker owns its tract state.
 
+pub mod camera;
 pub mod post;
 pub mod sensor;
 
-use crate::config::{Config, PayloadFormat, Pipeline as PipelineConfig};
+use crate::config::{Config, PayloadFormat, Pipeline as PipelineConfig, PipelineKind};
 use crate::health::{Budget, PipelineStats, Telemetry};
 use crate::model::{Model, Session};
 use crate::mqtt::{Outbox, Outgoing, TopicFilter, TopicTemplate};
@@ -48,6 +49,18 @@ pub struct PipelineSpec {
     pub max_payload: usize,
     pub max_sources: usize,
     pub model: Arc<Model>,
+    /// Camera pipelines: frames, not samples.
+    pub camera: Option<CameraSpec>,
+}
+
+/// What a camera pipeline needs beyond the common spec.
+#[derive(Debug)]
+pub struct CameraSpec {
+    pub frame: camera::FrameFormat,
+    pub input: camera::ImageInput,
+    pub detection: Option<camera::DetectionSpec>,
+    pub max_pixels: u64,
+    pub snapshot: Option<TopicTemplate>,
 }
 
 impl PipelineSpec {
@@ -57,6 +70,9 @@ impl PipelineSpec {
         p: &PipelineConfig,
         model: Arc<Model>,
     ) -> Result<PipelineSpec, String> {
+        if p.kind == PipelineKind::Camera {
+            return Self::camera(config, p, model);
+        }
         let input = model.input();
         // A sensor model's input is [.., samples, channels]: the last
         // dimension is the channel count, the rest hold the samples.
@@ -91,13 +107,75 @@ impl PipelineSpec {
             errors_topic: format!("{}/errors", config.prefix()),
             filters,
             qos: crate::mqtt::qos(p.qos),
-            payload: p.payload,
+            payload: p.payload(),
             channels,
             size,
             stride,
             max_payload: config.limits.max_payload_bytes,
             max_sources: config.limits.max_sources,
             model,
+            camera: None,
+        })
+    }
+
+    fn camera(
+        config: &Config,
+        p: &PipelineConfig,
+        model: Arc<Model>,
+    ) -> Result<PipelineSpec, String> {
+        let input = camera::ImageInput::new(&model)?;
+        let mut detection = camera::DetectionSpec::new(&model)?;
+        if let Some(d) = &mut detection {
+            d.score_threshold = p.score_threshold.unwrap_or(d.score_threshold);
+            d.iou_threshold = p.iou_threshold.unwrap_or(d.iou_threshold);
+            d.max_detections = p.max_detections.unwrap_or(d.max_detections);
+            d.classes = p.classes.clone().unwrap_or_default();
+        } else if p.snapshot.is_some() || p.classes.is_some() {
+            return Err(format!(
+                "snapshot and classes need a detection model; {} is not one (output.kind)",
+                model.name
+            ));
+        }
+        let pre = Preprocessor::new(&model, input.channels)?;
+        drop(pre);
+        let frame = match p.payload() {
+            PayloadFormat::Rgb8 => camera::FrameFormat::Rgb8 {
+                width: p.width.unwrap_or(0),
+                height: p.height.unwrap_or(0),
+            },
+            PayloadFormat::Gray8 => camera::FrameFormat::Gray8 {
+                width: p.width.unwrap_or(0),
+                height: p.height.unwrap_or(0),
+            },
+            _ => camera::FrameFormat::Encoded,
+        };
+        let filters = p
+            .topics
+            .iter()
+            .map(|t| TopicFilter::parse(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let template =
+            |t: &str| TopicTemplate::new(t, &config.device_id(), &p.name, &config.prefix());
+        Ok(PipelineSpec {
+            name: p.name.clone(),
+            results: template(&p.results_template()),
+            errors_topic: format!("{}/errors", config.prefix()),
+            filters,
+            qos: crate::mqtt::qos(p.qos),
+            payload: p.payload(),
+            channels: input.channels,
+            size: 1,
+            stride: 1,
+            max_payload: config.limits.max_image_bytes,
+            max_sources: config.limits.max_sources,
+            model,
+            camera: Some(CameraSpec {
+                frame,
+                input,
+                detection,
+                max_pixels: config.limits.max_image_pixels,
+                snapshot: p.snapshot.as_deref().map(template),
+            }),
         })
     }
 
@@ -113,8 +191,86 @@ impl PipelineSpec {
 pub struct PipelineHandle {
     pub spec: Arc<PipelineSpec>,
     pub stats: Arc<PipelineStats>,
-    senders: Vec<flume::Sender<Ingested>>,
+    queue: Queue,
     budget: Arc<Budget>,
+}
+
+enum Queue {
+    /// Sensor pipelines: a bounded FIFO per worker.
+    Fifo(Vec<flume::Sender<Ingested>>),
+    /// Camera pipelines: one slot per camera, the latest frame wins.
+    Latest(Arc<Slots>),
+}
+
+/// One waiting frame per source topic; a newer frame replaces an
+/// unprocessed one. Sources are served in the order they became ready, so
+/// a fast camera cannot starve a slow one.
+pub struct Slots {
+    state: std::sync::Mutex<SlotState>,
+    ready: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    frames: HashMap<String, Ingested>,
+    order: std::collections::VecDeque<String>,
+    closed: bool,
+}
+
+impl Slots {
+    fn new() -> Slots {
+        Slots {
+            state: Default::default(),
+            ready: Default::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts a frame in its source's slot; returns the frame it replaced.
+    fn put(&self, msg: Ingested, max_sources: usize) -> Result<Option<Ingested>, Ingested> {
+        let mut st = self.lock();
+        if !st.frames.contains_key(&msg.topic) && st.frames.len() >= max_sources {
+            return Err(msg);
+        }
+        let topic = msg.topic.clone();
+        let old = st.frames.insert(topic.clone(), msg);
+        if old.is_none() {
+            st.order.push_back(topic);
+        }
+        drop(st);
+        self.ready.notify_one();
+        Ok(old)
+    }
+
+    /// The next waiting frame; `None` once closed and empty.
+    fn take(&self) -> Option<Ingested> {
+        let mut st = self.lock();
+        loop {
+            if let Some(topic) = st.order.pop_front() {
+                return st.frames.remove(&topic);
+            }
+            if st.closed {
+                return None;
+            }
+            st = self.ready.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+impl Drop for PipelineHandle {
+    fn drop(&mut self) {
+        if let Queue::Latest(slots) = &self.queue {
+            slots.close();
+        }
+    }
 }
 
 impl PipelineHandle {
@@ -132,16 +288,35 @@ impl PipelineHandle {
             self.stats.dropped.inc();
             return;
         }
-        let shard = if self.senders.len() == 1 {
+        let senders = match &self.queue {
+            Queue::Fifo(s) => s,
+            Queue::Latest(slots) => {
+                match slots.put(msg, self.spec.max_sources) {
+                    Ok(None) => {
+                        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Some(old)) => {
+                        self.budget.give(old.payload.len() as u64);
+                        self.stats.replaced.inc();
+                    }
+                    Err(_) => {
+                        self.budget.give(bytes);
+                        self.stats.dropped.inc();
+                    }
+                }
+                return;
+            }
+        };
+        let shard = if senders.len() == 1 {
             0
         } else {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             msg.topic.hash(&mut h);
-            (h.finish() % self.senders.len() as u64) as usize
+            (h.finish() % senders.len() as u64) as usize
         };
         // Count before sending: the worker may take it off the queue at once.
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if self.senders[shard].try_send(msg).is_err() {
+        if senders[shard].try_send(msg).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             self.budget.give(bytes);
             self.stats.dropped.inc();
@@ -164,13 +339,31 @@ pub fn start(
     let mut senders = Vec::with_capacity(workers);
     let mut threads = Vec::with_capacity(workers);
     let per_worker = queue.div_ceil(workers);
+    let slots = spec.camera.is_some().then(|| Arc::new(Slots::new()));
     for i in 0..workers {
-        let (tx, rx) = flume::bounded(per_worker);
-        senders.push(tx);
+        let next: Box<dyn FnMut() -> Option<Ingested> + Send> = match &slots {
+            Some(slots) => {
+                let slots = Arc::clone(slots);
+                Box::new(move || slots.take())
+            }
+            None => {
+                let (tx, rx) = flume::bounded(per_worker);
+                senders.push(tx);
+                Box::new(move || rx.recv().ok())
+            }
+        };
+        let mut next = next;
         let session = spec.model.session().map_err(|e| e.to_string())?;
         let budget = Arc::clone(&telemetry.input_budget);
+        let pre = Preprocessor::new(&spec.model, spec.channels)?;
+        let chw = spec
+            .camera
+            .as_ref()
+            .is_some_and(|c| c.input.layout == crate::model::manifest::Layout::Nchw);
         let mut worker = Worker {
-            pre: Preprocessor::new(&spec.model, spec.channels)?,
+            pre: if chw { pre.channel_first() } else { pre },
+            fitter: camera::Fitter::default(),
+            seqs: HashMap::new(),
             spec: Arc::clone(&spec),
             session,
             sources: HashMap::new(),
@@ -184,7 +377,7 @@ pub fn start(
         let thread = std::thread::Builder::new()
             .name(format!("infer-{}-{i}", spec.name))
             .spawn(move || {
-                while let Ok::<Ingested, _>(msg) = rx.recv() {
+                while let Some(msg) = next() {
                     worker.stats.queued.fetch_sub(1, Ordering::Relaxed);
                     budget.give(msg.payload.len() as u64);
                     let topic = msg.topic.clone();
@@ -204,7 +397,10 @@ pub fn start(
         PipelineHandle {
             spec,
             stats,
-            senders,
+            queue: match slots {
+                Some(s) => Queue::Latest(s),
+                None => Queue::Fifo(senders),
+            },
             budget: Arc::clone(&telemetry.input_budget),
         },
         threads,
@@ -223,6 +419,9 @@ struct Worker {
     spec: Arc<PipelineSpec>,
     session: Session,
     pre: Preprocessor,
+    fitter: camera::Fitter,
+    /// Camera pipelines: result sequence number per source.
+    seqs: HashMap<String, u64>,
     sources: HashMap<String, Source>,
     /// Logical clock for least-recently-seen eviction.
     clock: u64,
@@ -277,6 +476,9 @@ fn ms(d: Duration) -> f64 {
 
 impl Worker {
     fn handle(&mut self, msg: Ingested) {
+        if self.spec.camera.is_some() {
+            return self.handle_frame(msg);
+        }
         let picked = Instant::now();
         let queue = picked - msg.received;
         let decoded = if msg.payload.len() > self.spec.max_payload {
@@ -288,6 +490,7 @@ impl Worker {
             match self.spec.payload {
                 PayloadFormat::Json => sensor::decode_json(&msg.payload, self.spec.channels),
                 PayloadFormat::F32le => sensor::decode_f32le(&msg.payload, self.spec.channels),
+                _ => unreachable!("camera payloads go to handle_frame"),
             }
         };
         let samples = match decoded {
@@ -393,6 +596,93 @@ impl Worker {
         self.stats.results.inc();
         self.outbox.send(Outgoing {
             topic: result_topic,
+            payload,
+            qos: spec.qos,
+            retain: false,
+        });
+    }
+
+    /// A camera frame: decode, fit, infer, detect or classify, publish (and
+    /// the annotated snapshot when configured).
+    fn handle_frame(&mut self, msg: Ingested) {
+        let picked = Instant::now();
+        let queue = picked - msg.received;
+        let spec = Arc::clone(&self.spec);
+        let cam = spec.camera.as_ref().expect("camera pipeline");
+        if msg.payload.len() > spec.max_payload {
+            let e = InputError::TooLarge {
+                size: msg.payload.len(),
+                max: spec.max_payload,
+            };
+            return self.reject(&msg.topic, e.kind(), e.to_string());
+        }
+        let frame = match camera::decode(&msg.payload, cam.frame, cam.max_pixels) {
+            Ok(f) => f,
+            Err(e) => return self.reject(&msg.topic, e.kind(), e.to_string()),
+        };
+        self.stats.processed.inc();
+        let placement = self.fitter.fit(&frame, &cam.input, &mut self.raw);
+        let tensor = self.pre.tensor(&self.raw, &mut self.normalised);
+        let t1 = Instant::now();
+        let output = match &cam.detection {
+            Some(d) => self
+                .session
+                .run_all(tensor)
+                .map_err(|e| e.to_string())
+                .and_then(|outs| d.detect(&outs, &cam.input, &placement))
+                .map(|detections| Output::Detection { detections }),
+            None => self
+                .session
+                .run(tensor)
+                .map_err(|e| e.to_string())
+                .and_then(|out| post::postprocess(&spec.model, out, &[])),
+        };
+        let t2 = Instant::now();
+        let output = match output {
+            Ok(o) => o,
+            Err(reason) => return self.reject(&msg.topic, "inference", reason),
+        };
+        if !self.seqs.contains_key(&msg.topic) && self.seqs.len() >= spec.max_sources {
+            self.seqs.clear();
+        }
+        let seq = self.seqs.entry(msg.topic.clone()).or_insert(0);
+        let this_seq = *seq;
+        *seq += 1;
+        let captures = spec.captures(&msg.topic);
+        if let (Some(t), Output::Detection { detections }) = (&cam.snapshot, &output) {
+            self.outbox.offer(Outgoing {
+                topic: t.render(&captures),
+                payload: camera::annotate(&frame, detections),
+                qos: QoS::AtMostOnce,
+                retain: false,
+            });
+        }
+        let t3 = Instant::now();
+        let message = ResultMessage {
+            pipeline: &spec.name,
+            source: &msg.topic,
+            model: &spec.model.name,
+            model_sha256: &spec.model.sha256,
+            ts: unix_ms(),
+            seq: this_seq,
+            latency_ms: LatencyMs {
+                queue: ms(queue),
+                pre: ms(t1 - picked),
+                infer: ms(t2 - t1),
+                post: ms(t3 - t2),
+            },
+            output: &output,
+        };
+        let payload = serde_json::to_vec(&message).expect("result serializes");
+        self.model_stats
+            .inference
+            .record((t2 - t1).as_secs_f64() * 1e3);
+        self.stats
+            .latency
+            .record((t3 - picked + queue).as_secs_f64() * 1e3);
+        self.stats.results.inc();
+        self.outbox.send(Outgoing {
+            topic: spec.results.render(&captures),
             payload,
             qos: spec.qos,
             retain: false,

@@ -15,6 +15,9 @@ pub struct Preprocessor {
     inv_std: Vec<f32>,
     shape: Vec<usize>,
     quant: Option<(ElemType, f32, i32)>,
+    /// Image models with channel-first input: HWC values are transposed.
+    chw: bool,
+    scratch: Vec<f32>,
 }
 
 impl Preprocessor {
@@ -56,12 +59,20 @@ impl Preprocessor {
             inv_std,
             shape: model.input().shape.clone(),
             quant,
+            chw: false,
+            scratch: Vec::new(),
         })
+    }
+
+    /// Values arrive interleaved (HWC) and the model wants them channel-first.
+    pub fn channel_first(mut self) -> Preprocessor {
+        self.chw = true;
+        self
     }
 
     /// Normalises `raw` into `normalised` (kept for reconstruction scores)
     /// and returns the input tensor.
-    pub fn tensor(&self, raw: &[f32], normalised: &mut Vec<f32>) -> Tensor {
+    pub fn tensor(&mut self, raw: &[f32], normalised: &mut Vec<f32>) -> Tensor {
         normalised.clear();
         normalised.extend(raw.chunks_exact(self.channels).flat_map(|sample| {
             sample
@@ -69,6 +80,10 @@ impl Preprocessor {
                 .enumerate()
                 .map(|(c, x)| (x * self.scale - self.mean[c]) * self.inv_std[c])
         }));
+        if self.chw {
+            super::camera::to_chw(normalised, self.channels, &mut self.scratch);
+            std::mem::swap(normalised, &mut self.scratch);
+        }
         let built = match self.quant {
             None => Tensor::from_shape(&self.shape, normalised),
             Some((ElemType::I8, s, zp)) => {
@@ -108,9 +123,19 @@ pub struct Scored {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Output {
-    Classification { top: Vec<Scored> },
-    Anomaly { score: f32, anomaly: bool },
-    Raw { values: Vec<f32> },
+    Classification {
+        top: Vec<Scored>,
+    },
+    Anomaly {
+        score: f32,
+        anomaly: bool,
+    },
+    Detection {
+        detections: Vec<super::camera::Detection>,
+    },
+    Raw {
+        values: Vec<f32>,
+    },
 }
 
 pub fn softmax(v: &mut [f32]) {
@@ -175,6 +200,9 @@ pub fn postprocess(model: &Model, mut out: Vec<f32>, normalised: &[f32]) -> Resu
             }
         }
         OutputKind::Raw => Output::Raw { values: out },
+        OutputKind::Detection => {
+            return Err("detection output needs the camera pipeline's postprocessing".into())
+        }
     })
 }
 

@@ -24,6 +24,10 @@ pub enum InputError {
     NonFinite { sample: usize, channel: usize },
     #[error("f32le payload of {len} bytes is not a whole number of {channels}-channel samples")]
     BadLength { len: usize, channels: usize },
+    #[error("image: {0}")]
+    Image(String),
+    #[error("image of {width}x{height} pixels is over the limit of {max} pixels (not decoded)")]
+    TooManyPixels { width: u32, height: u32, max: u64 },
 }
 
 impl InputError {
@@ -37,6 +41,8 @@ impl InputError {
             InputError::WrongChannelCount { .. } => "wrong_channel_count",
             InputError::NonFinite { .. } => "non_finite",
             InputError::BadLength { .. } => "bad_length",
+            InputError::Image(_) => "image",
+            InputError::TooManyPixels { .. } => "too_many_pixels",
         }
     }
 }

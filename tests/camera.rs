@@ -1,0 +1,355 @@
+//! Camera pipelines through a real mosquitto: real photos (JPEG and PNG)
+//! through real public models when the model zoo is there (UltraFace finds
+//! the astronaut's face, Visual Wake Words sees a person), every class of
+//! bad image on the errors topic, and a burst from one camera that ends in
+//! counted replacements rather than a growing queue.
+mod common;
+
+use common::*;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+fn samples(zoo: &Path) -> PathBuf {
+    zoo.join("../samples/images")
+}
+
+/// A manifest for a zoo model, written into `dir`.
+fn manifest(dir: &Path, name: &str, model: &Path, body: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!("file = {:?}\n{body}", model.display().to_string()),
+    )
+    .unwrap();
+    path
+}
+
+fn camera_pipeline(name: &str, model: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[[pipeline]]
+name = "{name}"
+kind = "camera"
+topics = ["cameras/+/{name}"]
+model = "{}"
+results = "edgeinfer/{{device}}/results/{name}/{{1}}"
+{extra}
+"#,
+        model.display()
+    )
+}
+
+fn jpeg_of(png: &Path) -> Vec<u8> {
+    let img = image::open(png).unwrap().to_rgb8();
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Jpeg)
+        .unwrap();
+    out
+}
+
+fn faces(result: &serde_json::Value) -> Vec<[f64; 4]> {
+    result["output"]["detections"]
+        .as_array()
+        .expect("detections")
+        .iter()
+        .map(|d| {
+            assert_eq!(d["label"], "face");
+            let b: Vec<f64> = d["box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            [b[0], b[1], b[2], b[3]]
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ultraface_finds_the_astronauts_face_in_png_and_jpeg_frames_with_a_snapshot() {
+    let Some(zoo) = model_zoo() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        "ultraface",
+        &zoo.join("ultraface/version-RFB-320.onnx"),
+        "[preprocess]\nmean = [127.0]\nstd = [128.0]\n[output]\nkind = \"detection\"\nformat = \"ultraface\"\nscore_threshold = 0.7\niou_threshold = 0.3\n",
+    );
+    let broker = Mosquitto::start();
+    let extra = camera_pipeline(
+        "faces",
+        &m,
+        "snapshot = \"edgeinfer/{device}/snapshot/faces/{1}\"",
+    );
+    let text = config_text(&broker.url(), "gw-cam", &extra);
+    let mut obs = Observer::connect(
+        broker.port,
+        &[
+            "edgeinfer/gw-cam/results/#",
+            "edgeinfer/gw-cam/snapshot/#",
+            "edgeinfer/gw-cam/errors",
+        ],
+    )
+    .await;
+    let daemon = Daemon::start_online(parse(&text), broker.port).await;
+    let astronaut = samples(&zoo).join("astronaut.png");
+    obs.publish("cameras/door/faces", std::fs::read(&astronaut).unwrap())
+        .await;
+    // The snapshot and the result, in either order.
+    let two = obs.collect(2, T, |_| true).await;
+    let text: Vec<String> = two
+        .iter()
+        .map(|m| format!("{}: {} bytes", m.topic, m.payload.len()))
+        .collect();
+    let png_result = two
+        .iter()
+        .find(|m| m.topic.contains("/results/"))
+        .unwrap_or_else(|| panic!("a result for the PNG frame: {text:?}"))
+        .json();
+    let snapshot = two
+        .iter()
+        .find(|m| m.topic.contains("/snapshot/"))
+        .unwrap_or_else(|| panic!("a snapshot for the frame: {text:?}"))
+        .clone();
+    obs.publish("cameras/door/faces", jpeg_of(&astronaut)).await;
+    let jpeg_result = obs
+        .next_where(T, |m| m.topic.contains("/results/"))
+        .await
+        .expect("a result for the JPEG frame")
+        .json();
+    for (what, r) in [("png", &png_result), ("jpeg", &jpeg_result)] {
+        let f = faces(r);
+        println!(
+            "ultraface via MQTT ({what}): {f:?}, latency {}",
+            r["latency_ms"]
+        );
+        assert_eq!(f.len(), 1, "{what}: exactly one face");
+        let b = f[0];
+        // Her face lies within x 150..290, y 40..200 of the 512x512 photo.
+        let (cx, cy) = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
+        assert!(
+            (150.0..290.0).contains(&cx) && (40.0..200.0).contains(&cy),
+            "{what}: {b:?}"
+        );
+        assert_eq!(r["source"], "cameras/door/faces");
+        assert_eq!(r["pipeline"], "faces");
+    }
+    assert_eq!(snapshot.topic, "edgeinfer/gw-cam/snapshot/faces/door");
+    let shot = image::load_from_memory_with_format(&snapshot.payload, image::ImageFormat::Jpeg)
+        .expect("the snapshot is a JPEG");
+    assert_eq!(
+        (shot.width(), shot.height()),
+        (512, 512),
+        "the frame's own size"
+    );
+    // The box is drawn: the pixel on its top edge is red.
+    let b = faces(&png_result)[0];
+    let px = shot
+        .to_rgb8()
+        .get_pixel(((b[0] + b[2]) / 2.0) as u32, b[1] as u32 + 1)
+        .0;
+    assert!(px[0] > 180 && px[1] < 120, "box edge colour {px:?}");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn visual_wake_words_int8_sees_the_person_and_not_the_coffee_via_mqtt() {
+    let Some(zoo) = model_zoo() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let m = manifest(
+        dir.path(),
+        "vww",
+        &zoo.join("mlperf-tiny/vww_96_int8.onnx"),
+        "[preprocess]\nscale = 0.003921569\n[output]\nkind = \"classification\"\nlabels = [\"no person\", \"person\"]\n",
+    );
+    let broker = Mosquitto::start();
+    let text = config_text(&broker.url(), "gw-vww", &camera_pipeline("vww", &m, ""));
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-vww/results/#"]).await;
+    let daemon = Daemon::start_online(parse(&text), broker.port).await;
+    let mut labels = Vec::new();
+    for (cam, photo) in [("a", "astronaut.png"), ("b", "coffee.png")] {
+        obs.publish(
+            &format!("cameras/{cam}/vww"),
+            std::fs::read(samples(&zoo).join(photo)).unwrap(),
+        )
+        .await;
+        let r = obs
+            .next_where(T, |m| m.topic.ends_with(&format!("/{cam}")))
+            .await
+            .expect("result")
+            .json();
+        labels.push(r["output"]["top"][0]["label"].as_str().unwrap().to_owned());
+    }
+    println!("vww via MQTT: {labels:?}");
+    assert_eq!(labels, vec!["person", "no person"]);
+    daemon.stop().await;
+}
+
+fn slow_image_model() -> PathBuf {
+    repo().join("tests/fixtures/slow_image.toml")
+}
+
+fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x as u8).wrapping_add(seed), y as u8, seed])
+    });
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+/// A PNG header claiming `w` x `h` pixels, then the start of image data.
+fn png_bomb(w: u32, h: u32) -> Vec<u8> {
+    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    v.extend_from_slice(&13u32.to_be_bytes());
+    v.extend_from_slice(&ihdr);
+    v.extend_from_slice(&crc32fast::hash(&ihdr).to_be_bytes());
+    v.extend_from_slice(&1000u32.to_be_bytes());
+    v.extend_from_slice(b"IDAT");
+    v.resize(1024, 0x5a);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_class_of_bad_image_is_reported_and_the_camera_keeps_serving() {
+    let broker = Mosquitto::start();
+    let extra = format!(
+        "[limits]\nmax_image_bytes = 200000\nmax_image_pixels = 1000000\n{}{}",
+        camera_pipeline("cam", &slow_image_model(), ""),
+        camera_pipeline(
+            "raw",
+            &slow_image_model(),
+            "payload = \"rgb8\"\nwidth = 8\nheight = 4"
+        )
+    );
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-bad/errors", "edgeinfer/gw-bad/results/#"],
+    )
+    .await;
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-bad", &extra)),
+        broker.port,
+    )
+    .await;
+    let good = png(80, 60, 1);
+    let mut jpeg = Vec::new();
+    image::RgbImage::from_pixel(80, 60, image::Rgb([9, 9, 9]))
+        .write_to(&mut Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("cameras/t1/cam", jpeg[..jpeg.len() / 2].to_vec(), "image"),
+        ("cameras/t2/cam", good[..good.len() - 40].to_vec(), "image"),
+        (
+            "cameras/t3/cam",
+            png_bomb(60_000, 60_000),
+            "too_many_pixels",
+        ),
+        (
+            "cameras/t4/cam",
+            b"GIF89a not a supported format".to_vec(),
+            "image",
+        ),
+        ("cameras/t5/cam", vec![0xFF; 250_000], "too_large"),
+        ("cameras/t6/raw", vec![0; 95], "image"),
+    ];
+    for (topic, payload, _) in &cases {
+        obs.publish(topic, payload.clone()).await;
+    }
+    let mut kinds = std::collections::HashMap::new();
+    for _ in 0..cases.len() {
+        let e = obs
+            .next_where(T, |m| m.topic.ends_with("/errors"))
+            .await
+            .expect("an error per bad image")
+            .json();
+        kinds.insert(
+            e["source"].as_str().unwrap().to_owned(),
+            e["kind"].as_str().unwrap().to_owned(),
+        );
+    }
+    for (topic, _, kind) in &cases {
+        assert_eq!(
+            kinds.get(*topic).map(String::as_str),
+            Some(*kind),
+            "{topic}: {kinds:?}"
+        );
+    }
+    // Still serving, both encoded and raw frames.
+    obs.publish("cameras/ok/cam", good).await;
+    obs.publish("cameras/ok/raw", vec![128; 8 * 4 * 3]).await;
+    let ok = obs.collect(2, T, |m| m.topic.contains("/results/")).await;
+    assert_eq!(ok.len(), 2, "good frames after bad ones get results");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_one_camera_is_replaced_not_queued_and_another_camera_still_gets_through() {
+    const FRAMES: usize = 300;
+    let broker = Mosquitto::start();
+    let extra = camera_pipeline("cam", &slow_image_model(), "qos = 0");
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-burst/results/#"]).await;
+    let mut health = Observer::connect(broker.port, &["edgeinfer/gw-burst/health"]).await;
+    let daemon = Daemon::start_online(
+        parse(&config_text(&broker.url(), "gw-burst", &extra)),
+        broker.port,
+    )
+    .await;
+    let frame = png(320, 240, 3);
+    for i in 0..FRAMES {
+        obs.publish("cameras/fast/cam", frame.clone()).await;
+        if i == FRAMES / 2 {
+            obs.publish("cameras/slow/cam", png(64, 64, 9)).await;
+        }
+    }
+    // Health once the burst has been taken in.
+    let mut last = serde_json::Value::Null;
+    for _ in 0..20 {
+        let h = health
+            .next_where(T, |m| m.topic.ends_with("/health"))
+            .await
+            .expect("health")
+            .json();
+        let p = h["pipelines"]["cam"].clone();
+        let done = p["received"].as_u64().unwrap() == FRAMES as u64 + 1
+            && p["queue_depth"].as_u64().unwrap() == 0;
+        last = h;
+        if done {
+            break;
+        }
+    }
+    let p = &last["pipelines"]["cam"];
+    let (received, processed, replaced, dropped) = (
+        p["received"].as_u64().unwrap(),
+        p["processed"].as_u64().unwrap(),
+        p["replaced"].as_u64().unwrap(),
+        p["dropped"].as_u64().unwrap(),
+    );
+    println!("camera burst: received {received}, processed {processed}, replaced {replaced}, dropped {dropped}, queued input bytes {}", last["memory"]["queued_input_bytes"]);
+    assert_eq!(received, FRAMES as u64 + 1);
+    assert!(
+        replaced > 0,
+        "a burst faster than the model replaces frames"
+    );
+    assert_eq!(
+        processed + replaced + dropped,
+        received,
+        "every frame is processed or counted"
+    );
+    let results = obs
+        .collect(processed as usize, T, |m| m.topic.contains("/results/"))
+        .await;
+    assert!(
+        results.iter().any(|m| m.topic.ends_with("/slow")),
+        "the other camera's one frame was not starved by the burst"
+    );
+    daemon.stop().await;
+}
