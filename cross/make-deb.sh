@@ -2,7 +2,7 @@
 # Builds the .deb for one target: cross/make-deb.sh [TARGET]
 #   x86_64-unknown-linux-gnu (amd64, the default), aarch64-unknown-linux-gnu
 #   (arm64), armv7-unknown-linux-gnueabihf (armhf).
-# Output: target/deb/edgeinfer_VERSION-1_ARCH.deb. Needs dpkg-deb and, for
+# Output: target/deb/edgeinfer_VERSION-1_ARCH.deb (under $CARGO_TARGET_DIR if set). Needs dpkg-deb and, for
 # the ARM targets, what cross/build.sh installs.
 set -eu
 cd "$(dirname "$0")/.."
@@ -15,10 +15,17 @@ case "$TARGET" in
 esac
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 
-cargo --config cross/config.toml build --locked --release --target "$TARGET"
-BIN=target/$TARGET/release/edgeinfer
+OUT=${CARGO_TARGET_DIR:-target}
+HOST=$(rustc -vV | sed -n 's/^host: //p')
+if [ "$TARGET" = "$HOST" ]; then
+    cargo build --locked --release
+    BIN=$OUT/release/edgeinfer
+else
+    cargo --config cross/config.toml build --locked --release --target "$TARGET"
+    BIN=$OUT/$TARGET/release/edgeinfer
+fi
 
-ROOT=target/deb/edgeinfer_${VERSION}-1_$ARCH
+ROOT=$OUT/deb/edgeinfer_${VERSION}-1_$ARCH
 rm -rf "$ROOT"
 install -D -m 0755 "$BIN" "$ROOT/usr/bin/edgeinfer"
 install -D -m 0644 systemd/edgeinfer.service "$ROOT/lib/systemd/system/edgeinfer.service"
@@ -68,4 +75,4 @@ Description: on-device inference daemon for Linux gateways
 CONTROL
 echo /etc/edgeinfer/edgeinfer.toml > "$ROOT/DEBIAN/conffiles"
 install -m 0755 cross/debian/postinst cross/debian/prerm cross/debian/postrm "$ROOT/DEBIAN/"
-dpkg-deb --root-owner-group -Zxz --build "$ROOT" "target/deb/edgeinfer_${VERSION}-1_$ARCH.deb"
+dpkg-deb --root-owner-group -Zxz --build "$ROOT" "$OUT/deb/edgeinfer_${VERSION}-1_$ARCH.deb"
