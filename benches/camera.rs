@@ -74,7 +74,9 @@ fn main() {
         .port();
     std::fs::write(
         dir.join("mosquitto.conf"),
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n"),
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n"
+        ),
     )
     .unwrap();
     let mut broker = Command::new(mosquitto)
@@ -179,7 +181,10 @@ qos = 0
             .await
             .unwrap();
         let (_, first) = rx.recv().await.unwrap();
-        println!("vww on the 640x480 JPEG: {}", String::from_utf8_lossy(&first));
+        println!(
+            "vww on the 640x480 JPEG: {}",
+            String::from_utf8_lossy(&first)
+        );
         // Saturate the face pipeline: a frame every 5 ms.
         let publisher = client.clone();
         let frame = jpeg.clone();
@@ -228,7 +233,10 @@ qos = 0
         )
     });
     let peak_rss = status_kib(pid, "VmHWM:") / 1024.0;
-    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
     let _ = daemon.wait();
     let _ = broker.kill();
     let _ = broker.wait();
@@ -239,15 +247,21 @@ qos = 0
         .args(["--runs", "200", "--json"])
         .output()
         .unwrap();
-    let bare: serde_json::Value =
-        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').find(|l| l.starts_with(b"{")).unwrap())
-            .unwrap();
+    let bare: serde_json::Value = serde_json::from_slice(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .find(|l| l.starts_with(b"{"))
+            .unwrap(),
+    )
+    .unwrap();
     let bare_p50 = bare["p50_ms"].as_f64().unwrap();
     let per_frame = 1000.0 / fps;
     println!("camera: two camera pipelines loaded (UltraFace RFB-320 + VWW int8): RSS {idle_rss:.1} MiB idle, peak {peak_rss:.1} MiB during the run");
     println!("camera: UltraFace pipeline {fps:.1} frames/s ({frames} results in {seconds} s, 640x480 JPEG in, a frame offered every 5 ms) = {per_frame:.2} ms per frame");
     println!("camera: per frame, medians: pre {pre:.2} ms (decode + resize + normalise), infer {infer:.2} ms, post {post:.2} ms");
-    println!("camera: bare inference (edgeinfer bench, same model, same run): p50 {bare_p50:.2} ms");
+    println!(
+        "camera: bare inference (edgeinfer bench, same model, same run): p50 {bare_p50:.2} ms"
+    );
     println!(
         "camera: pipeline overhead per frame = {:.1}% of bare inference",
         (per_frame - bare_p50) / bare_p50 * 100.0

@@ -74,10 +74,15 @@ fn stages(c: &mut Criterion) {
 fn camera_preprocess(c: &mut Criterion) {
     use edgeinfer::model::manifest::{ColorOrder, Layout, ResizeMode};
     use edgeinfer::pipeline::camera::{decode, to_chw, Fitter, FrameFormat, ImageInput};
-    let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/samples/images/astronaut.png");
+    let photo =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/samples/images/astronaut.png");
     let img = match image::open(&photo) {
-        Ok(i) => i.resize_exact(640, 480, image::imageops::FilterType::Triangle).to_rgb8(),
-        Err(_) => image::RgbImage::from_fn(640, 480, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8])),
+        Ok(i) => i
+            .resize_exact(640, 480, image::imageops::FilterType::Triangle)
+            .to_rgb8(),
+        Err(_) => image::RgbImage::from_fn(640, 480, |x, y| {
+            image::Rgb([x as u8, y as u8, (x ^ y) as u8])
+        }),
     };
     let mut jpeg = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut std::io::Cursor::new(&mut jpeg), 85)
