@@ -187,6 +187,17 @@ impl PipelineSpec {
     }
 }
 
+/// A camera frame decoded and preprocessed, on its way to inference.
+struct Prepared {
+    picked: Instant,
+    prepared: Instant,
+    /// Kept only when a snapshot is drawn.
+    frame: Option<camera::Frame>,
+    placement: camera::Placement,
+    tensor: Tensor,
+    msg: Ingested,
+}
+
 /// The router's handle on a running pipeline.
 pub struct PipelineHandle {
     pub spec: Arc<PipelineSpec>,
@@ -374,6 +385,78 @@ pub fn start(
             raw: Vec::with_capacity(spec.size * spec.channels),
             normalised: Vec::with_capacity(spec.size * spec.channels),
         };
+        if spec.camera.is_some() {
+            // Two threads per camera worker: decoding and preprocessing the
+            // next frame overlaps inference of the current one. The hand-off
+            // holds one prepared frame; newer frames wait in their slot.
+            let (ptx, prx) = flume::bounded::<Prepared>(1);
+            let mut decoder = Worker {
+                pre: worker.pre.clone(),
+                fitter: camera::Fitter::default(),
+                seqs: HashMap::new(),
+                spec: Arc::clone(&worker.spec),
+                session: spec.model.session().map_err(|e| e.to_string())?,
+                sources: HashMap::new(),
+                clock: 0,
+                outbox: worker.outbox.clone(),
+                stats: Arc::clone(&worker.stats),
+                model_stats: Arc::clone(&worker.model_stats),
+                raw: Vec::new(),
+                normalised: Vec::new(),
+            };
+            let budget = Arc::clone(&budget);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("decode-{}-{i}", spec.name))
+                    .spawn(move || {
+                        while let Some(msg) = next() {
+                            decoder.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                            budget.give(msg.payload.len() as u64);
+                            let topic = msg.topic.clone();
+                            let prepared =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    decoder.prepare_frame(msg)
+                                }));
+                            match prepared {
+                                Ok(Some(p)) => {
+                                    if ptx.send(p).is_err() {
+                                        break;
+                                    }
+                                }
+                                Ok(None) => {}
+                                Err(_) => decoder.reject(
+                                    &topic,
+                                    "internal",
+                                    "internal error while decoding this frame (see the log)".into(),
+                                ),
+                            }
+                        }
+                    })
+                    .map_err(|e| format!("cannot start decode thread: {e}"))?,
+            );
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("infer-{}-{i}", spec.name))
+                    .spawn(move || {
+                        while let Ok(p) = prx.recv() {
+                            let topic = p.msg.topic.clone();
+                            let done =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    worker.infer_frame(p)
+                                }));
+                            if done.is_err() {
+                                worker.reject(
+                                    &topic,
+                                    "internal",
+                                    "internal error while handling this frame (see the log)".into(),
+                                );
+                            }
+                        }
+                    })
+                    .map_err(|e| format!("cannot start worker thread: {e}"))?,
+            );
+            continue;
+        }
         let thread = std::thread::Builder::new()
             .name(format!("infer-{}-{i}", spec.name))
             .spawn(move || {
@@ -476,9 +559,6 @@ fn ms(d: Duration) -> f64 {
 
 impl Worker {
     fn handle(&mut self, msg: Ingested) {
-        if self.spec.camera.is_some() {
-            return self.handle_frame(msg);
-        }
         let picked = Instant::now();
         let queue = picked - msg.received;
         let decoded = if msg.payload.len() > self.spec.max_payload {
@@ -490,7 +570,7 @@ impl Worker {
             match self.spec.payload {
                 PayloadFormat::Json => sensor::decode_json(&msg.payload, self.spec.channels),
                 PayloadFormat::F32le => sensor::decode_f32le(&msg.payload, self.spec.channels),
-                _ => unreachable!("camera payloads go to handle_frame"),
+                _ => unreachable!("camera payloads go to prepare_frame"),
             }
         };
         let samples = match decoded {
@@ -602,11 +682,10 @@ impl Worker {
         });
     }
 
-    /// A camera frame: decode, fit, infer, detect or classify, publish (and
-    /// the annotated snapshot when configured).
-    fn handle_frame(&mut self, msg: Ingested) {
+    /// A camera frame, first half (on the decode thread): size check,
+    /// decode, fit, preprocess. Bad frames are rejected here.
+    fn prepare_frame(&mut self, msg: Ingested) -> Option<Prepared> {
         let picked = Instant::now();
-        let queue = picked - msg.received;
         let spec = Arc::clone(&self.spec);
         let cam = spec.camera.as_ref().expect("camera pipeline");
         if msg.payload.len() > spec.max_payload {
@@ -614,16 +693,46 @@ impl Worker {
                 size: msg.payload.len(),
                 max: spec.max_payload,
             };
-            return self.reject(&msg.topic, e.kind(), e.to_string());
+            self.reject(&msg.topic, e.kind(), e.to_string());
+            return None;
         }
         let frame = match camera::decode(&msg.payload, cam.frame, cam.max_pixels) {
             Ok(f) => f,
-            Err(e) => return self.reject(&msg.topic, e.kind(), e.to_string()),
+            Err(e) => {
+                self.reject(&msg.topic, e.kind(), e.to_string());
+                return None;
+            }
         };
         self.stats.processed.inc();
         let placement = self.fitter.fit(&frame, &cam.input, &mut self.raw);
         let tensor = self.pre.tensor(&self.raw, &mut self.normalised);
+        Some(Prepared {
+            picked,
+            prepared: Instant::now(),
+            frame: cam.snapshot.is_some().then_some(frame),
+            placement,
+            tensor,
+            msg,
+        })
+    }
+
+    /// A camera frame, second half (on the inference thread): infer,
+    /// detect or classify, publish (and the annotated snapshot when
+    /// configured). The message (and its ack) is dropped only after.
+    fn infer_frame(&mut self, p: Prepared) {
+        let Prepared {
+            picked,
+            prepared: t1_pre,
+            frame,
+            placement,
+            tensor,
+            msg,
+        } = p;
+        let queue = picked - msg.received;
+        let spec = Arc::clone(&self.spec);
+        let cam = spec.camera.as_ref().expect("camera pipeline");
         let t1 = Instant::now();
+        let waited = t1 - t1_pre;
         let output = match &cam.detection {
             Some(d) => self
                 .session
@@ -649,10 +758,12 @@ impl Worker {
         let this_seq = *seq;
         *seq += 1;
         let captures = spec.captures(&msg.topic);
-        if let (Some(t), Output::Detection { detections }) = (&cam.snapshot, &output) {
+        if let (Some(t), Some(frame), Output::Detection { detections }) =
+            (&cam.snapshot, &frame, &output)
+        {
             self.outbox.offer(Outgoing {
                 topic: t.render(&captures),
-                payload: camera::annotate(&frame, detections),
+                payload: camera::annotate(frame, detections),
                 qos: QoS::AtMostOnce,
                 retain: false,
             });
@@ -666,8 +777,9 @@ impl Worker {
             ts: unix_ms(),
             seq: this_seq,
             latency_ms: LatencyMs {
-                queue: ms(queue),
-                pre: ms(t1 - picked),
+                // Waiting for the inference thread counts as queueing.
+                queue: ms(queue + waited),
+                pre: ms(t1_pre - picked),
                 infer: ms(t2 - t1),
                 post: ms(t3 - t2),
             },
