@@ -626,13 +626,19 @@ impl Config {
                     ),
                 );
             }
-            if p.kind == PipelineKind::Sensor
-                && (p.snapshot.is_some() || p.classes.is_some() || p.width.is_some())
-            {
-                bad(
-                    &key("snapshot"),
-                    "snapshot, classes, width and height are camera settings".into(),
-                );
+            if p.kind == PipelineKind::Sensor {
+                let camera_only = [
+                    ("snapshot", p.snapshot.is_some()),
+                    ("classes", p.classes.is_some()),
+                    ("width", p.width.is_some()),
+                    ("height", p.height.is_some()),
+                ];
+                for (k, _) in camera_only.iter().filter(|(_, set)| *set) {
+                    bad(
+                        &key(k),
+                        "a camera setting, not for kind = \"sensor\"".into(),
+                    );
+                }
             }
             if p.topics.is_empty() {
                 bad(

@@ -72,6 +72,32 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// Publishes `n` QoS 1 inputs (one full window each, `ts` = index) over
+    /// `devices` topics, in the background.
+    fn stream(
+        &self,
+        n: usize,
+        devices: usize,
+        input: Vec<Vec<f32>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                client
+                    .publish(
+                        format!("sensors/dev-{}/imu", i % devices),
+                        QoS::AtLeastOnce,
+                        false,
+                        batch(i as u64, &input),
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    }
+}
+
 impl Drop for Publisher {
     fn drop(&mut self) {
         self.task.abort();
@@ -92,6 +118,17 @@ impl Tally {
     fn add(&mut self, m: &Seen) {
         let ts = m.json()["ts"].as_u64().expect("result has ts");
         *self.by_ts.entry(ts).or_default() += 1;
+    }
+    /// Collects results until `n` distinct inputs have one (`what` in the
+    /// panic if they stop coming).
+    async fn wait_for(&mut self, obs: &mut Observer, n: usize, what: &str) {
+        while self.distinct() < n {
+            let m = obs
+                .next_where(Duration::from_secs(60), |m| m.topic.contains("/results/"))
+                .await
+                .unwrap_or_else(|| panic!("results flow {what}"));
+            self.add(&m);
+        }
     }
     fn distinct(&self) -> usize {
         self.by_ts.len()
@@ -161,31 +198,11 @@ async fn broker_restart_mid_stream_loses_no_input() {
         broker.port,
     )
     .await;
-    let input = activity_reference().cases[0].input.clone();
     let publisher = Publisher::connect(broker.port, "publisher-restart");
-    let client = publisher.client.clone();
-    let sender = tokio::spawn(async move {
-        for i in 0..N {
-            client
-                .publish(
-                    format!("sensors/dev-{}/imu", i % 10),
-                    QoS::AtLeastOnce,
-                    false,
-                    batch(i as u64, &input),
-                )
-                .await
-                .unwrap();
-        }
-    });
+    let sender = publisher.stream(N, 10, activity_reference().cases[0].input.clone());
     let mut tally = Tally::new();
     // Restart the broker once part of the stream went through.
-    while tally.distinct() < N / 4 {
-        let m = obs
-            .next_where(Duration::from_secs(60), |m| m.topic.contains("/results/"))
-            .await
-            .expect("results flow before the restart");
-        tally.add(&m);
-    }
+    tally.wait_for(&mut obs, N / 4, "before the restart").await;
     let before = tally.distinct();
     let broker = tokio::task::spawn_blocking(move || {
         broker.restart_gracefully(Duration::from_millis(1500));
@@ -261,30 +278,10 @@ async fn sigkill_mid_stream_loses_no_acknowledged_input() {
             .is_some(),
         "first run came online"
     );
-    let input = activity_reference().cases[1].input.clone();
     let publisher = Publisher::connect(broker.port, "publisher-kill");
-    let client = publisher.client.clone();
-    let sender = tokio::spawn(async move {
-        for i in 0..N {
-            client
-                .publish(
-                    format!("sensors/dev-{}/imu", i % 7),
-                    QoS::AtLeastOnce,
-                    false,
-                    batch(i as u64, &input),
-                )
-                .await
-                .unwrap();
-        }
-    });
+    let sender = publisher.stream(N, 7, activity_reference().cases[1].input.clone());
     let mut tally = Tally::new();
-    while tally.distinct() < N / 5 {
-        let m = obs
-            .next_where(Duration::from_secs(60), |m| m.topic.contains("/results/"))
-            .await
-            .expect("results flow before the kill");
-        tally.add(&m);
-    }
+    tally.wait_for(&mut obs, N / 5, "before the kill").await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let before = tally.distinct();

@@ -17,7 +17,7 @@
 
 use super::spool::{Spool, Spooled};
 use crate::health::{BrokerStats, OutboxStats};
-use rumqttc::{AsyncClient, ClientError, QoS};
+use rumqttc::{AsyncClient, ClientError, QoS, Request};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -272,30 +272,55 @@ impl OutboxReceiver {
 
     /// Hands `msg` to the client without waiting, recording it for packet-id
     /// tracking under the same lock (so the order of records is the order
-    /// of requests in the client's channel).
+    /// of requests in the client's channel). The message moves into the
+    /// request (no copy); if the client's channel is full it is put back
+    /// and `Ok(false)` returned. `Err` once the client is gone.
     fn hand(
         &self,
         client: &AsyncClient,
         msg: Outgoing,
         handed: Option<Handed>,
         seq: Option<u64>,
-    ) -> Result<(), ClientError> {
+    ) -> Result<bool, ()> {
         let mut st = self.shared.lock();
         if !st.connected {
             // Lost the connection meanwhile: the spool rewound already.
             if let Some(Handed::Other) = handed {
                 st.transient.push_front(msg);
             }
-            return Ok(());
+            return Ok(true);
         }
-        client.try_publish(msg.topic.clone(), msg.qos, msg.retain, msg.payload.clone())?;
-        match (handed, seq) {
-            (Some(h), _) => st.handed.push_back(h),
-            // QoS 0 from the spool: written is as good as it gets.
-            (None, Some(seq)) => st.spool.ack(seq),
-            (None, None) => {}
+        let Outgoing {
+            topic,
+            payload,
+            qos,
+            retain,
+        } = msg;
+        match client.try_publish(topic, qos, retain, payload) {
+            Ok(()) => {
+                match (handed, seq) {
+                    (Some(h), _) => st.handed.push_back(h),
+                    // QoS 0 from the spool: written is as good as it gets.
+                    (None, Some(seq)) => st.spool.ack(seq),
+                    (None, None) => {}
+                }
+                Ok(true)
+            }
+            Err(ClientError::TryRequest(request)) => {
+                match (seq, request) {
+                    (Some(_), _) => st.spool.rewind_one(),
+                    (None, Request::Publish(p)) => st.transient.push_front(Outgoing {
+                        topic: p.topic,
+                        payload: p.payload.to_vec(),
+                        qos: p.qos,
+                        retain: p.retain,
+                    }),
+                    (None, _) => {}
+                }
+                Ok(false)
+            }
+            Err(ClientError::Request(_)) => Err(()),
         }
-        Ok(())
     }
 
     fn sync(&self) {
@@ -330,30 +355,16 @@ pub async fn publish_loop(
     sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         match outbox.step(window) {
-            Step::Publish(msg, handed, seq) => {
-                if let Err(e) = outbox.hand(&client, msg.clone(), handed, seq) {
-                    match e {
-                        ClientError::TryRequest(_) => {
-                            // The client's channel is full: put it back, retry shortly.
-                            {
-                                let mut st = outbox.shared.lock();
-                                match seq {
-                                    Some(_) => st.spool.rewind_one(),
-                                    None => st.transient.push_front(msg),
-                                }
-                            }
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                        }
-                        ClientError::Request(_) => {
-                            tracing::error!(
-                                "MQTT client closed; results can no longer be published"
-                            );
-                            outbox.sync();
-                            return;
-                        }
-                    }
+            Step::Publish(msg, handed, seq) => match outbox.hand(&client, msg, handed, seq) {
+                Ok(true) => {}
+                // The client's channel is full: retry shortly.
+                Ok(false) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(()) => {
+                    tracing::error!("MQTT client closed; results can no longer be published");
+                    outbox.sync();
+                    return;
                 }
-            }
+            },
             Step::Wait => {
                 tokio::select! {
                     _ = outbox.shared.wake.notified() => {}

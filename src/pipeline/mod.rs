@@ -136,8 +136,8 @@ impl PipelineSpec {
                 model.name
             ));
         }
-        let pre = Preprocessor::new(&model, input.channels)?;
-        drop(pre);
+        // Checks the manifest's preprocessing against the image channels.
+        Preprocessor::new(&model, input.channels)?;
         let frame = match p.payload() {
             PayloadFormat::Rgb8 => camera::FrameFormat::Rgb8 {
                 width: p.width.unwrap_or(0),
