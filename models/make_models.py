@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train, export and quantize edgeinfer's bundled sensor models.
+"""Train, export and quantize edgeinfer's bundled models.
 
 Writes into models/ (committed, so `cargo test` needs no Python):
 
@@ -13,9 +13,18 @@ Writes into models/ (committed, so `cargo test` needs no Python):
                            its reconstruction error flags vigorous motion
   motion.toml, motion.reference.json
   samples/*.json           small real sample streams for `edgeinfer demo`
+  objects.onnx             int8 QDQ object detector (person, cat, cup, rocket;
+                           YOLOv8 output layout) trained on frames composed
+                           from scikit-image's public-domain photos
+  objects.toml, objects.reference.json, samples/objects/*.png (its inputs)
+  samples/camera/*.jpg     demo camera frames: four of those photos and
+                           composites on backgrounds the detector never saw
+  samples/camera.json      the frames' known boxes
 
-The data set comes from the `aeon` package (its bundled copy), never from
-the network. Run:  models/.venv/bin/python models/make_models.py
+The data sets come from the `aeon` and `scikit-image` packages (their bundled
+copies), never from the network. Run:
+    models/.venv/bin/python models/make_models.py [activity] [motion] [objects]
+(no argument: all three).
 """
 
 from __future__ import annotations
@@ -360,8 +369,19 @@ threshold = {threshold:.6f}
 def main():
     np.random.seed(SEED)
     (OUT / "samples").mkdir(parents=True, exist_ok=True)
-    activity()
-    motion()
+    parts = sys.argv[1:] or ["activity", "motion", "objects"]
+    for part in parts:
+        if part not in ("activity", "motion", "objects"):
+            print(f"unknown part {part!r}: activity, motion or objects", file=sys.stderr)
+            return 2
+    if "activity" in parts:
+        activity()
+    if "motion" in parts:
+        motion()
+    if "objects" in parts:
+        from objects import objects
+
+        objects(OUT, sha256, write_json, f32_list)
     return 0
 
 

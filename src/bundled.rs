@@ -9,13 +9,41 @@ pub const MODEL_FILES: &[(&str, &[u8])] = &[
     ("activity.onnx", include_bytes!("../models/activity.onnx")),
     ("motion.toml", include_bytes!("../models/motion.toml")),
     ("motion.onnx", include_bytes!("../models/motion.onnx")),
+    ("objects.toml", include_bytes!("../models/objects.toml")),
+    ("objects.onnx", include_bytes!("../models/objects.onnx")),
 ];
 
 /// Real held-back BasicMotions recordings, one per activity (see models/make_models.py).
 pub const ACTIVITY_STREAM: &str = include_str!("../models/samples/activity_stream.json");
 
+/// The demo camera's frames and their known objects (`camera.json`): four
+/// scikit-image photos and composites on backgrounds the detector never saw.
+pub const CAMERA_INDEX: &str = include_str!("../models/samples/camera.json");
+
+macro_rules! frames {
+    ($($name:literal),* $(,)?) => {
+        &[$(($name, include_bytes!(concat!("../models/samples/camera/", $name)))),*]
+    };
+}
+
+/// (file name, JPEG) of every demo camera frame named in `CAMERA_INDEX`.
+pub const CAMERA_FRAMES: &[(&str, &[u8])] = frames!(
+    "astronaut.jpg",
+    "chelsea.jpg",
+    "coffee.jpg",
+    "rocket.jpg",
+    "scene_0.jpg",
+    "scene_1.jpg",
+    "scene_2.jpg",
+    "scene_3.jpg",
+    "scene_4.jpg",
+    "scene_5.jpg",
+    "scene_6.jpg",
+    "scene_7.jpg",
+);
+
 /// Manifests of the bundled models, by name.
-pub const MANIFESTS: &[&str] = &["activity.toml", "motion.toml"];
+pub const MANIFESTS: &[&str] = &["activity.toml", "motion.toml", "objects.toml"];
 
 /// Writes the bundled models into `dir` and returns their manifest paths.
 pub fn unpack(dir: &Path) -> std::io::Result<Vec<PathBuf>> {

@@ -1,7 +1,8 @@
 //! `edgeinfer demo`: an in-process MQTT broker (rumqttd, small memory
-//! limits), the bundled models, and simulated smart watches replaying real
-//! held-back BasicMotions recordings. Prints results as they arrive and a
-//! summary at the end.
+//! limits), the bundled models, simulated smart watches replaying real
+//! held-back BasicMotions recordings, and simulated cameras sending real
+//! photos and scenes whose objects are known. Prints results as they arrive
+//! and a summary at the end.
 
 use crate::bundled::{self, TempDir};
 use crate::config::Config;
@@ -30,6 +31,35 @@ struct Stream {
 /// Playback speed of the recordings (they were sampled at 10 Hz).
 const SPEEDUP: f64 = 10.0;
 
+#[derive(Deserialize)]
+struct CameraIndex {
+    frames: Vec<CameraFrame>,
+}
+
+#[derive(Deserialize)]
+struct CameraFrame {
+    file: String,
+    objects: Vec<KnownObject>,
+}
+
+#[derive(Deserialize)]
+struct KnownObject {
+    label: String,
+    #[serde(rename = "box")]
+    bbox: [f32; 4],
+}
+
+/// The simulated cameras: name and the frames (indices into `camera.json`)
+/// each one cycles through.
+const CAMERAS: &[(&str, &[usize])] = &[
+    ("cam-1", &[0, 1, 2, 3]),
+    ("cam-2", &[4, 5, 6, 7]),
+    ("cam-3", &[8, 9, 10, 11]),
+];
+
+/// Each camera sends a frame this often.
+const FRAME_PERIOD: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Default, Clone)]
 pub struct DemoSummary {
     pub sent: u64,
@@ -42,6 +72,31 @@ pub struct DemoSummary {
     pub pipeline_ms: (f64, f64),
     pub end_to_end_ms: (f64, f64),
     pub health_messages: u64,
+    /// Camera frames published (JPEG).
+    pub frames_sent: u64,
+    /// Detection results received for them.
+    pub camera_results: u64,
+    /// Known objects in the frames that got a result, and how many of them a
+    /// detection of the same label found (IoU ≥ 0.5).
+    pub objects_known: u64,
+    pub objects_found: u64,
+    /// Detections that matched no known object.
+    pub extra_detections: u64,
+    pub snapshots: u64,
+    /// Camera pipeline time in the daemon (queue + pre + infer + post).
+    pub camera_ms: (f64, f64),
+}
+
+/// What the observer shares with the simulators and the summary.
+struct Shared {
+    summary: Mutex<DemoSummary>,
+    /// Device → the activity its recording shows.
+    truth: HashMap<String, String>,
+    /// Sensor pipeline time, device → result time, camera pipeline time.
+    latency: Mutex<[Vec<f64>; 3]>,
+    frames: Vec<CameraFrame>,
+    /// Camera → index of the frame it sent last.
+    showing: Mutex<HashMap<String, usize>>,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -136,6 +191,13 @@ topics = ["sensors/+/accel"]
 model = "{dir}/motion.toml"
 window = {{ size = 20, stride = 10 }}
 results = "edgeinfer/{{device}}/results/motion/{{1}}"
+[[pipeline]]
+name = "objects"
+kind = "camera"
+topics = ["cameras/+/frame"]
+model = "{dir}/objects.toml"
+results = "edgeinfer/{{device}}/results/objects/{{1}}"
+snapshot = "edgeinfer/{{device}}/snapshots/objects/{{1}}"
 "#,
         dir = dir.display()
     )
@@ -162,27 +224,27 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
     let daemon = tokio::spawn(crate::run(config, stop_daemon.clone()));
 
     // The observer: what an operator's dashboard would see.
-    let summary = Arc::new(Mutex::new(DemoSummary::default()));
-    let truth: Arc<HashMap<String, String>> = Arc::new(
-        serde_json::from_str::<Streams>(bundled::ACTIVITY_STREAM)
+    let shared = Arc::new(Shared {
+        summary: Mutex::new(DemoSummary::default()),
+        truth: serde_json::from_str::<Streams>(bundled::ACTIVITY_STREAM)
             .map_err(|e| e.to_string())?
             .streams
             .into_iter()
             .map(|s| (s.device, s.label))
             .collect(),
-    );
-    let lat = Arc::new(Mutex::new((Vec::new(), Vec::new())));
-    let observer_ready = CancellationToken::new();
-    let observer = tokio::spawn(observe(
-        port,
-        Arc::clone(&summary),
-        Arc::clone(&truth),
-        Arc::clone(&lat),
-        observer_ready.clone(),
-    ));
-    tokio::time::timeout(Duration::from_secs(5), observer_ready.cancelled())
+        latency: Mutex::new(Default::default()),
+        frames: serde_json::from_str::<CameraIndex>(bundled::CAMERA_INDEX)
+            .map_err(|e| e.to_string())?
+            .frames,
+        showing: Mutex::new(HashMap::new()),
+    });
+    // Devices start once the daemon says `online` (it publishes that after
+    // its subscriptions): earlier messages would find no subscriber.
+    let online = CancellationToken::new();
+    let observer = tokio::spawn(observe(port, Arc::clone(&shared), online.clone()));
+    tokio::time::timeout(Duration::from_secs(10), online.cancelled())
         .await
-        .map_err(|_| "the demo observer could not subscribe".to_string())?;
+        .map_err(|_| "the daemon did not come online within 10 s".to_string())?;
 
     let streams: Streams =
         serde_json::from_str(bundled::ACTIVITY_STREAM).map_err(|e| e.to_string())?;
@@ -198,11 +260,34 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
         devices.push(tokio::spawn(simulate_watch(port, s, period, until)));
     }
     devices.push(tokio::spawn(simulate_faulty_device(port, until)));
+    println!(
+        "demo: {} simulated cameras send {} frames (4 scikit-image photos, 8 scenes on unseen backgrounds) every {} ms each",
+        CAMERAS.len(),
+        shared.frames.len(),
+        FRAME_PERIOD.as_millis()
+    );
+    let mut cameras = Vec::new();
+    for (i, (name, frames)) in CAMERAS.iter().enumerate() {
+        // Cameras are not synchronised: spread their frames over the period.
+        let offset = FRAME_PERIOD * i as u32 / CAMERAS.len() as u32;
+        cameras.push(tokio::spawn(simulate_camera(
+            port,
+            name,
+            frames,
+            Arc::clone(&shared),
+            offset,
+            until,
+        )));
+    }
     let mut sent = (0, 0);
     for d in devices {
         let (good, bad) = d.await.map_err(|e| e.to_string())??;
         sent.0 += good;
         sent.1 += bad;
+    }
+    let mut frames_sent = 0;
+    for c in cameras {
+        frames_sent += c.await.map_err(|e| e.to_string())??;
     }
     // Let the last results arrive, then stop the daemon as systemd would.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -214,14 +299,17 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     observer.abort();
 
-    let mut s = summary.lock().map_err(|e| e.to_string())?.clone();
+    let mut s = shared.summary.lock().map_err(|e| e.to_string())?.clone();
     s.sent = sent.0;
     s.bad_sent = sent.1;
-    let (mut pipe, mut e2e) = lat.lock().map_err(|e| e.to_string())?.clone();
-    pipe.sort_by(f64::total_cmp);
-    e2e.sort_by(f64::total_cmp);
+    s.frames_sent = frames_sent;
+    let [mut pipe, mut e2e, mut cam] = shared.latency.lock().map_err(|e| e.to_string())?.clone();
+    for v in [&mut pipe, &mut e2e, &mut cam] {
+        v.sort_by(f64::total_cmp);
+    }
     s.pipeline_ms = (percentile(&pipe, 0.5), percentile(&pipe, 0.99));
     s.end_to_end_ms = (percentile(&e2e, 0.5), percentile(&e2e, 0.99));
+    s.camera_ms = (percentile(&cam, 0.5), percentile(&cam, 0.99));
     println!();
     println!("demo summary");
     println!(
@@ -248,6 +336,17 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
         "  errors             {} rejected inputs reported on edgeinfer/demo/errors",
         s.errors
     );
+    println!(
+        "  camera frames      {} JPEG frames sent, {} detection results, {} annotated snapshots",
+        s.frames_sent, s.camera_results, s.snapshots
+    );
+    println!(
+        "  objects found      {}/{} known objects ({:.0}%, same label and IoU >= 0.5), {} extra detections",
+        s.objects_found,
+        s.objects_known,
+        100.0 * s.objects_found as f64 / s.objects_known.max(1) as f64,
+        s.extra_detections
+    );
     println!("  health messages    {}", s.health_messages);
     println!(
         "  latency in daemon  p50 {:.3} ms, p99 {:.3} ms (queue + pre + infer + post)",
@@ -256,6 +355,10 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
     println!(
         "  device → result    p50 {:.0} ms, p99 {:.0} ms (ms-resolution timestamps)",
         s.end_to_end_ms.0, s.end_to_end_ms.1
+    );
+    println!(
+        "  camera in daemon   p50 {:.3} ms, p99 {:.3} ms (queue + decode and resize + infer + post)",
+        s.camera_ms.0, s.camera_ms.1
     );
     Ok(s)
 }
@@ -271,28 +374,30 @@ async fn client(port: u16, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
     (client, eventloop)
 }
 
-async fn observe(
-    port: u16,
-    summary: Arc<Mutex<DemoSummary>>,
-    truth: Arc<HashMap<String, String>>,
-    lat: Arc<Mutex<(Vec<f64>, Vec<f64>)>>,
-    ready: CancellationToken,
-) {
+async fn observe(port: u16, shared: Arc<Shared>, online: CancellationToken) {
     let (c, mut ev) = client(port, "demo-observer").await;
     let _ = c.subscribe("edgeinfer/demo/#", QoS::AtMostOnce).await;
     let mut printed = 0usize;
     while let Ok(event) = ev.poll().await {
         let p = match event {
-            Event::Incoming(Packet::SubAck(_)) => {
-                ready.cancel();
-                continue;
-            }
             Event::Incoming(Packet::Publish(p)) => p,
             _ => continue,
         };
-        let Ok(mut s) = summary.lock() else { return };
+        if p.topic.ends_with("/status") {
+            if p.payload.as_ref() == b"online" {
+                online.cancel();
+            }
+            continue;
+        }
+        let Ok(mut s) = shared.summary.lock() else {
+            return;
+        };
         if p.topic.ends_with("/health") {
             s.health_messages += 1;
+            continue;
+        }
+        if p.topic.contains("/snapshots/") {
+            s.snapshots += 1;
             continue;
         }
         if p.topic.ends_with("/errors") {
@@ -312,36 +417,22 @@ async fn observe(
             .iter()
             .map(|k| l[k].as_f64().unwrap_or(0.0))
             .sum();
-        let e2e = crate::pipeline::unix_ms().saturating_sub(v["ts"].as_u64().unwrap_or(0)) as f64;
-        if let Ok(mut lat) = lat.lock() {
-            lat.0.push(total);
-            lat.1.push(e2e);
-        }
         let source = v["source"].as_str().unwrap_or("");
         let device = source.split('/').nth(1).unwrap_or("");
-        let line = if let Some(top) = v["output"]["top"].as_array() {
-            s.classified += 1;
-            let label = top[0]["label"].as_str().unwrap_or("?");
-            let expected = truth.get(device).map(String::as_str).unwrap_or("?");
-            if label == expected {
-                s.correct += 1;
+        let line = if let Some(detections) = v["output"]["detections"].as_array() {
+            if let Ok(mut lat) = shared.latency.lock() {
+                lat[2].push(total);
             }
-            format!(
-                "{:<9} {source:<22} → {label:<9} {:.2}  (recorded: {expected})",
-                "activity",
-                top[0]["score"].as_f64().unwrap_or(0.0)
-            )
+            camera_line(&shared, &mut s, device, detections)
         } else {
-            let anomaly = v["output"]["anomaly"].as_bool().unwrap_or(false);
-            if anomaly {
-                s.anomalies += 1;
+            // Sensor results carry the device's own timestamp.
+            let e2e =
+                crate::pipeline::unix_ms().saturating_sub(v["ts"].as_u64().unwrap_or(0)) as f64;
+            if let Ok(mut lat) = shared.latency.lock() {
+                lat[0].push(total);
+                lat[1].push(e2e);
             }
-            format!(
-                "{:<9} {source:<22} → score {:.2}{}",
-                "motion",
-                v["output"]["score"].as_f64().unwrap_or(0.0),
-                if anomaly { "  UNUSUAL" } else { "" }
-            )
+            sensor_line(&shared, &mut s, source, device, &v["output"])
         };
         // Print the first results in full, then one in ten, so the screen stays readable.
         printed += 1;
@@ -352,6 +443,107 @@ async fn observe(
             );
         }
     }
+}
+
+fn sensor_line(
+    shared: &Shared,
+    s: &mut DemoSummary,
+    source: &str,
+    device: &str,
+    output: &serde_json::Value,
+) -> String {
+    if let Some(top) = output["top"].as_array() {
+        s.classified += 1;
+        let label = top[0]["label"].as_str().unwrap_or("?");
+        let expected = shared.truth.get(device).map(String::as_str).unwrap_or("?");
+        if label == expected {
+            s.correct += 1;
+        }
+        format!(
+            "{:<9} {source:<22} → {label:<9} {:.2}  (recorded: {expected})",
+            "activity",
+            top[0]["score"].as_f64().unwrap_or(0.0)
+        )
+    } else {
+        let anomaly = output["anomaly"].as_bool().unwrap_or(false);
+        if anomaly {
+            s.anomalies += 1;
+        }
+        format!(
+            "{:<9} {source:<22} → score {:.2}{}",
+            "motion",
+            output["score"].as_f64().unwrap_or(0.0),
+            if anomaly { "  UNUSUAL" } else { "" }
+        )
+    }
+}
+
+/// Scores a detection result against the known objects of the frame the
+/// camera sent last (cameras send every 500 ms, results come within
+/// milliseconds, so that is the frame the result is for).
+fn camera_line(
+    shared: &Shared,
+    s: &mut DemoSummary,
+    camera: &str,
+    detections: &[serde_json::Value],
+) -> String {
+    s.camera_results += 1;
+    let frame = shared
+        .showing
+        .lock()
+        .ok()
+        .and_then(|m| m.get(camera).copied())
+        .and_then(|i| shared.frames.get(i));
+    let found: Vec<(String, f64, [f32; 4])> = detections
+        .iter()
+        .map(|d| {
+            let b = |i: usize| d["box"][i].as_f64().unwrap_or(0.0) as f32;
+            (
+                d["label"].as_str().unwrap_or("?").to_owned(),
+                d["score"].as_f64().unwrap_or(0.0),
+                [b(0), b(1), b(2), b(3)],
+            )
+        })
+        .collect();
+    let mut used = vec![false; found.len()];
+    let mut hits = 0;
+    if let Some(frame) = frame {
+        for known in &frame.objects {
+            let best = found
+                .iter()
+                .enumerate()
+                .filter(|(i, f)| !used[*i] && f.0 == known.label)
+                .map(|(i, f)| (i, crate::pipeline::camera::iou(&f.2, &known.bbox)))
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            if let Some((i, _)) = best.filter(|b| b.1 >= 0.5) {
+                used[i] = true;
+                hits += 1;
+            }
+        }
+        s.objects_known += frame.objects.len() as u64;
+        s.objects_found += hits;
+    }
+    s.extra_detections += used.iter().filter(|u| !**u).count() as u64;
+    let seen: Vec<String> = found
+        .iter()
+        .map(|(label, score, b)| {
+            format!(
+                "{label} {score:.2} [{:.0},{:.0},{:.0},{:.0}]",
+                b[0], b[1], b[2], b[3]
+            )
+        })
+        .collect();
+    let (file, known) = frame.map_or(("?", 0), |f| (f.file.as_str(), f.objects.len()));
+    format!(
+        "{:<9} {:<22} → {}  ({file}: {hits}/{known} known found)",
+        "objects",
+        format!("cameras/{camera}"),
+        if seen.is_empty() {
+            "nothing".to_owned()
+        } else {
+            seen.join(", ")
+        }
+    )
 }
 
 /// Publishes one watch's recording, sample by sample, on `sensors/DEV/imu`
@@ -395,6 +587,51 @@ async fn simulate_watch(
     tokio::time::sleep(Duration::from_millis(200)).await;
     pump.abort();
     Ok((sent, 0))
+}
+
+/// A camera that sends its frames (JPEG files, QoS 1) in a loop.
+async fn simulate_camera(
+    port: u16,
+    name: &'static str,
+    frames: &'static [usize],
+    shared: Arc<Shared>,
+    offset: Duration,
+    until: Instant,
+) -> Result<u64, String> {
+    let (c, mut ev) = client(port, &format!("demo-{name}")).await;
+    let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, FRAME_PERIOD);
+    let mut sent = 0u64;
+    for &i in frames.iter().cycle() {
+        ticker.tick().await;
+        if Instant::now() >= until {
+            break;
+        }
+        let Some(frame) = shared.frames.get(i) else {
+            break;
+        };
+        let Some((_, jpeg)) = bundled::CAMERA_FRAMES
+            .iter()
+            .find(|(file, _)| *file == frame.file)
+        else {
+            return Err(format!("{} is not bundled", frame.file));
+        };
+        if let Ok(mut showing) = shared.showing.lock() {
+            showing.insert(name.to_owned(), i);
+        }
+        c.publish(
+            format!("cameras/{name}/frame"),
+            QoS::AtLeastOnce,
+            false,
+            jpeg.to_vec(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        sent += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pump.abort();
+    Ok(sent)
 }
 
 /// A device with a bad firmware day: every two seconds, one broken payload.

@@ -1,8 +1,9 @@
 //! Camera pipelines through a real mosquitto: real photos (JPEG and PNG)
 //! through real public models when the model zoo is there (UltraFace finds
 //! the astronaut's face, Visual Wake Words sees a person), every class of
-//! bad image on the errors topic, and a burst from one camera that ends in
-//! counted replacements rather than a growing queue.
+//! bad image on the errors topic, a burst from one camera that ends in
+//! counted replacements rather than a growing queue, and the project's own
+//! detector finding the objects it knows in the demo camera's frames.
 mod common;
 
 use common::*;
@@ -350,6 +351,87 @@ async fn a_burst_from_one_camera_is_replaced_not_queued_and_another_camera_still
     assert!(
         results.iter().any(|m| m.topic.ends_with("/slow")),
         "the other camera's one frame was not starved by the burst"
+    );
+    daemon.stop().await;
+}
+
+/// The bundled detector (models/objects.onnx, trained by models/make_models.py)
+/// through MQTT on the demo camera's JPEG frames: every object known to be
+/// in a frame comes back with its label, in the frame's pixels. Needs no
+/// model zoo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundled_detector_finds_the_known_objects_in_the_demo_frames_via_mqtt() {
+    let models = repo().join("models");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(models.join("samples/camera.json")).unwrap())
+            .unwrap();
+    let frames = index["frames"].as_array().unwrap();
+    assert!(frames.len() >= 10, "camera.json lists the demo frames");
+    let broker = Mosquitto::start();
+    let extra = camera_pipeline("objects", &models.join("objects.toml"), "");
+    let text = config_text(&broker.url(), "gw-obj", &extra);
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-obj/results/#", "edgeinfer/gw-obj/errors"],
+    )
+    .await;
+    let daemon = Daemon::start_online(parse(&text), broker.port).await;
+    let (mut known, mut found, mut extra_boxes) = (0, 0, 0);
+    for frame in frames {
+        let file = frame["file"].as_str().unwrap();
+        let jpeg = std::fs::read(models.join("samples/camera").join(file)).unwrap();
+        // One frame at a time: the camera's slot would replace a waiting frame.
+        obs.publish("cameras/yard/objects", jpeg).await;
+        let result = obs
+            .next_where(T, |_| true)
+            .await
+            .unwrap_or_else(|| panic!("a result for {file}"));
+        assert!(
+            result.topic.ends_with("/results/objects/yard"),
+            "{file}: {}",
+            result.topic
+        );
+        let v = result.json();
+        let detections = v["output"]["detections"].as_array().expect("detections");
+        let mut used = vec![false; detections.len()];
+        for object in frame["objects"].as_array().unwrap() {
+            known += 1;
+            let want: Vec<f32> = object["box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            let want = [want[0], want[1], want[2], want[3]];
+            let hit = detections.iter().enumerate().find(|(i, d)| {
+                let b: Vec<f32> = d["box"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect();
+                !used[*i]
+                    && d["label"] == object["label"]
+                    && edgeinfer::pipeline::camera::iou(&[b[0], b[1], b[2], b[3]], &want) >= 0.5
+            });
+            match hit {
+                Some((i, _)) => {
+                    used[i] = true;
+                    found += 1;
+                }
+                None => println!(
+                    "{file}: {} at {want:?} not found in {detections:?}",
+                    object["label"]
+                ),
+            }
+        }
+        extra_boxes += used.iter().filter(|u| !**u).count();
+    }
+    println!("bundled detector via MQTT: {found}/{known} known objects found, {extra_boxes} extra detections in {} frames", frames.len());
+    assert_eq!(found, known, "every known object is found");
+    assert!(
+        extra_boxes <= 1,
+        "{extra_boxes} detections match no known object"
     );
     daemon.stop().await;
 }

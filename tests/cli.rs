@@ -310,7 +310,7 @@ fn models_lists_the_bundled_models_with_facts() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["activity", "motion"]);
+    assert_eq!(names, ["activity", "motion", "objects"]);
     assert_eq!(v[0]["inputs"][0]["shape"], serde_json::json!([1, 50, 6]));
     assert_eq!(v[0]["outputs"][0]["name"], "logits");
     assert_eq!(v[0]["sha256"].as_str().unwrap().len(), 64);

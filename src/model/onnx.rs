@@ -139,8 +139,41 @@ pub fn prepare(model: &mut ModelProto) -> GraphFacts {
         }
     }
 
+    rename_clashing_nodes(graph, &mut facts);
     rewrite_quantized_softmax(graph, &mut facts);
     facts
+}
+
+/// ONNX keeps node names apart from tensor names, but tract 0.23.9 puts
+/// graph inputs, initializers and nodes in one namespace and refuses a
+/// model where a node is called like an initializer or another node
+/// ("duplicate name for node"). Such nodes get a unique name; only names
+/// change, never the tensors they read or write.
+fn rename_clashing_nodes(graph: &mut tract_onnx::pb::GraphProto, facts: &mut GraphFacts) {
+    let mut taken: std::collections::HashSet<String> = graph
+        .input
+        .iter()
+        .map(|i| i.name.clone())
+        .chain(graph.initializer.iter().map(|t| t.name.clone()))
+        .collect();
+    for node in &mut graph.node {
+        if node.name.is_empty() {
+            continue;
+        }
+        if taken.insert(node.name.clone()) {
+            continue;
+        }
+        let fresh = (1..)
+            .map(|n| format!("{}.{n}", node.name))
+            .find(|c| !taken.contains(c))
+            .expect("an unused name");
+        facts.rewrites.push(format!(
+            "{} node {:?} renamed {fresh:?} (its name was taken; tract needs unique names)",
+            node.op_type, node.name
+        ));
+        taken.insert(fresh.clone());
+        node.name = fresh;
+    }
 }
 
 /// tract 0.23.9 returns the saturated value (127) for every element of
@@ -248,4 +281,117 @@ fn rewrite_quantized_softmax(graph: &mut tract_onnx::pb::GraphProto, facts: &mut
     }
     graph.node = new_nodes;
     graph.initializer.extend(new_inits);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::pb::tensor_shape_proto::{dimension, Dimension};
+    use tract_onnx::pb::{
+        type_proto, GraphProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    };
+    use tract_onnx::prelude::*;
+
+    fn clashing_model() -> ModelProto {
+        let two = TensorProto {
+            name: "two".into(),
+            data_type: DataType::Float as i32,
+            dims: vec![1],
+            float_data: vec![2.0],
+            ..Default::default()
+        };
+        let node = |name: &str, inputs: &[&str], output: &str| NodeProto {
+            name: name.into(),
+            op_type: "Mul".into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        };
+        let value = |name: &str| ValueInfoProto {
+            name: name.into(),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: DataType::Float as i32,
+                    shape: Some(TensorShapeProto {
+                        dim: [1, 3]
+                            .map(|d| Dimension {
+                                value: Some(dimension::Value::DimValue(d)),
+                                ..Default::default()
+                            })
+                            .to_vec(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Some(GraphProto {
+                name: "clash".into(),
+                // A node named like the initializer, and two nodes with one name.
+                node: vec![
+                    node("two", &["x", "two"], "y"),
+                    node("twice", &["y", "two"], "z"),
+                    node("twice", &["z", "two"], "out"),
+                ],
+                initializer: vec![two],
+                input: vec![value("x")],
+                output: vec![value("out")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn nodes_named_like_an_initializer_or_each_other_are_renamed_and_load() {
+        let loader = tract_onnx::onnx();
+        let mut proto = clashing_model();
+        let refused = loader
+            .model_for_proto_model(&proto)
+            .and_then(|m| m.into_optimized())
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(
+            refused.to_lowercase().contains("duplicate"),
+            "tract refuses the clashing names as they are: {refused:?}"
+        );
+        let facts = prepare(&mut proto);
+        assert_eq!(facts.rewrites.len(), 2, "{:?}", facts.rewrites);
+        let names: Vec<&str> = proto
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(names, ["two.1", "twice", "twice.1"]);
+        let model = loader
+            .model_for_proto_model(&proto)
+            .unwrap()
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap();
+        let out = model
+            .run(tvec!(tensor1(&[1.0f32, 2.0, 3.0])
+                .into_shape(&[1, 3])
+                .unwrap()
+                .into()))
+            .unwrap();
+        let values = out[0]
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec();
+        assert_eq!(values, [8.0, 16.0, 24.0]);
+    }
 }
