@@ -20,6 +20,33 @@ pub const ACTIVITY_STREAM: &str = include_str!("../models/samples/activity_strea
 /// scikit-image photos and composites on backgrounds the detector never saw.
 pub const CAMERA_INDEX: &str = include_str!("../models/samples/camera.json");
 
+/// `camera.json`: the demo frames and the boxes of the objects in them.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct CameraIndex {
+    pub frames: Vec<CameraFrame>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct CameraFrame {
+    /// File name in `models/samples/camera/` (and in [`CAMERA_FRAMES`]).
+    pub file: String,
+    pub objects: Vec<KnownObject>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct KnownObject {
+    pub label: String,
+    /// x0, y0, x1, y1 in the frame's pixels.
+    #[serde(rename = "box")]
+    pub bbox: [f32; 4],
+}
+
+impl CameraIndex {
+    pub fn bundled() -> CameraIndex {
+        serde_json::from_str(CAMERA_INDEX).expect("the bundled camera.json parses")
+    }
+}
+
 macro_rules! frames {
     ($($name:literal),* $(,)?) => {
         &[$(($name, include_bytes!(concat!("../models/samples/camera/", $name)))),*]

@@ -4,7 +4,7 @@
 //! photos and scenes whose objects are known. Prints results as they arrive
 //! and a summary at the end.
 
-use crate::bundled::{self, TempDir};
+use crate::bundled::{self, CameraFrame, CameraIndex, TempDir};
 use crate::config::Config;
 use crate::health::percentile;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -31,24 +31,6 @@ struct Stream {
 /// Playback speed of the recordings (they were sampled at 10 Hz).
 const SPEEDUP: f64 = 10.0;
 
-#[derive(Deserialize)]
-struct CameraIndex {
-    frames: Vec<CameraFrame>,
-}
-
-#[derive(Deserialize)]
-struct CameraFrame {
-    file: String,
-    objects: Vec<KnownObject>,
-}
-
-#[derive(Deserialize)]
-struct KnownObject {
-    label: String,
-    #[serde(rename = "box")]
-    bbox: [f32; 4],
-}
-
 /// The simulated cameras: name and the frames (indices into `camera.json`)
 /// each one cycles through.
 const CAMERAS: &[(&str, &[usize])] = &[
@@ -57,7 +39,8 @@ const CAMERAS: &[(&str, &[usize])] = &[
     ("cam-3", &[8, 9, 10, 11]),
 ];
 
-/// Each camera sends a frame this often.
+/// Each camera sends a frame this often (or, on a machine too slow for
+/// that, as soon as the result for its previous frame is in).
 const FRAME_PERIOD: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Default, Clone)]
@@ -96,7 +79,8 @@ struct Shared {
     latency: Mutex<[Vec<f64>; 3]>,
     frames: Vec<CameraFrame>,
     /// Camera → index of the frame it sent last.
-    showing: Mutex<HashMap<String, usize>>,
+    /// and whether its result is still to come.
+    showing: Mutex<HashMap<String, (usize, bool)>>,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -233,9 +217,7 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
             .map(|s| (s.device, s.label))
             .collect(),
         latency: Mutex::new(Default::default()),
-        frames: serde_json::from_str::<CameraIndex>(bundled::CAMERA_INDEX)
-            .map_err(|e| e.to_string())?
-            .frames,
+        frames: CameraIndex::bundled().frames,
         showing: Mutex::new(HashMap::new()),
     });
     // Devices start once the daemon says `online` (it publishes that after
@@ -289,8 +271,25 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
     for c in cameras {
         frames_sent += c.await.map_err(|e| e.to_string())??;
     }
-    // Let the last results arrive, then stop the daemon as systemd would.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the last results arrive (on a slow machine the daemon may still be
+    // working through a backlog: wait until nothing new came for a second,
+    // at most 60 s), then stop the daemon as systemd would.
+    let count = || {
+        shared
+            .summary
+            .lock()
+            .map(|s| s.results + s.errors)
+            .unwrap_or(0)
+    };
+    let (mut last, mut quiet_since) = (count(), Instant::now());
+    let give_up = Instant::now() + Duration::from_secs(60);
+    while quiet_since.elapsed() < Duration::from_secs(1) && Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = count();
+        if now != last {
+            (last, quiet_since) = (now, Instant::now());
+        }
+    }
     stop_daemon.cancel();
     daemon
         .await
@@ -479,8 +478,9 @@ fn sensor_line(
 }
 
 /// Scores a detection result against the known objects of the frame the
-/// camera sent last (cameras send every 500 ms, results come within
-/// milliseconds, so that is the frame the result is for).
+/// camera sent last: a simulated camera sends its next frame only after the
+/// result for the last one came (or 10 s passed), so that is the frame the
+/// result is for, however slow the machine (qemu, a small board).
 fn camera_line(
     shared: &Shared,
     s: &mut DemoSummary,
@@ -492,7 +492,11 @@ fn camera_line(
         .showing
         .lock()
         .ok()
-        .and_then(|m| m.get(camera).copied())
+        .and_then(|mut m| {
+            let entry = m.get_mut(camera)?;
+            entry.1 = false;
+            Some(entry.0)
+        })
         .and_then(|i| shared.frames.get(i));
     let found: Vec<(String, f64, [f32; 4])> = detections
         .iter()
@@ -601,6 +605,7 @@ async fn simulate_camera(
     let (c, mut ev) = client(port, &format!("demo-{name}")).await;
     let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, FRAME_PERIOD);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sent = 0u64;
     for &i in frames.iter().cycle() {
         ticker.tick().await;
@@ -617,7 +622,7 @@ async fn simulate_camera(
             return Err(format!("{} is not bundled", frame.file));
         };
         if let Ok(mut showing) = shared.showing.lock() {
-            showing.insert(name.to_owned(), i);
+            showing.insert(name.to_owned(), (i, true));
         }
         c.publish(
             format!("cameras/{name}/frame"),
@@ -628,6 +633,16 @@ async fn simulate_camera(
         .await
         .map_err(|e| e.to_string())?;
         sent += 1;
+        // Wait for this frame's result before the next frame (see camera_line).
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < give_up
+            && shared
+                .showing
+                .lock()
+                .is_ok_and(|m| m.get(name).is_some_and(|e| e.1))
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     pump.abort();

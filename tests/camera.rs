@@ -51,20 +51,28 @@ fn jpeg_of(png: &Path) -> Vec<u8> {
     out
 }
 
-fn faces(result: &serde_json::Value) -> Vec<[f64; 4]> {
+/// (label, box) of every detection in a result.
+fn labelled_boxes(result: &serde_json::Value) -> Vec<(String, [f32; 4])> {
     result["output"]["detections"]
         .as_array()
         .expect("detections")
         .iter()
         .map(|d| {
-            assert_eq!(d["label"], "face");
-            let b: Vec<f64> = d["box"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap())
-                .collect();
-            [b[0], b[1], b[2], b[3]]
+            let b = |i: usize| d["box"][i].as_f64().unwrap() as f32;
+            (
+                d["label"].as_str().unwrap().to_owned(),
+                [b(0), b(1), b(2), b(3)],
+            )
+        })
+        .collect()
+}
+
+fn faces(result: &serde_json::Value) -> Vec<[f32; 4]> {
+    labelled_boxes(result)
+        .into_iter()
+        .map(|(label, b)| {
+            assert_eq!(label, "face");
+            b
         })
         .collect()
 }
@@ -361,11 +369,10 @@ async fn a_burst_from_one_camera_is_replaced_not_queued_and_another_camera_still
 /// model zoo.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bundled_detector_finds_the_known_objects_in_the_demo_frames_via_mqtt() {
+    use edgeinfer::pipeline::camera::iou;
+
     let models = repo().join("models");
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(models.join("samples/camera.json")).unwrap())
-            .unwrap();
-    let frames = index["frames"].as_array().unwrap();
+    let frames = edgeinfer::bundled::CameraIndex::bundled().frames;
     assert!(frames.len() >= 10, "camera.json lists the demo frames");
     let broker = Mosquitto::start();
     let extra = camera_pipeline("objects", &models.join("objects.toml"), "");
@@ -377,8 +384,8 @@ async fn the_bundled_detector_finds_the_known_objects_in_the_demo_frames_via_mqt
     .await;
     let daemon = Daemon::start_online(parse(&text), broker.port).await;
     let (mut known, mut found, mut extra_boxes) = (0, 0, 0);
-    for frame in frames {
-        let file = frame["file"].as_str().unwrap();
+    for frame in &frames {
+        let file = &frame.file;
         let jpeg = std::fs::read(models.join("samples/camera").join(file)).unwrap();
         // One frame at a time: the camera's slot would replace a waiting frame.
         obs.publish("cameras/yard/objects", jpeg).await;
@@ -391,46 +398,34 @@ async fn the_bundled_detector_finds_the_known_objects_in_the_demo_frames_via_mqt
             "{file}: {}",
             result.topic
         );
-        let v = result.json();
-        let detections = v["output"]["detections"].as_array().expect("detections");
+        let detections = labelled_boxes(&result.json());
         let mut used = vec![false; detections.len()];
-        for object in frame["objects"].as_array().unwrap() {
+        for object in &frame.objects {
             known += 1;
-            let want: Vec<f32> = object["box"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
-            let want = [want[0], want[1], want[2], want[3]];
-            let hit = detections.iter().enumerate().find(|(i, d)| {
-                let b: Vec<f32> = d["box"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect();
-                !used[*i]
-                    && d["label"] == object["label"]
-                    && edgeinfer::pipeline::camera::iou(&[b[0], b[1], b[2], b[3]], &want) >= 0.5
+            let hit = (0..detections.len()).find(|&i| {
+                !used[i]
+                    && detections[i].0 == object.label
+                    && iou(&detections[i].1, &object.bbox) >= 0.5
             });
             match hit {
-                Some((i, _)) => {
+                Some(i) => {
                     used[i] = true;
                     found += 1;
                 }
-                None => println!(
-                    "{file}: {} at {want:?} not found in {detections:?}",
-                    object["label"]
-                ),
+                None => println!("{file}: {object:?} not found in {detections:?}"),
             }
         }
         extra_boxes += used.iter().filter(|u| !**u).count();
     }
-    println!("bundled detector via MQTT: {found}/{known} known objects found, {extra_boxes} extra detections in {} frames", frames.len());
+    println!(
+        "bundled detector via MQTT: {found}/{known} known objects found, {extra_boxes} extra detections in {} frames",
+        frames.len()
+    );
     assert_eq!(found, known, "every known object is found");
+    // Measured: 1, a second, partial box on an object already found (the
+    // onnxruntime reference on PIL-decoded frames has 2).
     assert!(
-        extra_boxes <= 1,
+        extra_boxes <= 2,
         "{extra_boxes} detections match no known object"
     );
     daemon.stop().await;

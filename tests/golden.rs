@@ -168,24 +168,6 @@ struct ImageCase {
     output: Vec<f32>,
 }
 
-#[derive(Deserialize)]
-struct CameraIndex {
-    frames: Vec<KnownFrame>,
-}
-
-#[derive(Deserialize)]
-struct KnownFrame {
-    file: String,
-    objects: Vec<KnownObject>,
-}
-
-#[derive(Deserialize)]
-struct KnownObject {
-    label: String,
-    #[serde(rename = "box")]
-    bbox: [f32; 4],
-}
-
 /// The bundled detector through the camera path (PNG decode, fitting,
 /// normalisation, tract) against onnxruntime on the same input pixels, and
 /// its detections against the objects known to be in each frame.
@@ -201,9 +183,7 @@ fn objects_detector_matches_onnxruntime_and_finds_the_known_objects() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("objects.reference.json")).unwrap())
             .unwrap();
     assert_eq!(reference.model_sha256, model.sha256);
-    let index: CameraIndex =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("samples/camera.json")).unwrap())
-            .unwrap();
+    let index = edgeinfer::bundled::CameraIndex::bundled();
     let input = ImageInput::new(&model).unwrap();
     let spec = DetectionSpec::new(&model).unwrap().expect("a detector");
     let mut pre = Preprocessor::new(&model, input.channels)
