@@ -430,3 +430,59 @@ async fn the_bundled_detector_finds_the_known_objects_in_the_demo_frames_via_mqt
     );
     daemon.stop().await;
 }
+
+/// Camera frames are acknowledged when they enter their camera's slot, not
+/// after inference: MQTT acks go out in arrival order, so a frame held
+/// through its inference would hold back every message behind it. Here the
+/// broker sends one unacknowledged message at a time (mosquitto
+/// `max_inflight_messages 1`); a sensor batch published after three frames
+/// (three cameras, ~6 ms of inference each) must not wait for them: its
+/// result comes before the last frame's. With acks held until inference it
+/// cannot (the broker would send it only after the third frame's result).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn camera_inference_does_not_hold_back_other_input() {
+    let broker = Mosquitto::start_with(free_port(), "max_inflight_messages 1\n".into());
+    let extra = format!(
+        "{}
+[[pipeline]]
+name = \"motion\"
+kind = \"sensor\"
+topics = [\"sensors/+/accel\"]
+model = \"{}\"
+window = {{ size = 20, stride = 20 }}
+results = \"edgeinfer/{{device}}/results/motion/{{1}}\"
+",
+        camera_pipeline("cam", &slow_image_model(), ""),
+        repo().join("models/motion.toml").display()
+    );
+    let text = config_text(&broker.url(), "gw-hol", &extra);
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-hol/results/#", "edgeinfer/gw-hol/errors"],
+    )
+    .await;
+    let daemon = Daemon::start_online(parse(&text), broker.port).await;
+    for cam in ["c1", "c2", "c3"] {
+        obs.publish(&format!("cameras/{cam}/cam"), png(64, 48, 7))
+            .await;
+    }
+    let samples: Vec<[f32; 3]> = (0..20).map(|i| [0.1 * i as f32, 9.8, 0.2]).collect();
+    obs.publish(
+        "sensors/w1/accel",
+        serde_json::json!({ "samples": samples }).to_string(),
+    )
+    .await;
+    let results = obs.collect(4, T, |m| m.topic.contains("/results/")).await;
+    let order: Vec<&str> = results.iter().map(|m| m.topic.as_str()).collect();
+    println!("result order: {order:?}");
+    assert_eq!(results.len(), 4, "three frames and one window: {order:?}");
+    let sensor_at = order
+        .iter()
+        .position(|t| t.ends_with("/motion/w1"))
+        .expect("the sensor result");
+    assert!(
+        sensor_at < 3,
+        "the sensor result waited behind every camera frame: {order:?}"
+    );
+    daemon.stop().await;
+}

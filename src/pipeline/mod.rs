@@ -292,7 +292,7 @@ impl PipelineHandle {
     /// Hands a message to the worker that owns its source, never waiting: a
     /// full queue, or input queues holding their share of the memory
     /// budget, drop the message and count it.
-    pub fn offer(&self, msg: Ingested) {
+    pub fn offer(&self, mut msg: Ingested) {
         self.stats.received.inc();
         let bytes = msg.payload.len() as u64;
         if !self.budget.try_take(bytes) {
@@ -302,6 +302,14 @@ impl PipelineHandle {
         let senders = match &self.queue {
             Queue::Fifo(s) => s,
             Queue::Latest(slots) => {
+                // A camera frame is acknowledged once it is in its camera's
+                // slot, not after inference: MQTT acks go out in arrival
+                // order, so a frame held for its 10–100 ms of inference would
+                // hold back the ack of every message behind it, and once the
+                // broker's in-flight window (mosquitto: 20) is full, all
+                // input — sensors too — would stall behind the camera. A
+                // frame lost to a crash is replaced by the next one anyway.
+                msg.ack = None;
                 match slots.put(msg, self.spec.max_sources) {
                     Ok(None) => {
                         self.stats.queued.fetch_add(1, Ordering::Relaxed);
