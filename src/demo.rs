@@ -78,8 +78,8 @@ struct Shared {
     /// Sensor pipeline time, device → result time, camera pipeline time.
     latency: Mutex<[Vec<f64>; 3]>,
     frames: Vec<CameraFrame>,
-    /// Camera → index of the frame it sent last.
-    /// and whether its result is still to come.
+    /// Camera → (index of the frame it sent last, whether that frame's
+    /// result is still to come).
     showing: Mutex<HashMap<String, (usize, bool)>>,
 }
 
@@ -509,25 +509,21 @@ fn camera_line(
             )
         })
         .collect();
-    let mut used = vec![false; found.len()];
-    let mut hits = 0;
-    if let Some(frame) = frame {
-        for known in &frame.objects {
-            let best = found
-                .iter()
-                .enumerate()
-                .filter(|(i, f)| !used[*i] && f.0 == known.label)
-                .map(|(i, f)| (i, crate::pipeline::camera::iou(&f.2, &known.bbox)))
-                .max_by(|a, b| a.1.total_cmp(&b.1));
-            if let Some((i, _)) = best.filter(|b| b.1 >= 0.5) {
-                used[i] = true;
-                hits += 1;
-            }
+    let boxes: Vec<(&str, [f32; 4])> = found.iter().map(|f| (f.0.as_str(), f.2)).collect();
+    let matched = match frame {
+        Some(frame) => {
+            let m = bundled::match_known(&frame.objects, &boxes);
+            s.objects_known += frame.objects.len() as u64;
+            s.objects_found += m.found as u64;
+            m
         }
-        s.objects_known += frame.objects.len() as u64;
-        s.objects_found += hits;
-    }
-    s.extra_detections += used.iter().filter(|u| !**u).count() as u64;
+        None => bundled::Matched {
+            found: 0,
+            extra: boxes.len(),
+        },
+    };
+    s.extra_detections += matched.extra as u64;
+    let hits = matched.found;
     let seen: Vec<String> = found
         .iter()
         .map(|(label, score, b)| {

@@ -369,8 +369,6 @@ async fn a_burst_from_one_camera_is_replaced_not_queued_and_another_camera_still
 /// model zoo.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bundled_detector_finds_the_known_objects_in_the_demo_frames_via_mqtt() {
-    use edgeinfer::pipeline::camera::iou;
-
     let models = repo().join("models");
     let frames = edgeinfer::bundled::CameraIndex::bundled().frames;
     assert!(frames.len() >= 10, "camera.json lists the demo frames");
@@ -399,23 +397,18 @@ async fn the_bundled_detector_finds_the_known_objects_in_the_demo_frames_via_mqt
             result.topic
         );
         let detections = labelled_boxes(&result.json());
-        let mut used = vec![false; detections.len()];
-        for object in &frame.objects {
-            known += 1;
-            let hit = (0..detections.len()).find(|&i| {
-                !used[i]
-                    && detections[i].0 == object.label
-                    && iou(&detections[i].1, &object.bbox) >= 0.5
-            });
-            match hit {
-                Some(i) => {
-                    used[i] = true;
-                    found += 1;
-                }
-                None => println!("{file}: {object:?} not found in {detections:?}"),
-            }
+        let boxes: Vec<(&str, [f32; 4])> =
+            detections.iter().map(|(l, b)| (l.as_str(), *b)).collect();
+        let m = edgeinfer::bundled::match_known(&frame.objects, &boxes);
+        if m.found < frame.objects.len() {
+            println!(
+                "{file}: found {} of {:?} in {detections:?}",
+                m.found, frame.objects
+            );
         }
-        extra_boxes += used.iter().filter(|u| !**u).count();
+        known += frame.objects.len();
+        found += m.found;
+        extra_boxes += m.extra;
     }
     println!(
         "bundled detector via MQTT: {found}/{known} known objects found, {extra_boxes} extra detections in {} frames",

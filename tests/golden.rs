@@ -221,19 +221,14 @@ fn objects_detector_matches_onnxruntime_and_finds_the_known_objects() {
 
         // The known boxes are in 320x240 frame pixels; these inputs are half that.
         let truth = index.frames.iter().find(|f| f.file == case.frame).unwrap();
-        let mut used = vec![false; ours.len()];
-        for object in &truth.objects {
-            known += 1;
-            let half = object.bbox.map(|v| v / 2.0);
-            let hit = (0..ours.len()).find(|&i| {
-                !used[i] && ours[i].label == object.label && iou(&ours[i].bbox, &half) >= 0.5
-            });
-            if let Some(i) = hit {
-                used[i] = true;
-                found += 1;
-            }
-        }
-        extra += used.iter().filter(|u| !**u).count();
+        let in_frame: Vec<(&str, [f32; 4])> = ours
+            .iter()
+            .map(|d| (d.label.as_str(), d.bbox.map(|v| v * 2.0)))
+            .collect();
+        let m = edgeinfer::bundled::match_known(&truth.objects, &in_frame);
+        known += truth.objects.len();
+        found += m.found;
+        extra += m.extra;
     }
     println!(
         "objects: {} frames, max |tract - onnxruntime| = {worst}, known objects found {found}/{known}, extra detections {extra}",

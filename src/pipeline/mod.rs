@@ -556,9 +556,10 @@ struct ErrorMessage<'a> {
 }
 
 /// Makes the calling thread yield to the others when the CPU is short: a
-/// camera's decode thread should not slow the inference it feeds (on the
-/// 2-core test machine that cost ~1 ms of UltraFace's 9). Best effort: on
-/// failure the thread keeps its priority.
+/// camera's decode thread should not slow the inference it feeds (inside the
+/// pipeline UltraFace ran ~0.8 ms slower than alone on the 2-core test
+/// machine; that this helps is plausible but within that machine's noise).
+/// Best effort: on failure the thread keeps its priority.
 fn lower_priority() {
     // On Linux, PRIO_PROCESS with who = 0 sets the calling thread's nice value.
     #[cfg(target_os = "linux")]
