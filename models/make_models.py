@@ -173,10 +173,14 @@ def input_name_of(path: Path) -> str:
     return onnx.load(path).graph.input[0].name
 
 
-def run_ort(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
+def ort_session(path: Path) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_ort(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
+    sess = ort_session(path)
     return np.concatenate([sess.run(None, {input_name: xi[None].astype(F32)})[0] for xi in x])
 
 
@@ -381,7 +385,7 @@ def main():
     if "objects" in parts:
         from objects import objects
 
-        objects(OUT, sha256, write_json, f32_list)
+        objects(sys.modules[__name__])
     return 0
 
 

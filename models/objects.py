@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from PIL import Image
 
 SEED = 7
@@ -342,21 +342,6 @@ def score(run, frames):
     return found, missed, extra, float(np.mean(ious)) if ious else 0.0
 
 
-class Calibration(CalibrationDataReader):
-    def __init__(self, inputs):
-        self.items = iter([{"image": x[None]} for x in inputs])
-
-    def get_next(self):
-        return next(self.items, None)
-
-
-def ort_runner(path: Path):
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(None, {"image": x[None].astype(F32)})[0][0]
-
-
 def photo_frames():
     """The four photos as a camera would send them (320x240), with the known
     objects' boxes: the crops' places scaled to the frame."""
@@ -373,7 +358,16 @@ def photo_frames():
     return frames
 
 
-def objects(out: Path, sha256, write_json, f32_list):
+def ort_runner(mk, path: Path):
+    """One onnxruntime session, called per frame: [3, H, W] -> [4 + C, anchors]."""
+    sess = mk.ort_session(path)
+    return lambda x: sess.run(None, {"image": x[None].astype(F32)})[0][0]
+
+
+def objects(mk):
+    """`mk` is make_models: its output folder and helpers (sha256, write_json,
+    f32_list, Calibration, ort_session)."""
+    out, sha256, write_json, f32_list = mk.OUT, mk.sha256, mk.write_json, mk.f32_list
     import torch
 
     rng = np.random.default_rng(SEED)
@@ -386,7 +380,7 @@ def objects(out: Path, sha256, write_json, f32_list):
     quantize_static(
         str(fp32),
         str(out / "objects.onnx"),
-        Calibration(calib),
+        mk.Calibration("image", np.stack(calib)),
         quant_format=QuantFormat.QDQ,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
@@ -401,7 +395,7 @@ def objects(out: Path, sha256, write_json, f32_list):
     checks = [held_out.frame(check_rng) for _ in range(300)]
     with torch.no_grad():
         f_found, f_missed, f_extra, f_iou = score(lambda x: net.decode(net.raw(torch.from_numpy(x)[None]))[0].numpy(), checks)
-    q_found, q_missed, q_extra, q_iou = score(ort_runner(model), checks)
+    q_found, q_missed, q_extra, q_iou = score(ort_runner(mk, model), checks)
     n = q_found + q_missed
     summary = (
         f"held-back 300 frames, {n} objects: fp32 found {f_found} (mean IoU {f_iou:.2f}), extra {f_extra}; "
@@ -418,7 +412,7 @@ def objects(out: Path, sha256, write_json, f32_list):
     for i in range(8):
         f, b = held_out.frame(demo_rng)
         frames.append((f"scene_{i}.jpg", "objects pasted on a background the detector never saw", f, b))
-    run = ort_runner(model)
+    run = ort_runner(mk, model)
     index = []
     for file, what, frame, boxes in frames:
         frame.save(cam / file, quality=85)
