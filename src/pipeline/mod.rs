@@ -384,7 +384,7 @@ pub fn start(
             fitter: camera::Fitter::default(),
             seqs: HashMap::new(),
             spec: Arc::clone(&spec),
-            session,
+            session: Some(session),
             sources: HashMap::new(),
             clock: 0,
             outbox: outbox.clone(),
@@ -403,7 +403,7 @@ pub fn start(
                 fitter: camera::Fitter::default(),
                 seqs: HashMap::new(),
                 spec: Arc::clone(&worker.spec),
-                session: spec.model.session().map_err(|e| e.to_string())?,
+                session: None,
                 sources: HashMap::new(),
                 clock: 0,
                 outbox: worker.outbox.clone(),
@@ -509,7 +509,8 @@ struct Source {
 
 struct Worker {
     spec: Arc<PipelineSpec>,
-    session: Session,
+    /// None on a camera's decode thread, which never runs the model.
+    session: Option<Session>,
     pre: Preprocessor,
     fitter: camera::Fitter,
     /// Camera pipelines: result sequence number per source.
@@ -642,6 +643,12 @@ impl Worker {
         self.sources.insert(msg.topic, source);
     }
 
+    fn session(&mut self) -> &mut Session {
+        self.session
+            .as_mut()
+            .expect("only inference threads run the model")
+    }
+
     /// Runs the model on `self.raw`. `waited` is (queue time, decode time) for
     /// the first window of a message; later windows of a batch carry none.
     fn infer(
@@ -656,7 +663,7 @@ impl Worker {
         let t0 = Instant::now();
         let tensor = self.pre.tensor(&self.raw, &mut self.normalised);
         let t1 = Instant::now();
-        let out = self.session.run_with_state(tensor, state);
+        let out = self.session().run_with_state(tensor, state);
         let t2 = Instant::now();
         let output = match out {
             Ok(out) => post::postprocess(&self.spec.model, out, &self.normalised),
@@ -757,13 +764,13 @@ impl Worker {
         let waited = t1 - t1_pre;
         let output = match &cam.detection {
             Some(d) => self
-                .session
+                .session()
                 .run_all(tensor)
                 .map_err(|e| e.to_string())
                 .and_then(|outs| d.detect(&outs, &cam.input, &placement))
                 .map(|detections| Output::Detection { detections }),
             None => self
-                .session
+                .session()
                 .run(tensor)
                 .map_err(|e| e.to_string())
                 .and_then(|out| post::postprocess(&spec.model, out, &[])),
