@@ -68,52 +68,59 @@ fn stages(c: &mut Criterion) {
     }
 }
 
-/// A 640x480 JPEG (the astronaut photo when ../shared is there, else a
-/// synthetic gradient) into 224x224 NCHW f32 and 96x96 NHWC: decode, resize,
-/// colour/layout and normalisation, the whole `pre` of a camera frame.
+/// JPEGs of 640x480 and 1600x1200 (an ESP32-CAM's UXGA; the astronaut photo
+/// when ../shared is there, else a synthetic gradient) decoded alone, and
+/// into 224x224 NCHW f32 and 96x96 NHWC: decode, resize, colour/layout and
+/// normalisation, the whole `pre` of a camera frame.
 fn camera_preprocess(c: &mut Criterion) {
     use edgeinfer::model::manifest::{ColorOrder, Layout, ResizeMode};
     use edgeinfer::pipeline::camera::{decode, to_chw, Fitter, FrameFormat, ImageInput};
     let photo =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/samples/images/astronaut.png");
-    let img = match image::open(&photo) {
-        Ok(i) => i
-            .resize_exact(640, 480, image::imageops::FilterType::Triangle)
-            .to_rgb8(),
-        Err(_) => image::RgbImage::from_fn(640, 480, |x, y| {
-            image::Rgb([x as u8, y as u8, (x ^ y) as u8])
-        }),
-    };
-    let mut jpeg = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut std::io::Cursor::new(&mut jpeg), 85)
+    let photo = image::open(&photo).ok();
+    for (w, h) in [(640u32, 480u32), (1600, 1200)] {
+        let img = match &photo {
+            Some(i) => i
+                .resize_exact(w, h, image::imageops::FilterType::Triangle)
+                .to_rgb8(),
+            None => {
+                image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, (x ^ y) as u8]))
+            }
+        };
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(
+            &mut std::io::Cursor::new(&mut jpeg),
+            85,
+        )
         .encode_image(&img)
         .unwrap();
-    let mut fitter = Fitter::default();
-    let (mut hwc, mut chw) = (Vec::new(), Vec::new());
-    c.bench_function("camera_decode_640x480_jpeg", |b| {
-        b.iter(|| decode(black_box(&jpeg), FrameFormat::Encoded, 16_000_000).unwrap())
-    });
-    for (size, layout) in [(224u32, Layout::Nchw), (96, Layout::Nhwc)] {
-        let input = ImageInput {
-            width: size,
-            height: size,
-            channels: 3,
-            layout,
-            color: ColorOrder::Rgb,
-            resize: ResizeMode::Stretch,
-        };
-        c.bench_function(&format!("camera_pre_640x480_jpeg_to_{size}"), |b| {
-            b.iter(|| {
-                let frame = decode(black_box(&jpeg), FrameFormat::Encoded, 16_000_000).unwrap();
-                fitter.fit(&frame, &input, &mut hwc);
-                for v in hwc.iter_mut() {
-                    *v = (*v - 127.0) / 128.0;
-                }
-                if layout == Layout::Nchw {
-                    to_chw(&hwc, 3, &mut chw);
-                }
-            })
+        let mut fitter = Fitter::default();
+        let (mut hwc, mut chw) = (Vec::new(), Vec::new());
+        c.bench_function(&format!("camera_decode_{w}x{h}_jpeg"), |b| {
+            b.iter(|| decode(black_box(&jpeg), FrameFormat::Encoded, 16_000_000).unwrap())
         });
+        for (size, layout) in [(224u32, Layout::Nchw), (96, Layout::Nhwc)] {
+            let input = ImageInput {
+                width: size,
+                height: size,
+                channels: 3,
+                layout,
+                color: ColorOrder::Rgb,
+                resize: ResizeMode::Stretch,
+            };
+            c.bench_function(&format!("camera_pre_{w}x{h}_jpeg_to_{size}"), |b| {
+                b.iter(|| {
+                    let frame = decode(black_box(&jpeg), FrameFormat::Encoded, 16_000_000).unwrap();
+                    fitter.fit(&frame, &input, &mut hwc);
+                    for v in hwc.iter_mut() {
+                        *v = (*v - 127.0) / 128.0;
+                    }
+                    if layout == Layout::Nchw {
+                        to_chw(&hwc, 3, &mut chw);
+                    }
+                })
+            });
+        }
     }
 }
 

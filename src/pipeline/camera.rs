@@ -99,7 +99,7 @@ pub fn decode(payload: &[u8], format: FrameFormat, max_pixels: u64) -> Result<Fr
             width: w,
             height: h,
             channels: 3,
-            pixels: other.to_rgb8().into_raw(),
+            pixels: other.into_rgb8().into_raw(),
         },
     })
 }
