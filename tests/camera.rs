@@ -51,6 +51,26 @@ fn jpeg_of(png: &Path) -> Vec<u8> {
     out
 }
 
+/// A daemon running `pipelines` as `device`, online, and an observer of its
+/// results, its errors and `more` topics (under `edgeinfer/{device}/`).
+async fn start(
+    broker: &Mosquitto,
+    device: &str,
+    pipelines: &str,
+    more: &[&str],
+) -> (Observer, Daemon) {
+    let mut filters = vec![
+        format!("edgeinfer/{device}/results/#"),
+        format!("edgeinfer/{device}/errors"),
+    ];
+    filters.extend(more.iter().map(|t| format!("edgeinfer/{device}/{t}")));
+    let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
+    let obs = Observer::connect(broker.port, &filters).await;
+    let text = config_text(&broker.url(), device, pipelines);
+    let daemon = Daemon::start_online(parse(&text), broker.port).await;
+    (obs, daemon)
+}
+
 /// (label, box) of every detection in a result.
 fn labelled_boxes(result: &serde_json::Value) -> Vec<(String, [f32; 4])> {
     result["output"]["detections"]
@@ -93,17 +113,7 @@ async fn ultraface_finds_the_astronauts_face_in_png_and_jpeg_frames_with_a_snaps
         &m,
         "snapshot = \"edgeinfer/{device}/snapshot/faces/{1}\"",
     );
-    let text = config_text(&broker.url(), "gw-cam", &extra);
-    let mut obs = Observer::connect(
-        broker.port,
-        &[
-            "edgeinfer/gw-cam/results/#",
-            "edgeinfer/gw-cam/snapshot/#",
-            "edgeinfer/gw-cam/errors",
-        ],
-    )
-    .await;
-    let daemon = Daemon::start_online(parse(&text), broker.port).await;
+    let (mut obs, daemon) = start(&broker, "gw-cam", &extra, &["snapshot/#"]).await;
     let astronaut = samples(&zoo).join("astronaut.png");
     obs.publish("cameras/door/faces", std::fs::read(&astronaut).unwrap())
         .await;
@@ -239,16 +249,7 @@ async fn every_class_of_bad_image_is_reported_and_the_camera_keeps_serving() {
             "payload = \"rgb8\"\nwidth = 8\nheight = 4"
         )
     );
-    let mut obs = Observer::connect(
-        broker.port,
-        &["edgeinfer/gw-bad/errors", "edgeinfer/gw-bad/results/#"],
-    )
-    .await;
-    let daemon = Daemon::start_online(
-        parse(&config_text(&broker.url(), "gw-bad", &extra)),
-        broker.port,
-    )
-    .await;
+    let (mut obs, daemon) = start(&broker, "gw-bad", &extra, &[]).await;
     let good = png(80, 60, 1);
     let mut jpeg = Vec::new();
     image::RgbImage::from_pixel(80, 60, image::Rgb([9, 9, 9]))
@@ -374,13 +375,7 @@ async fn the_bundled_detector_finds_the_known_objects_in_the_demo_frames_via_mqt
     assert!(frames.len() >= 10, "camera.json lists the demo frames");
     let broker = Mosquitto::start();
     let extra = camera_pipeline("objects", &models.join("objects.toml"), "");
-    let text = config_text(&broker.url(), "gw-obj", &extra);
-    let mut obs = Observer::connect(
-        broker.port,
-        &["edgeinfer/gw-obj/results/#", "edgeinfer/gw-obj/errors"],
-    )
-    .await;
-    let daemon = Daemon::start_online(parse(&text), broker.port).await;
+    let (mut obs, daemon) = start(&broker, "gw-obj", &extra, &[]).await;
     let (mut known, mut found, mut extra_boxes) = (0, 0, 0);
     for frame in &frames {
         let file = &frame.file;
@@ -448,13 +443,7 @@ results = \"edgeinfer/{{device}}/results/motion/{{1}}\"
         camera_pipeline("cam", &slow_image_model(), ""),
         repo().join("models/motion.toml").display()
     );
-    let text = config_text(&broker.url(), "gw-hol", &extra);
-    let mut obs = Observer::connect(
-        broker.port,
-        &["edgeinfer/gw-hol/results/#", "edgeinfer/gw-hol/errors"],
-    )
-    .await;
-    let daemon = Daemon::start_online(parse(&text), broker.port).await;
+    let (mut obs, daemon) = start(&broker, "gw-hol", &extra, &[]).await;
     for cam in ["c1", "c2", "c3"] {
         obs.publish(&format!("cameras/{cam}/cam"), png(64, 48, 7))
             .await;

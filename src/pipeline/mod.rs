@@ -398,20 +398,7 @@ pub fn start(
             // next frame overlaps inference of the current one. The hand-off
             // holds one prepared frame; newer frames wait in their slot.
             let (ptx, prx) = flume::bounded::<Prepared>(1);
-            let mut decoder = Worker {
-                pre: worker.pre.clone(),
-                fitter: camera::Fitter::default(),
-                seqs: HashMap::new(),
-                spec: Arc::clone(&worker.spec),
-                session: None,
-                sources: HashMap::new(),
-                clock: 0,
-                outbox: worker.outbox.clone(),
-                stats: Arc::clone(&worker.stats),
-                model_stats: Arc::clone(&worker.model_stats),
-                raw: Vec::new(),
-                normalised: Vec::new(),
-            };
+            let mut decoder = worker.decoder();
             let budget = Arc::clone(&budget);
             threads.push(
                 std::thread::Builder::new()
@@ -641,6 +628,25 @@ impl Worker {
             }
         }
         self.sources.insert(msg.topic, source);
+    }
+
+    /// A worker for a camera's decode thread: the same spec, preprocessing,
+    /// outbox and counters, no model session and no sample buffers.
+    fn decoder(&self) -> Worker {
+        Worker {
+            spec: Arc::clone(&self.spec),
+            session: None,
+            pre: self.pre.clone(),
+            fitter: camera::Fitter::default(),
+            seqs: HashMap::new(),
+            sources: HashMap::new(),
+            clock: 0,
+            outbox: self.outbox.clone(),
+            stats: Arc::clone(&self.stats),
+            model_stats: Arc::clone(&self.model_stats),
+            raw: Vec::new(),
+            normalised: Vec::new(),
+        }
     }
 
     fn session(&mut self) -> &mut Session {
