@@ -510,20 +510,12 @@ fn camera_line(
         })
         .collect();
     let boxes: Vec<(&str, [f32; 4])> = found.iter().map(|f| (f.0.as_str(), f.2)).collect();
-    let matched = match frame {
-        Some(frame) => {
-            let m = bundled::match_known(&frame.objects, &boxes);
-            s.objects_known += frame.objects.len() as u64;
-            s.objects_found += m.found as u64;
-            m
-        }
-        None => bundled::Matched {
-            found: 0,
-            extra: boxes.len(),
-        },
-    };
+    // A result whose frame is unknown has no known objects: all extra.
+    let known_objects = frame.map_or(&[][..], |f| &f.objects[..]);
+    let matched = bundled::match_known(known_objects, &boxes);
+    s.objects_known += known_objects.len() as u64;
+    s.objects_found += matched.found as u64;
     s.extra_detections += matched.extra as u64;
-    let hits = matched.found;
     let seen: Vec<String> = found
         .iter()
         .map(|(label, score, b)| {
@@ -533,16 +525,18 @@ fn camera_line(
             )
         })
         .collect();
-    let (file, known) = frame.map_or(("?", 0), |f| (f.file.as_str(), f.objects.len()));
+    let file = frame.map_or("?", |f| f.file.as_str());
     format!(
-        "{:<9} {:<22} → {}  ({file}: {hits}/{known} known found)",
+        "{:<9} {:<22} → {}  ({file}: {}/{} known found)",
         "objects",
         format!("cameras/{camera}"),
         if seen.is_empty() {
             "nothing".to_owned()
         } else {
             seen.join(", ")
-        }
+        },
+        matched.found,
+        known_objects.len(),
     )
 }
 
