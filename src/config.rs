@@ -60,9 +60,17 @@ pub struct Broker {
     pub key_file: Option<PathBuf>,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_s: u64,
-    /// Largest MQTT packet accepted or sent, in bytes (rumqttc's own default is 10 KiB).
+    /// Largest MQTT packet accepted or sent, in bytes (rumqttc's own default
+    /// is 10 KiB). Larger input is still read, up to a ceiling set by the
+    /// memory budget, so that it can be acknowledged and reported.
     #[serde(default = "default_max_packet")]
     pub max_packet_bytes: usize,
+    /// Longest topic the broker takes, in bytes (MQTT's own limit: 65,535).
+    #[serde(default = "default_max_topic_bytes")]
+    pub max_topic_bytes: usize,
+    /// Most levels a topic may have (mosquitto refuses more than 200).
+    #[serde(default = "default_max_topic_levels")]
+    pub max_topic_levels: usize,
     #[serde(default = "default_backoff_initial")]
     pub reconnect_initial_ms: u64,
     #[serde(default = "default_backoff_max")]
@@ -89,6 +97,8 @@ impl Default for Broker {
             key_file: None,
             keep_alive_s: default_keep_alive(),
             max_packet_bytes: default_max_packet(),
+            max_topic_bytes: default_max_topic_bytes(),
+            max_topic_levels: default_max_topic_levels(),
             reconnect_initial_ms: default_backoff_initial(),
             reconnect_max_ms: default_backoff_max(),
             clean_session: false,
@@ -152,8 +162,11 @@ pub struct Limits {
     /// Largest camera frame, pixels, checked from the header before decoding.
     #[serde(default = "default_max_image_pixels")]
     pub max_image_pixels: u64,
-    /// Memory budget of the whole process, MiB. Input queues take at most
-    /// half of what is left after start-up, an in-memory outbox the other half.
+    /// Memory budget of the whole process, MiB (lowered to 80 % of the
+    /// cgroup's MemoryHigh/MemoryMax when those are tighter). Of what is left
+    /// after start-up, input queues take at most a third, an in-memory outbox
+    /// a third, and decoding camera frames a third (split between the decode
+    /// threads): a frame that would need more is rejected before decoding.
     #[serde(default = "default_memory_mb")]
     pub memory_mb: u64,
 }
@@ -308,6 +321,12 @@ const fn default_keep_alive() -> u64 {
 const fn default_max_packet() -> usize {
     4 << 20
 }
+const fn default_max_topic_bytes() -> usize {
+    crate::mqtt::topic::MAX_TOPIC_BYTES
+}
+const fn default_max_topic_levels() -> usize {
+    200
+}
 const fn default_backoff_initial() -> u64 {
     500
 }
@@ -323,8 +342,10 @@ const fn default_max_image_bytes() -> usize {
 const fn default_max_image_pixels() -> u64 {
     16_000_000
 }
-const fn default_memory_mb() -> u64 {
-    256
+/// Below the shipped unit's MemoryHigh (160M) and MemoryMax (192M), so the
+/// daemon's own limits act before the kernel's (a test holds them together).
+pub const fn default_memory_mb() -> u64 {
+    128
 }
 const fn default_outbox_mb() -> u64 {
     64
@@ -488,8 +509,19 @@ impl Config {
                 "must be above 0 and at most broker.reconnect_max_ms".into(),
             );
         }
-        if self.broker.inflight == 0 {
-            bad("broker.inflight", "must be at least 1".into());
+        if self.broker.inflight == 0 || self.broker.inflight > 60_000 {
+            bad("broker.inflight", "must be between 1 and 60000".into());
+        }
+        if self.broker.max_topic_bytes == 0
+            || self.broker.max_topic_bytes > crate::mqtt::topic::MAX_TOPIC_BYTES
+        {
+            bad(
+                "broker.max_topic_bytes",
+                "must be between 1 and 65535 (MQTT's limit)".into(),
+            );
+        }
+        if self.broker.max_topic_levels == 0 {
+            bad("broker.max_topic_levels", "must be at least 1".into());
         }
         if let Some(file) = &self.broker.password_file {
             if self.broker.username.is_none() {
@@ -699,6 +731,29 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `MemoryHigh=` / `MemoryMax=` of the shipped unit, in bytes.
+    fn unit_limit(key: &str) -> u64 {
+        let unit = include_str!("../systemd/edgeinfer.service");
+        let v = unit
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("the unit sets {key}"));
+        let (n, unit) = v.split_at(v.len() - 1);
+        assert_eq!(unit, "M", "{key}={v}");
+        n.parse::<u64>().unwrap() << 20
+    }
+
+    #[test]
+    fn the_default_budget_fits_under_the_shipped_units_limits() {
+        let budget = default_memory_mb() << 20;
+        let (high, max) = (unit_limit("MemoryHigh"), unit_limit("MemoryMax"));
+        assert!(budget < high && high <= max, "{budget} < {high} <= {max}");
+        // The daemon would lower a budget above 80 % of the limit.
+        assert!(budget <= high / 5 * 4);
+        let example = Config::parse(include_str!("example.toml"), Path::new(".")).unwrap();
+        assert_eq!(example.limits.memory_mb, default_memory_mb());
+    }
 
     fn with_models_dir(text: &str) -> Config {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -109,6 +109,11 @@ pub struct BrokerStats {
     pub reconnects: Counter,
     /// Publishes handed to the broker and not acknowledged yet.
     pub in_flight: AtomicU64,
+    /// Incoming packets too large to read within the memory budget (each
+    /// one cost the connection).
+    pub oversize_packets: Counter,
+    /// The largest packet the client reads (0 until connected).
+    pub max_incoming_bytes: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -121,6 +126,10 @@ pub struct OutboxStats {
     pub expired: Counter,
     /// Torn or corrupt records skipped in the spool.
     pub corrupt: Counter,
+    /// Refused before queueing: topic too long or too deep, packet too large.
+    pub unpublishable: Counter,
+    /// Dropped after the broker ended several connections with them unacknowledged.
+    pub quarantined: Counter,
     /// Whether the spool is on disk (survives a restart).
     pub persistent: AtomicBool,
 }
@@ -135,8 +144,13 @@ pub struct Telemetry {
     /// Bytes of input waiting in all pipeline queues, against its share of
     /// the memory budget.
     pub input_budget: Arc<Budget>,
-    /// `limits.memory_mb` in bytes (0 until the daemon has started).
+    /// The memory budget in bytes: `limits.memory_mb`, or less under a
+    /// tighter cgroup limit (0 until the daemon has started).
     pub memory_budget: AtomicU64,
+    /// Bytes one camera frame's decoding and fitting may take (0: no limit).
+    pub frame_budget: Arc<AtomicU64>,
+    /// The cgroup's memory limit in bytes (0: none found).
+    pub cgroup_limit: AtomicU64,
 }
 
 /// A byte budget shared by several queues: taking fails past the cap.
@@ -256,6 +270,8 @@ impl Telemetry {
                 rss_bytes: rss_bytes().unwrap_or(0),
                 system_available_bytes: mem_available(),
                 budget_bytes: self.memory_budget.load(Ordering::Relaxed),
+                cgroup_limit_bytes: self.cgroup_limit.load(Ordering::Relaxed),
+                frame_budget_bytes: self.frame_budget.load(Ordering::Relaxed),
                 queued_input_bytes: self.input_budget.used(),
             },
             temperature_c: read_temperatures(&sys.thermal_dir),
@@ -265,6 +281,8 @@ impl Telemetry {
                 connected: self.broker.connected.load(Ordering::Relaxed),
                 reconnects: self.broker.reconnects.get(),
                 in_flight: self.broker.in_flight.load(Ordering::Relaxed),
+                oversize_packets: self.broker.oversize_packets.get(),
+                max_incoming_bytes: self.broker.max_incoming_bytes.load(Ordering::Relaxed),
             },
             outbox: OutboxHealth {
                 queued_messages: self.outbox.queued_messages.load(Ordering::Relaxed),
@@ -272,6 +290,8 @@ impl Telemetry {
                 dropped: self.outbox.dropped.get(),
                 expired: self.outbox.expired.get(),
                 corrupt_skipped: self.outbox.corrupt.get(),
+                unpublishable: self.outbox.unpublishable.get(),
+                quarantined: self.outbox.quarantined.get(),
                 persistent: self.outbox.persistent.load(Ordering::Relaxed),
             },
         }
@@ -298,8 +318,13 @@ pub struct HealthMessage {
 pub struct MemoryHealth {
     pub rss_bytes: u64,
     pub system_available_bytes: u64,
-    /// `limits.memory_mb`, in bytes.
+    /// The memory budget in force, in bytes: `limits.memory_mb`, or 80 % of
+    /// the cgroup's limit where that is tighter.
     pub budget_bytes: u64,
+    /// The tightest of the cgroup's memory.high and memory.max (0: none).
+    pub cgroup_limit_bytes: u64,
+    /// What one camera frame's decoding may take (0: no camera pipeline).
+    pub frame_budget_bytes: u64,
     /// Input payloads waiting in pipeline queues.
     pub queued_input_bytes: u64,
 }
@@ -331,6 +356,8 @@ pub struct BrokerHealth {
     pub connected: bool,
     pub reconnects: u64,
     pub in_flight: u64,
+    pub oversize_packets: u64,
+    pub max_incoming_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -340,6 +367,8 @@ pub struct OutboxHealth {
     pub dropped: u64,
     pub expired: u64,
     pub corrupt_skipped: u64,
+    pub unpublishable: u64,
+    pub quarantined: u64,
     pub persistent: bool,
 }
 
@@ -395,6 +424,29 @@ fn status_kb(field: &str) -> Option<u64> {
 }
 
 /// Resident set size of this process.
+/// The tightest of `memory.high` and `memory.max` of this process's cgroup
+/// (v2), where one is set: under systemd, the unit's MemoryHigh=/MemoryMax=.
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup_limit_in(&own, std::path::Path::new("/sys/fs/cgroup"))
+}
+
+/// [`cgroup_memory_limit`] from a `/proc/self/cgroup` text and the cgroup
+/// file system's root.
+pub fn cgroup_limit_in(proc_self_cgroup: &str, root: &std::path::Path) -> Option<u64> {
+    let path = proc_self_cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))?
+        .trim()
+        .trim_start_matches('/');
+    let dir = root.join(path);
+    ["memory.high", "memory.max"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+        .filter_map(|v| v.trim().parse::<u64>().ok()) // "max": no limit
+        .min()
+}
+
 pub fn rss_bytes() -> Option<u64> {
     status_kb("VmRSS:").map(|kb| kb * 1024)
 }
@@ -460,6 +512,22 @@ pub fn read_temperatures(dir: &Path) -> BTreeMap<String, f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cgroup_limit_is_the_tighter_of_high_and_max() {
+        let root = tempfile::tempdir().unwrap();
+        let unit = root.path().join("system.slice/edgeinfer.service");
+        std::fs::create_dir_all(&unit).unwrap();
+        let own = "0::/system.slice/edgeinfer.service\n";
+        assert_eq!(cgroup_limit_in(own, root.path()), None, "no files");
+        std::fs::write(unit.join("memory.max"), "201326592\n").unwrap();
+        std::fs::write(unit.join("memory.high"), "max\n").unwrap();
+        assert_eq!(cgroup_limit_in(own, root.path()), Some(192 << 20));
+        std::fs::write(unit.join("memory.high"), "167772160\n").unwrap();
+        assert_eq!(cgroup_limit_in(own, root.path()), Some(160 << 20));
+        // cgroup v1 only: no unified line.
+        assert_eq!(cgroup_limit_in("4:memory:/x\n", root.path()), None);
+    }
 
     #[test]
     fn percentiles_use_nearest_rank() {

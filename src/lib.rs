@@ -90,7 +90,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     if !problems.is_empty() {
         return Err(RunError::Config(problems));
     }
-    let options = mqtt::connect_options(&config).map_err(|message| {
+    let mut options = mqtt::connect_options(&config).map_err(|message| {
         RunError::Config(vec![Problem {
             key: "broker".into(),
             message,
@@ -105,13 +105,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     })?;
     let (outbox, outbox_rx, tracker) = mqtt::outbox(
         spool,
-        config.limits.outbox_capacity,
+        mqtt::OutboxSettings {
+            transient_cap: config.limits.outbox_capacity,
+            limits: publish_limits(&config),
+            errors_topic: format!("{}/errors", config.prefix()),
+        },
         Arc::clone(&telemetry.outbox),
         Arc::clone(&telemetry.broker),
     );
 
     let Started(pipelines, threads) = start_pipelines(&config, &outbox, &telemetry).await;
-    apply_memory_budget(&config, &telemetry, &outbox_rx);
+    let queue_share = apply_memory_budget(&config, &telemetry, &outbox_rx);
+    // Input over broker.max_packet_bytes (and the pipelines' own limits) is
+    // still read, up to what the input queues may hold, so that it can be
+    // acknowledged and reported as too large instead of failing the
+    // connection (see mqtt::connection).
+    let ceiling = (queue_share as usize)
+        .max(config.broker.max_packet_bytes)
+        .min(MQTT_MAX_PACKET);
+    options.set_max_packet_size(ceiling, config.broker.max_packet_bytes);
     let mut subscriptions = subscriptions(
         pipelines
             .iter()
@@ -127,13 +139,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     eventloop.network_options.set_tcp_nodelay(true);
     let status = mqtt::status_topic(&config);
     let tasks = tokio_util::task::TaskTracker::new();
+    let acks_done = CancellationToken::new();
     let publisher = tasks.spawn(mqtt::publish_loop(
         client.clone(),
         outbox_rx,
         config.broker.inflight as usize,
         Duration::from_millis(config.outbox.sync_ms),
         status.clone(),
+        acks_done.clone(),
     ));
+    let reporter = outbox.reporter();
 
     let device = config.device_id();
     let prefix = config.prefix();
@@ -174,6 +189,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         stats: Arc::clone(&telemetry.broker),
         tracker,
         on_connect: Box::new(|| {}),
+        reporter: Some(reporter),
+        acks_done,
     };
     let driver = tokio::spawn(mqtt::drive(
         eventloop,
@@ -232,26 +249,80 @@ fn open_spool(config: &Config, telemetry: &Telemetry) -> Result<mqtt::spool::Spo
     }
 }
 
+/// The largest packet MQTT 3.1.1 can frame (a 4-byte remaining length).
+const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+
+/// What the broker takes, from the config.
+pub fn publish_limits(config: &Config) -> mqtt::PublishLimits {
+    mqtt::PublishLimits {
+        max_topic_bytes: config.broker.max_topic_bytes,
+        max_topic_levels: config.broker.max_topic_levels,
+        max_packet_bytes: config.broker.max_packet_bytes,
+    }
+}
+
+/// The memory budget in force: `limits.memory_mb`, lowered to 80 % of the
+/// cgroup's limit when that is tighter (a unit's MemoryHigh=/MemoryMax=
+/// below the budget would throttle or kill the daemon before its own
+/// limits act).
+pub fn memory_budget(configured: u64, cgroup_limit: Option<u64>) -> u64 {
+    match cgroup_limit {
+        Some(limit) if limit / 5 * 4 < configured => limit / 5 * 4,
+        _ => configured,
+    }
+}
+
 /// Splits what the memory budget leaves after start-up (models loaded)
-/// between the input queues and an in-memory outbox.
-fn apply_memory_budget(config: &Config, telemetry: &Telemetry, outbox: &mqtt::OutboxReceiver) {
-    let budget = config.limits.memory_mb << 20;
+/// into thirds: the input queues, an in-memory outbox, and decoding camera
+/// frames (shared by the decode threads). Returns the input queues' share.
+fn apply_memory_budget(
+    config: &Config,
+    telemetry: &Telemetry,
+    outbox: &mqtt::OutboxReceiver,
+) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let configured = config.limits.memory_mb << 20;
+    let cgroup = health::cgroup_memory_limit();
+    let budget = memory_budget(configured, cgroup);
+    if budget < configured {
+        tracing::warn!(
+            memory_mb = config.limits.memory_mb,
+            cgroup_limit_mib = cgroup.unwrap_or(0) >> 20,
+            budget_mib = budget >> 20,
+            "limits.memory_mb is above the service's memory limit; using 80 % of that limit"
+        );
+    }
     let rss = health::rss_bytes().unwrap_or(0);
     let left = budget.saturating_sub(rss);
     if left < budget / 4 {
         tracing::warn!(
-            budget_mib = config.limits.memory_mb,
+            budget_mib = budget >> 20,
             rss_mib = rss >> 20,
             "limits.memory_mb leaves little room for queues after start-up"
         );
     }
     // A floor, so that a budget set too low still lets input through.
-    let share = (left / 2).max(4 << 20);
+    let share = (left / 3).max(4 << 20);
     telemetry.input_budget.set_cap(share);
-    telemetry
-        .memory_budget
-        .store(budget, std::sync::atomic::Ordering::Relaxed);
+    telemetry.memory_budget.store(budget, Relaxed);
+    telemetry.cgroup_limit.store(cgroup.unwrap_or(0), Relaxed);
     outbox.limit_memory(share);
+    let decoders: usize = config
+        .pipelines
+        .iter()
+        .filter(|p| p.kind == config::PipelineKind::Camera)
+        .map(|p| p.workers)
+        .sum();
+    if decoders > 0 {
+        let per_frame = (share / decoders as u64).max(8 << 20);
+        telemetry.frame_budget.store(per_frame, Relaxed);
+        tracing::info!(
+            frame_mib = per_frame >> 20,
+            decoders,
+            "Camera frames: decoding one may take this much"
+        );
+    }
+    share
 }
 
 /// One subscription per distinct filter, at the highest QoS any pipeline
@@ -334,7 +405,7 @@ async fn health_loop(
                     tracing::warn!(rss_mib = snapshot.memory.rss_bytes >> 20, budget_mib = budget >> 20, "Process memory over limits.memory_mb");
                 }
                 let payload = serde_json::to_vec(&snapshot).expect("health serializes");
-                outbox.offer(Outgoing { topic: topic.clone(), payload, qos: QoS::AtMostOnce, retain: false });
+                let _ = outbox.offer(Outgoing { topic: topic.clone(), payload, qos: QoS::AtMostOnce, retain: false });
             }
             _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
                 systemd::notify_watchdog();
@@ -364,7 +435,7 @@ async fn command_loop(
                 serde_json::json!({"ok": false, "error": format!("unknown command {other:?}; known: ping, health")})
             }
         };
-        outbox.offer(Outgoing {
+        let _ = outbox.offer(Outgoing {
             topic: format!("{prefix}/cmd/{name}/reply"),
             payload: reply.to_string().into_bytes(),
             qos: QoS::AtLeastOnce,
@@ -376,6 +447,14 @@ async fn command_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tighter_cgroup_limit_lowers_the_budget() {
+        assert_eq!(memory_budget(128 << 20, None), 128 << 20);
+        assert_eq!(memory_budget(128 << 20, Some(192 << 20)), 128 << 20);
+        // 256 MiB configured under a 192 MiB MemoryMax: 80 % of 192.
+        assert_eq!(memory_budget(256 << 20, Some(192 << 20)), (192 << 20) / 5 * 4);
+    }
 
     #[test]
     fn shared_filters_subscribe_once_at_the_highest_qos() {

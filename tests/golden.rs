@@ -174,7 +174,7 @@ struct ImageCase {
 #[test]
 fn objects_detector_matches_onnxruntime_and_finds_the_known_objects() {
     use edgeinfer::pipeline::camera::{
-        decode, iou, DetectionSpec, Fitter, FrameFormat, ImageInput,
+        decode, iou, DetectionSpec, Fitter, FrameFormat, FrameLimits, ImageInput,
     };
 
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
@@ -194,7 +194,7 @@ fn objects_detector_matches_onnxruntime_and_finds_the_known_objects() {
     let (mut worst, mut known, mut found, mut extra) = (0.0f32, 0, 0, 0);
     for case in &reference.cases {
         let png = std::fs::read(dir.join(&case.image)).unwrap();
-        let frame = decode(&png, FrameFormat::Encoded, 1 << 20).unwrap();
+        let frame = decode(&png, FrameFormat::Encoded, &FrameLimits::pixels(1 << 20)).unwrap();
         assert_eq!((frame.width, frame.height), (input.width, input.height));
         let placement = Fitter::default().fit(&frame, &input, &mut raw);
         let out = session.run(pre.tensor(&raw, &mut normalised)).unwrap();

@@ -9,8 +9,22 @@
 //! (manual acks, in arrival order); (5) reports packet ids and PUBACKs to
 //! the outbox, which is the only replay queue: on a disconnect rumqttc's
 //! own (unbounded) pending publishes are discarded and the outbox resends
-//! from its first unacknowledged record.
+//! from its first unacknowledged record; (6) once shutdown begins, stops
+//! acknowledging: an input that no pipeline will handle is left to the
+//! persistent session, which delivers it again on the next start.
+//!
+//! Oversize input: rumqttc checks each incoming packet's length against
+//! its `max_incoming_packet_size` from the fixed header and, when it is
+//! over, fails the whole connection (`PayloadSizeLimitExceeded`) without
+//! reading the packet — so it can neither be acknowledged nor reported by
+//! topic, and at QoS 1 the broker sends it again on every reconnect. The
+//! daemon therefore reads packets up to a ceiling set by the memory budget
+//! (above `broker.max_packet_bytes`), and the pipelines reject what is over
+//! their own limits as `too_large` and acknowledge it. Only a packet over
+//! that ceiling still costs the connection; it is counted and reported, and
+//! the reconnect backoff keeps growing (see the README).
 
+use super::outbox::{Reporter, TRANSIENT_RESERVE};
 use super::{Backoff, BrokerAddress, Outgoing, TopicFilter, Tracker};
 use crate::config::Config;
 use crate::health::BrokerStats;
@@ -45,7 +59,15 @@ pub fn connect_options(config: &Config) -> Result<MqttOptions, String> {
     // handled (manual acks), so a crash makes the broker send them again.
     options.set_clean_session(config.broker.clean_session);
     options.set_manual_acks(true);
-    options.set_inflight(config.broker.inflight);
+    // Above what the publisher puts in flight (results window plus the
+    // health and replies reserve): at its limit rumqttc stops reading the
+    // request channel, and the acks of incoming messages would wait too.
+    options.set_inflight(
+        config
+            .broker
+            .inflight
+            .saturating_add(TRANSIENT_RESERVE as u16 + 1),
+    );
     if let Some(user) = &config.broker.username {
         options.set_credentials(user.clone(), password(config)?);
     }
@@ -103,6 +125,7 @@ impl Router {
         for p in self.pipelines.iter().filter(|p| p.matches(topic)) {
             p.offer(Ingested {
                 topic: topic.to_owned(),
+                size: payload.len(),
                 payload: payload.clone(),
                 received,
                 ack: ack.clone(),
@@ -119,7 +142,17 @@ pub struct ConnectionContext {
     pub tracker: Tracker,
     /// Called once per successful connection (systemd readiness, for one).
     pub on_connect: Box<dyn FnMut() + Send>,
+    /// Where connection-level rejections (an oversize packet) are reported.
+    pub reporter: Option<Reporter>,
+    /// Cancelled once the last acknowledgement was handed to the client
+    /// after shutdown: the publisher disconnects only then.
+    pub acks_done: CancellationToken,
 }
+
+/// A connection that lasted this long resets the reconnect backoff; one
+/// that ends sooner (a broker that drops us on something we send or
+/// receive) keeps it growing.
+const STABLE: Duration = Duration::from_secs(5);
 
 /// Held by every pipeline an incoming QoS 1 message went to. When the last
 /// holder drops it — the message was handled and its results are in the
@@ -138,7 +171,10 @@ async fn ack_loop(
     client: AsyncClient,
     rx: flume::Receiver<PendingAck>,
     generation: Arc<AtomicU64>,
+    done: CancellationToken,
 ) {
+    // Also when aborted: the publisher must not wait for it then.
+    let _done = done.drop_guard();
     while let Ok(p) = rx.recv_async().await {
         let _ = p.done.await;
         if generation.load(Ordering::Relaxed) != p.generation {
@@ -167,21 +203,38 @@ pub async fn drive(
     let mut connected_once = false;
     let manual_acks = eventloop.mqtt_options.manual_acks();
     let generation = Arc::new(AtomicU64::new(0));
+    // Unbounded but not growing without bound: one entry per QoS 1 input
+    // the broker sent and the pipelines hold, and the broker sends no more
+    // than its in-flight window (mosquitto: 20) unacknowledged.
     let (ack_tx, ack_rx) = flume::unbounded();
-    let acker = tokio::spawn(ack_loop(client.clone(), ack_rx, Arc::clone(&generation)));
+    let mut ack_tx = Some(ack_tx);
+    let acker = tokio::spawn(ack_loop(
+        client.clone(),
+        ack_rx,
+        Arc::clone(&generation),
+        ctx.acks_done.clone(),
+    ));
+    let mut connected_at: Option<Instant> = None;
     loop {
         let event = tokio::select! {
             biased;
             _ = shutdown.cancelled(), if router.is_some() => {
                 tracing::debug!("Stopping ingest");
+                // From here on nothing is acknowledged that was not routed
+                // before: the ack loop ends once the pipelines are done.
                 router = None;
+                ack_tx = None;
                 continue;
             }
             event = eventloop.poll() => event,
         };
         match event {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let token = if manual_acks && p.qos != QoS::AtMostOnce {
+                // No router: shutting down. The input is not acknowledged,
+                // so the broker keeps it for the next session.
+                let Some(r) = &router else { continue };
+                let token = match &ack_tx {
+                    Some(ack_tx) if manual_acks && p.qos != QoS::AtMostOnce => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     let _ = ack_tx.send(PendingAck {
                         pkid: p.pkid,
@@ -190,12 +243,10 @@ pub async fn drive(
                         done: rx,
                     });
                     Some(Arc::new(tx))
-                } else {
-                    None
+                    }
+                    _ => None,
                 };
-                if let Some(r) = &router {
-                    r.route(&p.topic, p.payload, token);
-                }
+                r.route(&p.topic, p.payload, token);
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => ctx.tracker.acknowledged(ack.pkid),
             Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) if pkid != 0 => {
@@ -208,7 +259,11 @@ pub async fn drive(
                     ctx.stats.reconnects.inc();
                 }
                 connected_once = true;
-                ctx.backoff.reset();
+                connected_at = Some(Instant::now());
+                ctx.stats.max_incoming_bytes.store(
+                    eventloop.mqtt_options.max_packet_size() as u64,
+                    Ordering::Relaxed,
+                );
                 tracing::info!(session_present = ack.session_present, "Connected to broker");
                 (ctx.on_connect)();
                 // Subscribing goes through the request channel, which this
@@ -255,11 +310,23 @@ pub async fn drive(
                     tracing::warn!(error = %e, "Broker connection ended during shutdown");
                     break;
                 }
+                if connected_at.take().is_some_and(|t| t.elapsed() >= STABLE) {
+                    ctx.backoff.reset();
+                }
                 let delay = ctx.backoff.next_delay();
                 let retry_in_ms = delay.as_millis() as u64;
                 let text = e.to_string();
-                if text.contains("certificate") {
-                    let hint = "check broker.ca_file (the broker's certificate must chain to it) and, for mutual TLS, cert_file/key_file";
+                if let Some(size) = oversize_packet(&e) {
+                    let limit = eventloop.mqtt_options.max_packet_size();
+                    ctx.stats.oversize_packets.inc();
+                    let reason = format!(
+                        "an incoming MQTT packet of {size} bytes is over the {limit} bytes edgeinfer reads within limits.memory_mb; the connection was dropped without reading it. At QoS 1 the broker sends it again on every connect: cap message sizes at the broker (mosquitto: max_packet_size)"
+                    );
+                    tracing::error!(size, limit, retry_in_ms, "Incoming packet too large to read; reconnecting");
+                    if let Some(r) = &ctx.reporter {
+                        r.error("", "", "too_large", &reason);
+                    }
+                } else if let Some(hint) = tls_hint(&text) {
                     tracing::warn!(error = %text, hint, retry_in_ms, "TLS handshake with the broker failed");
                 } else if was {
                     tracing::warn!(error = %text, retry_in_ms, "Lost broker connection");
@@ -278,4 +345,56 @@ pub async fn drive(
     }
     ctx.stats.connected.store(false, Ordering::Relaxed);
     acker.abort();
+}
+
+/// The size of an incoming packet rumqttc refused to read, if that is what
+/// ended the connection.
+fn oversize_packet(e: &rumqttc::ConnectionError) -> Option<usize> {
+    match e {
+        rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size),
+        )) => Some(*size),
+        _ => None,
+    }
+}
+
+/// What to check when a TLS connection fails, from rustls' error text.
+fn tls_hint(error: &str) -> Option<&'static str> {
+    let has = |s: &str| error.contains(s);
+    Some(if has("NotValidForName") {
+        "the broker's certificate does not name the host in broker.url: connect by a name (or IP address) that its certificate lists"
+    } else if has("Expired") || has("NotValidYet") {
+        "the broker's certificate is expired or not valid yet (check the gateway's clock)"
+    } else if has("UnknownIssuer") || has("BadSignature") {
+        "check broker.ca_file: the broker's certificate must chain to it"
+    } else if has("CertificateRequired") || has("BadCertificate") || has("UnknownCA") {
+        "the broker refused our client certificate: set broker.cert_file and key_file to one signed by a CA the broker trusts"
+    } else if has("certificate") || has("tls") || has("Tls") {
+        "check broker.ca_file (the broker's certificate must chain to it) and, for mutual TLS, cert_file/key_file"
+    } else {
+        return None;
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_hints_say_what_failed() {
+        let mismatch = "Tls: invalid peer certificate: NotValidForName { expected: DnsName(\"localhost\"), presented: [] }";
+        assert!(tls_hint(mismatch).unwrap().contains("does not name the host"));
+        let issuer = "Tls: invalid peer certificate: UnknownIssuer";
+        assert!(tls_hint(issuer).unwrap().contains("ca_file"));
+        assert!(tls_hint("I/O: Connection refused (os error 111)").is_none());
+    }
+
+    #[test]
+    fn an_oversize_packet_is_told_apart_from_other_errors() {
+        let e = rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(5_000_000),
+        ));
+        assert_eq!(oversize_packet(&e), Some(5_000_000));
+        assert_eq!(oversize_packet(&rumqttc::ConnectionError::NetworkTimeout), None);
+    }
 }

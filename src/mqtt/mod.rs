@@ -7,12 +7,15 @@ mod connection;
 mod outbox;
 pub mod spool;
 mod tls;
-mod topic;
+pub mod topic;
 
 pub use backoff::Backoff;
 pub use connection::{connect_options, drive, status_topic, AckToken, ConnectionContext, Router};
-pub use outbox::{outbox, publish_loop, Outbox, OutboxReceiver, Outgoing, Tracker};
-pub use topic::{check_template, TopicFilter, TopicTemplate};
+pub use outbox::{
+    outbox, publish_loop, Outbox, OutboxReceiver, OutboxSettings, Outgoing, Reporter, Tracker,
+    Unpublishable,
+};
+pub use topic::{check_publishable, check_template, PublishLimits, TopicFilter, TopicTemplate};
 
 pub use rumqttc::QoS;
 

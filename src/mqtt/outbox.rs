@@ -9,6 +9,18 @@
 //! - **transient** ([`Outbox::offer`]: health, command replies): a small
 //!   in-memory queue; full means dropped and counted.
 //!
+//! Every message is checked against what the broker takes
+//! ([`PublishLimits`]) before it is queued: a topic too long or too deep,
+//! or a packet too large, would make the broker or the client drop the
+//! connection, and the outbox would resend it after every reconnect. Such a
+//! message is refused (the caller reports it). A spooled record the broker
+//! still drops the connection on is quarantined after
+//! [`QUARANTINE_AFTER`] connections ended with it unacknowledged.
+//!
+//! Health and command replies have their own room in flight
+//! ([`TRANSIENT_RESERVE`]): they never wait behind a window full of
+//! unacknowledged results.
+//!
 //! Delivery tracking is shared by the publisher task (which hands messages
 //! to the rumqttc client) and the poll loop (which sees the packet id each
 //! publish got and the broker's PUBACKs): every QoS 1 publish of this
@@ -16,6 +28,7 @@
 //! `Outgoing::Publish` event belongs to the n-th handed-out message.
 
 use super::spool::{Spool, Spooled};
+use super::topic::{check_publishable, PublishLimits};
 use crate::health::{BrokerStats, OutboxStats};
 use rumqttc::{AsyncClient, ClientError, QoS, Request};
 use std::collections::{HashMap, VecDeque};
@@ -30,6 +43,15 @@ pub struct Outgoing {
     pub qos: QoS,
     pub retain: bool,
 }
+
+/// QoS 1 publishes beyond the results window that health messages and
+/// command replies may use. The MQTT client's own in-flight limit must be
+/// above window + reserve, or it stops reading requests (acks included).
+pub const TRANSIENT_RESERVE: usize = 16;
+
+/// Connections in a row that may end with the same spooled record the
+/// oldest unacknowledged before it is quarantined (dropped, reported).
+pub const QUARANTINE_AFTER: u32 = 3;
 
 /// What a handed-out QoS 1 publish was.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +73,14 @@ pub struct State {
     by_pkid: HashMap<u16, Handed>,
     /// Counts disconnects: a `connected` from before one is stale.
     generation: u64,
+    limits: PublishLimits,
+    /// Where refused and quarantined records are reported.
+    errors_topic: String,
+    /// The spooled record that was the oldest unacknowledged when the last
+    /// connections ended, and at how many ends in a row.
+    suspect: Option<(u64, u32)>,
+    /// A record to drop when it is handed out next.
+    quarantine: Option<u64>,
 }
 
 impl State {
@@ -107,9 +137,17 @@ pub struct Tracker {
     broker: Arc<BrokerStats>,
 }
 
+/// Where the outbox reports what it refuses, and what the broker takes.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxSettings {
+    pub transient_cap: usize,
+    pub limits: PublishLimits,
+    pub errors_topic: String,
+}
+
 pub fn outbox(
     spool: Spool,
-    transient_cap: usize,
+    settings: OutboxSettings,
     stats: Arc<OutboxStats>,
     broker: Arc<BrokerStats>,
 ) -> (Outbox, OutboxReceiver, Tracker) {
@@ -117,12 +155,16 @@ pub fn outbox(
         state: Mutex::new(State {
             spool,
             transient: VecDeque::new(),
-            transient_cap,
+            transient_cap: settings.transient_cap,
             connected: false,
             announce: None,
             handed: VecDeque::new(),
             by_pkid: HashMap::new(),
             generation: 0,
+            limits: settings.limits,
+            errors_topic: settings.errors_topic,
+            suspect: None,
+            quarantine: None,
         }),
         wake: tokio::sync::Notify::new(),
         senders: AtomicUsize::new(1),
@@ -139,16 +181,22 @@ pub fn outbox(
     )
 }
 
+/// A message the broker would not take (the reason names the limit). It
+/// was counted (`outbox.unpublishable`) and not queued.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("cannot be published: {0}")]
+pub struct Unpublishable(pub String);
+
 impl Outbox {
     /// Queues a result or an error in the spool. Never waits on the broker;
     /// a full spool drops its oldest records (counted). For worker threads:
-    /// with a disk spool this writes to the file.
-    pub fn send(&self, msg: Outgoing) {
-        let appended = self
-            .shared
-            .lock()
-            .spool
-            .append(&msg, crate::pipeline::unix_ms());
+    /// with a disk spool this writes to the file. A message the broker
+    /// would not take is refused: the caller reports it.
+    pub fn send(&self, msg: Outgoing) -> Result<(), Unpublishable> {
+        let mut st = self.shared.lock();
+        self.shared.check(&st, &msg)?;
+        let appended = st.spool.append(&msg, crate::pipeline::unix_ms());
+        drop(st);
         match appended {
             Ok(()) => self.shared.wake.notify_one(),
             Err(e) => {
@@ -156,19 +204,93 @@ impl Outbox {
                 tracing::error!(error = %e, topic = %msg.topic, "Cannot write to the outbox; message dropped");
             }
         }
+        Ok(())
     }
 
-    /// Queues a transient message (health, a command reply) if there is
-    /// room, else drops and counts it.
-    pub fn offer(&self, msg: Outgoing) {
-        let mut st = self.shared.lock();
-        if st.transient.len() >= st.transient_cap {
-            self.shared.stats.dropped.inc();
-            return;
+    /// Queues a transient message (health, a command reply, a snapshot) if
+    /// there is room, else drops and counts it.
+    pub fn offer(&self, msg: Outgoing) -> Result<(), Unpublishable> {
+        self.reporter().offer(msg)
+    }
+
+    /// A handle for transient messages that does not keep the publisher
+    /// running (the poll loop's reports).
+    pub fn reporter(&self) -> Reporter {
+        Reporter {
+            shared: Arc::clone(&self.shared),
         }
-        st.transient.push_back(msg);
+    }
+}
+
+/// Offers transient messages without counting as a sender: the publisher
+/// finishes once every [`Outbox`] is gone, whatever reporters are left.
+#[derive(Clone)]
+pub struct Reporter {
+    shared: Arc<Shared>,
+}
+
+impl Reporter {
+    pub fn offer(&self, msg: Outgoing) -> Result<(), Unpublishable> {
+        let mut st = self.shared.lock();
+        self.shared.check(&st, &msg)?;
+        if !st.push_transient(msg) {
+            self.shared.stats.dropped.inc();
+            return Ok(());
+        }
         drop(st);
         self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Reports a problem on the errors topic (kind, source topic, reason),
+    /// in the errors topic's schema, as a transient message.
+    pub fn error(&self, pipeline: &str, source: &str, kind: &str, reason: &str) {
+        let topic = self.shared.lock().errors_topic.clone();
+        let _ = self.offer(error_message(&topic, pipeline, source, kind, reason));
+    }
+}
+
+/// An errors-topic entry (the schema the pipelines use).
+fn error_message(topic: &str, pipeline: &str, source: &str, kind: &str, reason: &str) -> Outgoing {
+    Outgoing {
+        topic: topic.to_owned(),
+        payload: serde_json::json!({
+            "pipeline": pipeline,
+            "source": source,
+            "kind": kind,
+            "reason": reason,
+            "ts": crate::pipeline::unix_ms(),
+        })
+        .to_string()
+        .into_bytes(),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+    }
+}
+
+impl State {
+    fn push_transient(&mut self, msg: Outgoing) -> bool {
+        if self.transient.len() >= self.transient_cap {
+            return false;
+        }
+        self.transient.push_back(msg);
+        true
+    }
+}
+
+impl Shared {
+    fn check(&self, st: &State, msg: &Outgoing) -> Result<(), Unpublishable> {
+        check_publishable(
+            &msg.topic,
+            msg.payload.len(),
+            msg.qos == QoS::AtMostOnce,
+            &st.limits,
+        )
+        .map_err(|reason| {
+            self.stats.unpublishable.inc();
+            tracing::warn!(%reason, "Message refused: the broker would not take it");
+            Unpublishable(reason)
+        })
     }
 }
 
@@ -199,6 +321,19 @@ impl Tracker {
         let mut st = self.shared.lock();
         st.connected = false;
         st.generation += 1;
+        // A record the broker drops the connection on stays the oldest
+        // unacknowledged one, connection after connection.
+        if let Some(seq) = st.spool.oldest_unacked() {
+            let ends = match st.suspect {
+                Some((s, n)) if s == seq => n + 1,
+                _ => 1,
+            };
+            st.suspect = Some((seq, ends));
+            if ends >= QUARANTINE_AFTER {
+                st.quarantine = Some(seq);
+                st.suspect = None;
+            }
+        }
         purge();
         st.handed.clear();
         st.by_pkid.clear();
@@ -222,6 +357,9 @@ impl Tracker {
         let mut st = self.shared.lock();
         if let Some(Handed::Spooled(seq)) = st.by_pkid.remove(&pkid) {
             st.spool.ack(seq);
+            if st.suspect.is_some_and(|(s, _)| s == seq) {
+                st.suspect = None;
+            }
         }
         self.broker
             .in_flight
@@ -253,14 +391,22 @@ impl OutboxReceiver {
             let handed = (a.qos != QoS::AtMostOnce).then_some(Handed::Other);
             return Step::Publish(a, handed, None);
         }
+        if st.in_flight() < window + TRANSIENT_RESERVE {
+            if let Some(m) = st.transient.pop_front() {
+                let handed = (m.qos != QoS::AtMostOnce).then_some(Handed::Other);
+                return Step::Publish(m, handed, None);
+            }
+        }
         if st.in_flight() >= window {
             return Step::Wait;
         }
-        if let Some(m) = st.transient.pop_front() {
-            let handed = (m.qos != QoS::AtMostOnce).then_some(Handed::Other);
-            return Step::Publish(m, handed, None);
-        }
-        if let Some(Spooled { seq, msg }) = st.spool.next(crate::pipeline::unix_ms()) {
+        while let Some(Spooled { seq, msg }) = st.spool.next(crate::pipeline::unix_ms()) {
+            if let Some(report) = self.refuse_spooled(st, seq, &msg) {
+                // Dropped: acknowledged in the spool, reported instead.
+                st.spool.ack(seq);
+                st.push_transient(report);
+                continue;
+            }
             let handed = (msg.qos != QoS::AtMostOnce).then_some(Handed::Spooled(seq));
             return Step::Publish(msg, handed, Some(seq));
         }
@@ -268,6 +414,39 @@ impl OutboxReceiver {
             return Step::Finish;
         }
         Step::Wait
+    }
+
+    /// A spooled record that must not go out again: quarantined, or (from
+    /// an older run with other limits) one the broker would not take.
+    /// Returns the errors-topic entry that reports it.
+    fn refuse_spooled(&self, st: &mut State, seq: u64, msg: &Outgoing) -> Option<Outgoing> {
+        let (kind, reason) = if st.quarantine == Some(seq) {
+            st.quarantine = None;
+            self.shared.stats.quarantined.inc();
+            let reason = format!(
+                "a {}-byte message to {:?} was dropped from the outbox: the broker ended {QUARANTINE_AFTER} connections in a row with it unacknowledged",
+                msg.payload.len(),
+                super::topic::shorten(&msg.topic)
+            );
+            tracing::error!(topic = %msg.topic, bytes = msg.payload.len(), seq, "Outbox: record quarantined");
+            ("quarantined", reason)
+        } else {
+            let reason = check_publishable(
+                &msg.topic,
+                msg.payload.len(),
+                msg.qos == QoS::AtMostOnce,
+                &st.limits,
+            )
+            .err()?;
+            self.shared.stats.unpublishable.inc();
+            tracing::warn!(%reason, seq, "Outbox: dropped a record the broker would not take");
+            ("unpublishable", reason)
+        };
+        let topic = st.errors_topic.clone();
+        // The report itself must be publishable: it names the topic only
+        // in its reason, shortened by the check above where it is long.
+        let source = if msg.topic.len() > 256 { "" } else { &msg.topic };
+        Some(error_message(&topic, "", source, kind, &reason))
     }
 
     /// Hands `msg` to the client without waiting, recording it for packet-id
@@ -342,14 +521,17 @@ impl OutboxReceiver {
 /// Moves messages from the outbox to the client, at most `window` QoS 1
 /// publishes unacknowledged at a time, and syncs the spool every
 /// `sync_every`. Ends once every [`Outbox`] is dropped and all was
-/// delivered (or, when disconnected, left in the spool); then publishes the
-/// retained `offline` and disconnects cleanly (so no Last Will fires).
+/// delivered (or, when disconnected, left in the spool); then, once the
+/// acknowledgements of handled input are in the client's queue
+/// (`acks_done`), publishes the retained `offline` and disconnects cleanly
+/// (so no Last Will fires, and no handled input is delivered again).
 pub async fn publish_loop(
     client: AsyncClient,
     outbox: OutboxReceiver,
     window: usize,
     sync_every: Duration,
     status_topic: String,
+    acks_done: tokio_util::sync::CancellationToken,
 ) {
     let mut sync = tokio::time::interval(sync_every);
     sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -390,6 +572,8 @@ pub async fn publish_loop(
             );
         }
     }
+    // Bounded: an ack waits on a pipeline that is itself finishing.
+    let _ = tokio::time::timeout(Duration::from_secs(5), acks_done.cancelled()).await;
     let _ = client
         .publish(status_topic, QoS::AtLeastOnce, true, "offline")
         .await;
@@ -419,7 +603,15 @@ mod tests {
             },
             Arc::clone(&stats),
         );
-        let (o, r, t) = outbox(spool, 2, Arc::clone(&stats), Arc::default());
+        let settings = OutboxSettings {
+            transient_cap: 2,
+            limits: PublishLimits {
+                max_topic_levels: 8,
+                ..PublishLimits::default()
+            },
+            errors_topic: "p/errors".into(),
+        };
+        let (o, r, t) = outbox(spool, settings, Arc::clone(&stats), Arc::default());
         (o, r, t, stats)
     }
 
@@ -442,7 +634,7 @@ mod tests {
     #[test]
     fn nothing_leaves_before_a_connect_and_online_goes_first() {
         let (o, r, t, _) = parts();
-        o.send(msg("r/1", QoS::AtLeastOnce));
+        o.send(msg("r/1", QoS::AtLeastOnce)).unwrap();
         assert!(matches!(r.step(10), Step::Wait));
         t.connected(t.generation(), msg("status", QoS::AtLeastOnce));
         assert_eq!(next(&r).unwrap().0, "status");
@@ -453,7 +645,7 @@ mod tests {
     fn a_lost_connection_resends_everything_unacknowledged_in_order() {
         let (o, r, t, stats) = parts();
         for i in 0..4 {
-            o.send(msg(&format!("r/{i}"), QoS::AtLeastOnce));
+            o.send(msg(&format!("r/{i}"), QoS::AtLeastOnce)).unwrap();
         }
         t.connected(t.generation(), msg("status", QoS::AtLeastOnce));
         for pkid in 1..=5u16 {
@@ -477,7 +669,7 @@ mod tests {
     fn the_window_bounds_unacknowledged_publishes() {
         let (o, r, t, _) = parts();
         for i in 0..20 {
-            o.send(msg(&format!("r/{i}"), QoS::AtLeastOnce));
+            o.send(msg(&format!("r/{i}"), QoS::AtLeastOnce)).unwrap();
         }
         t.connected(t.generation(), msg("status", QoS::AtMostOnce));
         let mut n = 0;
@@ -491,10 +683,96 @@ mod tests {
     }
 
     #[test]
+    fn health_and_replies_do_not_wait_behind_unacknowledged_results() {
+        let (o, r, t, _) = parts();
+        for i in 0..20 {
+            o.send(msg(&format!("r/{i}"), QoS::AtLeastOnce)).unwrap();
+        }
+        t.connected(t.generation(), msg("status", QoS::AtMostOnce));
+        let mut n = 0;
+        while next(&r).is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 1 + 10, "the window is full of results");
+        o.offer(msg("health", QoS::AtMostOnce)).unwrap();
+        o.offer(msg("cmd/ping/reply", QoS::AtLeastOnce)).unwrap();
+        assert_eq!(next(&r).unwrap().0, "health");
+        assert_eq!(next(&r).unwrap().0, "cmd/ping/reply");
+        assert!(next(&r).is_none(), "results still wait for the window");
+    }
+
+    #[test]
+    fn what_the_broker_would_not_take_is_refused_before_it_is_queued() {
+        let (o, r, t, stats) = parts();
+        let deep = "a/".repeat(8) + "b";
+        let e = o.send(msg(&deep, QoS::AtLeastOnce)).unwrap_err();
+        assert!(e.0.contains("9 levels"), "{e}");
+        assert_eq!(stats.unpublishable.get(), 1);
+        assert_eq!(stats.queued_messages.load(Ordering::Relaxed), 0);
+        o.send(msg("r/ok", QoS::AtLeastOnce)).unwrap();
+        t.connected(t.generation(), msg("status", QoS::AtMostOnce));
+        next(&r).unwrap();
+        assert_eq!(next(&r).unwrap().0, "r/ok");
+    }
+
+    #[test]
+    fn a_record_the_broker_keeps_dropping_the_connection_on_is_quarantined() {
+        let (o, r, t, stats) = parts();
+        o.send(msg("r/poison", QoS::AtLeastOnce)).unwrap();
+        o.send(msg("r/next", QoS::AtLeastOnce)).unwrap();
+        let mut pkid = 0;
+        let mut round = |r: &OutboxReceiver, t: &Tracker| -> Vec<String> {
+            t.connected(t.generation(), msg("status", QoS::AtMostOnce));
+            let sent: Vec<String> = std::iter::from_fn(|| next(r).map(|n| n.0)).collect();
+            for _ in 1..sent.len() {
+                pkid += 1;
+                t.published(pkid);
+            }
+            // The broker drops the connection on the first result each time.
+            t.disconnected(|| {});
+            sent
+        };
+        for _ in 0..QUARANTINE_AFTER {
+            assert_eq!(round(&r, &t), vec!["status", "r/poison", "r/next"]);
+        }
+        assert_eq!(stats.quarantined.get(), 0);
+        let after = round(&r, &t);
+        assert_eq!(after, vec!["status", "r/next", "p/errors"]);
+        assert_eq!(stats.quarantined.get(), 1);
+    }
+
+    #[test]
+    fn a_flapping_broker_quarantines_nothing_while_records_get_through() {
+        let (o, r, t, stats) = parts();
+        for i in 0..8 {
+            o.send(msg(&format!("r/{i}"), QoS::AtLeastOnce)).unwrap();
+        }
+        let mut pkid = 0u16;
+        // Each connection gets one record acknowledged, then drops.
+        for _ in 0..8 {
+            t.connected(t.generation(), msg("status", QoS::AtMostOnce));
+            let mut sent = 0;
+            while next(&r).is_some() {
+                sent += 1;
+            }
+            for i in 1..sent {
+                pkid += 1;
+                t.published(pkid);
+                if i == 1 {
+                    t.acknowledged(pkid);
+                }
+            }
+            t.disconnected(|| {});
+        }
+        assert_eq!(stats.quarantined.get(), 0);
+        assert_eq!(stats.queued_messages.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn transient_messages_are_bounded_and_finish_waits_for_senders() {
         let (o, r, t, stats) = parts();
         for _ in 0..3 {
-            o.offer(msg("health", QoS::AtMostOnce));
+            o.offer(msg("health", QoS::AtMostOnce)).unwrap();
         }
         assert_eq!(stats.dropped.get(), 1);
         t.connected(t.generation(), msg("status", QoS::AtMostOnce));

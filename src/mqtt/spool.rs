@@ -627,6 +627,11 @@ impl Spool {
         }
     }
 
+    /// The oldest record handed out and not acknowledged yet.
+    pub fn oldest_unacked(&self) -> Option<u64> {
+        self.inflight.iter().find(|i| !i.acked).map(|i| i.seq)
+    }
+
     /// Records handed out and not acknowledged yet.
     pub fn in_flight(&self) -> usize {
         self.inflight.len()

@@ -140,6 +140,98 @@ pub fn check_template(template: &str, max_capture: usize) -> Result<(), String> 
     Ok(())
 }
 
+/// What the broker will take: a publish outside these limits makes the
+/// broker (or the MQTT client) drop the whole connection, so it is refused
+/// before it is queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishLimits {
+    /// Topic length in bytes (MQTT's own limit is 65,535).
+    pub max_topic_bytes: usize,
+    /// Topic levels (`a/b/c` has 3); mosquitto refuses more than 200.
+    pub max_topic_levels: usize,
+    /// Whole PUBLISH packet, header included (`broker.max_packet_bytes`).
+    pub max_packet_bytes: usize,
+}
+
+impl Default for PublishLimits {
+    fn default() -> Self {
+        PublishLimits {
+            max_topic_bytes: MAX_TOPIC_BYTES,
+            max_topic_levels: 200,
+            max_packet_bytes: 4 << 20,
+        }
+    }
+}
+
+/// MQTT strings carry a 16-bit length.
+pub const MAX_TOPIC_BYTES: usize = 65_535;
+
+/// The size of a PUBLISH packet as it goes on the wire: fixed header
+/// (type byte and the remaining length's varint), topic with its length,
+/// packet id (QoS 1 and 2) and payload.
+pub fn publish_packet_bytes(topic_bytes: usize, payload_bytes: usize, qos0: bool) -> usize {
+    let remaining = 2 + topic_bytes + if qos0 { 0 } else { 2 } + payload_bytes;
+    let varint = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + varint + remaining
+}
+
+/// Why a message cannot be published; the reason names the limit.
+pub fn check_publishable(
+    topic: &str,
+    payload_bytes: usize,
+    qos0: bool,
+    limits: &PublishLimits,
+) -> Result<(), String> {
+    if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+        return Err(format!(
+            "topic {:?} is not a valid publish topic (empty, or has '+', '#' or NUL)",
+            shorten(topic)
+        ));
+    }
+    let max_bytes = limits.max_topic_bytes.min(MAX_TOPIC_BYTES);
+    if topic.len() > max_bytes {
+        return Err(format!(
+            "topic of {} bytes is over the limit of {max_bytes} (broker.max_topic_bytes): {:?}",
+            topic.len(),
+            shorten(topic)
+        ));
+    }
+    let levels = topic.bytes().filter(|b| *b == b'/').count() + 1;
+    if levels > limits.max_topic_levels {
+        return Err(format!(
+            "topic of {levels} levels is over the limit of {} (broker.max_topic_levels): {:?}",
+            limits.max_topic_levels,
+            shorten(topic)
+        ));
+    }
+    let packet = publish_packet_bytes(topic.len(), payload_bytes, qos0);
+    if packet > limits.max_packet_bytes {
+        return Err(format!(
+            "a {packet}-byte packet is over the limit of {} (broker.max_packet_bytes)",
+            limits.max_packet_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// The start of a long topic, for messages.
+pub(crate) fn shorten(topic: &str) -> String {
+    const KEEP: usize = 80;
+    if topic.len() <= KEEP {
+        return topic.to_owned();
+    }
+    let mut end = KEEP;
+    while !topic.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &topic[..end])
+}
+
 /// A results template with its fixed placeholders already substituted.
 #[derive(Debug, Clone)]
 pub struct TopicTemplate {
@@ -195,6 +287,40 @@ impl TopicTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publishable_topics_stay_within_the_broker_limits() {
+        let limits = PublishLimits {
+            max_topic_bytes: 100,
+            max_topic_levels: 4,
+            max_packet_bytes: 64,
+        };
+        let ok = |t: &str, n| check_publishable(t, n, false, &limits);
+        assert!(ok("a/b/c/d", 10).is_ok());
+        assert!(ok("a/b/c/d/e", 10).unwrap_err().contains("5 levels"));
+        assert!(ok(&"x".repeat(101), 0).unwrap_err().contains("101 bytes"));
+        assert!(ok("a/+", 0).is_err());
+        assert!(ok("", 0).is_err());
+        // 1 + 1 + (2 + 1 + 2 + 58) = 65 bytes: one over.
+        assert!(ok("t", 57).is_ok());
+        assert!(ok("t", 58).unwrap_err().contains("65-byte packet"));
+        assert!(check_publishable("t", 58, true, &limits).is_ok(), "QoS 0 has no packet id");
+        // MQTT's own limit holds whatever is configured.
+        let loose = PublishLimits {
+            max_topic_bytes: usize::MAX,
+            max_topic_levels: usize::MAX,
+            max_packet_bytes: usize::MAX,
+        };
+        assert!(check_publishable(&"y".repeat(65_536), 0, false, &loose).is_err());
+    }
+
+    #[test]
+    fn packet_size_counts_the_remaining_length_varint() {
+        // rumqttc refuses what is over its max_outgoing_packet_size by this count.
+        assert_eq!(publish_packet_bytes(1, 0, true), 1 + 1 + 3);
+        assert_eq!(publish_packet_bytes(1, 122, false), 1 + 1 + 127);
+        assert_eq!(publish_packet_bytes(1, 123, false), 1 + 2 + 128);
+    }
 
     fn caps<'a>(filter: &str, topic: &'a str) -> Option<Vec<&'a str>> {
         TopicFilter::parse(filter).unwrap().captures(topic)

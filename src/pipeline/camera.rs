@@ -35,10 +35,39 @@ pub struct Frame {
     pub pixels: Vec<u8>,
 }
 
-/// Decodes a frame. The pixel count is checked from the header before any
-/// decoding, and the decoder's own allocation limit is set, so a small file
-/// that claims a huge image is refused, not decoded.
-pub fn decode(payload: &[u8], format: FrameFormat, max_pixels: u64) -> Result<Frame, InputError> {
+/// What decoding one frame may take.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameLimits<'a> {
+    /// Pixels, read from the header before decoding.
+    pub max_pixels: u64,
+    /// Bytes that decoding and fitting the frame may allocate, estimated
+    /// from the header ([`frame_cost`]); 0: no limit.
+    pub max_bytes: u64,
+    /// The model input the frame is fitted to (the resize's share).
+    pub input: Option<&'a ImageInput>,
+}
+
+impl FrameLimits<'_> {
+    /// A pixel limit alone.
+    pub fn pixels(max_pixels: u64) -> FrameLimits<'static> {
+        FrameLimits {
+            max_pixels,
+            max_bytes: 0,
+            input: None,
+        }
+    }
+}
+
+/// Decodes a frame. The pixel count and what decoding and fitting would
+/// allocate are checked from the header before any decoding, and the
+/// decoder's own allocation limit is set, so a small file that claims a
+/// huge (or absurdly shaped) image is refused, not decoded. A JPEG must be
+/// whole (its end-of-image marker after the last scan): decoders fill a
+/// cut-off JPEG with grey and would answer for half a picture.
+pub fn decode(payload: &[u8], format: FrameFormat, limits: &FrameLimits) -> Result<Frame, InputError> {
+    if payload.is_empty() {
+        return Err(InputError::Empty);
+    }
     let raw = |w: u32, h: u32, ch: u8| -> Result<Frame, InputError> {
         let want = w as usize * h as usize * ch as usize;
         if payload.len() != want {
@@ -47,6 +76,7 @@ pub fn decode(payload: &[u8], format: FrameFormat, max_pixels: u64) -> Result<Fr
                 payload.len()
             )));
         }
+        check_cost(w, h, want as u64, ch, "raw", limits)?;
         Ok(Frame {
             width: w,
             height: h,
@@ -68,23 +98,54 @@ pub fn decode(payload: &[u8], format: FrameFormat, max_pixels: u64) -> Result<Fr
             "not a JPEG or PNG file (unknown magic bytes)".into(),
         ));
     };
+    let mut progressive = false;
+    if kind == image::ImageFormat::Jpeg {
+        let scan = scan_jpeg(payload);
+        if !scan.complete {
+            return Err(InputError::Image(
+                "truncated JPEG (no end-of-image marker after its last scan)".into(),
+            ));
+        }
+        progressive = scan.progressive;
+    }
+    let mut limits_img = image::Limits::default();
+    let max_alloc = match limits.max_bytes {
+        0 => limits.max_pixels.saturating_mul(4),
+        n => n,
+    };
+    limits_img.max_alloc = Some(max_alloc.max(1 << 20));
     let mut reader = image::ImageReader::with_format(Cursor::new(payload), kind);
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(max_pixels.saturating_mul(4).max(1 << 20));
-    reader.limits(limits.clone());
-    let (w, h) = reader
-        .into_dimensions()
+    reader.limits(limits_img.clone());
+    let header = reader
+        .into_decoder()
         .map_err(|e| InputError::Image(format!("unreadable {kind:?} header: {e}")))?;
+    let (w, h) = image::ImageDecoder::dimensions(&header);
+    let color = image::ImageDecoder::color_type(&header);
+    let decoded_bytes = image::ImageDecoder::total_bytes(&header);
+    drop(header);
     let pixels = w as u64 * h as u64;
-    if pixels == 0 || pixels > max_pixels {
+    if pixels == 0 || pixels > limits.max_pixels {
         return Err(InputError::TooManyPixels {
             width: w,
             height: h,
-            max: max_pixels,
+            max: limits.max_pixels,
         });
     }
+    let gray = color == image::ColorType::L8;
+    let channels: u8 = if gray { 1 } else { 3 };
+    let mut decode_bytes = decoded_bytes;
+    if !gray && color != image::ColorType::Rgb8 {
+        // Alpha, 16 bits or a palette: converted to RGB8 beside the original.
+        decode_bytes += pixels * 3;
+    }
+    if progressive {
+        // A progressive JPEG keeps every DCT coefficient (16 bits each, up
+        // to three full-size components) until its last scan.
+        decode_bytes += pixels * 6;
+    }
+    check_cost(w, h, decode_bytes, channels, kind.extensions_str()[0], limits)?;
     let mut reader = image::ImageReader::with_format(Cursor::new(payload), kind);
-    reader.limits(limits);
+    reader.limits(limits_img);
     let img = reader
         .decode()
         .map_err(|e| InputError::Image(format!("corrupt or truncated {kind:?}: {e}")))?;
@@ -102,6 +163,126 @@ pub fn decode(payload: &[u8], format: FrameFormat, max_pixels: u64) -> Result<Fr
             pixels: other.into_rgb8().into_raw(),
         },
     })
+}
+
+/// Refuses a frame whose decoding (`decode_bytes`) and fitting would
+/// allocate more than `limits.max_bytes`.
+fn check_cost(
+    w: u32,
+    h: u32,
+    decode_bytes: u64,
+    channels: u8,
+    what: &str,
+    limits: &FrameLimits,
+) -> Result<(), InputError> {
+    if limits.max_bytes == 0 {
+        return Ok(());
+    }
+    let fit = limits.input.map_or(0, |input| fit_cost(w, h, channels, input));
+    let need = decode_bytes.saturating_add(fit);
+    if need > limits.max_bytes {
+        return Err(InputError::TooCostly {
+            what: format!("{w}x{h} {what}"),
+            need,
+            max: limits.max_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// An upper bound of what [`Fitter::fit`] allocates for a `w`×`h` frame of
+/// `channels`: colour conversion, the resize's coefficients (f64, a window
+/// per output pixel that widens with the downscale factor) and its
+/// intermediate image (fast_image_resize runs the vertical pass first on
+/// 8-bit images: source width × target height), the resized image and the
+/// float tensors.
+pub fn fit_cost(w: u32, h: u32, channels: u8, input: &ImageInput) -> u64 {
+    let c = input.channels as u64;
+    let (w64, h64) = (w as u64, h as u64);
+    let mut bytes = 0u64;
+    if channels as usize != input.channels {
+        bytes += w64 * h64 * c;
+    }
+    let (tw, th, _) = target(w, h, input);
+    let (tw, th) = (tw as u64, th as u64);
+    let axis = |src: u64, dst: u64| -> u64 {
+        if src == dst {
+            return 0;
+        }
+        let scale = (src as f64 / dst as f64).max(1.0);
+        let window = 2 * scale.ceil() as u64 + 1;
+        // f64 weights plus their fixed-point copy and bounds.
+        window * dst * 16
+    };
+    bytes += axis(w64, tw) + axis(h64, th);
+    if w64 != tw && h64 != th {
+        bytes += w64 * th * c;
+    }
+    bytes += tw * th * c;
+    // The f32 input in HWC, its normalised copy and the tensor.
+    bytes += input.width as u64 * input.height as u64 * c * 4 * 3;
+    bytes
+}
+
+/// What a walk over a JPEG's markers found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JpegScan {
+    pub progressive: bool,
+    /// An end-of-image marker follows the last scan.
+    pub complete: bool,
+}
+
+/// Walks a JPEG's marker segments and entropy-coded scans (a marker inside
+/// scan data is 0xFF followed by neither 0x00 stuffing nor a restart
+/// marker), without decoding anything.
+pub fn scan_jpeg(data: &[u8]) -> JpegScan {
+    let mut out = JpegScan {
+        progressive: false,
+        complete: false,
+    };
+    let mut i = 2; // after SOI
+    let len_at = |i: usize| -> Option<usize> {
+        Some(u16::from_be_bytes([*data.get(i)?, *data.get(i + 1)?]) as usize)
+    };
+    while i < data.len() {
+        if data[i] != 0xFF {
+            return out; // not at a marker: corrupt
+        }
+        while data.get(i) == Some(&0xFF) {
+            i += 1; // fill bytes
+        }
+        let Some(&marker) = data.get(i) else {
+            return out;
+        };
+        i += 1;
+        match marker {
+            0xD9 => {
+                out.complete = true;
+                return out;
+            }
+            0x01 | 0xD0..=0xD7 => continue, // no length
+            _ => {}
+        }
+        let Some(len) = len_at(i) else { return out };
+        if len < 2 {
+            return out;
+        }
+        if matches!(marker, 0xC2 | 0xC6 | 0xCA | 0xCE) {
+            out.progressive = true;
+        }
+        i += len;
+        if marker == 0xDA {
+            // Entropy-coded data up to the next real marker.
+            loop {
+                match data.get(i..i + 2) {
+                    None => return out,
+                    Some([0xFF, next]) if *next != 0x00 && !(0xD0..=0xD7).contains(next) => break,
+                    Some(_) => i += 1,
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Where the frame landed in the model input, to map boxes back.
@@ -219,37 +400,7 @@ impl Fitter {
             &converted
         };
         let (iw, ih) = (input.width, input.height);
-        let (tw, th, placement) = match input.resize {
-            ResizeMode::Stretch => (
-                iw,
-                ih,
-                Placement {
-                    scale_x: iw as f32 / frame.width as f32,
-                    scale_y: ih as f32 / frame.height as f32,
-                    pad_x: 0.0,
-                    pad_y: 0.0,
-                    frame_w: frame.width,
-                    frame_h: frame.height,
-                },
-            ),
-            ResizeMode::Letterbox => {
-                let s = (iw as f32 / frame.width as f32).min(ih as f32 / frame.height as f32);
-                let tw = ((frame.width as f32 * s).round() as u32).clamp(1, iw);
-                let th = ((frame.height as f32 * s).round() as u32).clamp(1, ih);
-                (
-                    tw,
-                    th,
-                    Placement {
-                        scale_x: tw as f32 / frame.width as f32,
-                        scale_y: th as f32 / frame.height as f32,
-                        pad_x: ((iw - tw) / 2) as f32,
-                        pad_y: ((ih - th) / 2) as f32,
-                        frame_w: frame.width,
-                        frame_h: frame.height,
-                    },
-                )
-            }
-        };
+        let (tw, th, placement) = target(frame.width, frame.height, input);
         let pixel_type = if want == 1 {
             fr::PixelType::U8
         } else {
@@ -292,6 +443,42 @@ impl Fitter {
             }
         }
         placement
+    }
+}
+
+/// The size a `w`×`h` frame is resized to, and where it lands in the input.
+fn target(w: u32, h: u32, input: &ImageInput) -> (u32, u32, Placement) {
+    let (iw, ih) = (input.width, input.height);
+    match input.resize {
+        ResizeMode::Stretch => (
+            iw,
+            ih,
+            Placement {
+                scale_x: iw as f32 / w as f32,
+                scale_y: ih as f32 / h as f32,
+                pad_x: 0.0,
+                pad_y: 0.0,
+                frame_w: w,
+                frame_h: h,
+            },
+        ),
+        ResizeMode::Letterbox => {
+            let s = (iw as f32 / w as f32).min(ih as f32 / h as f32);
+            let tw = ((w as f32 * s).round() as u32).clamp(1, iw);
+            let th = ((h as f32 * s).round() as u32).clamp(1, ih);
+            (
+                tw,
+                th,
+                Placement {
+                    scale_x: tw as f32 / w as f32,
+                    scale_y: th as f32 / h as f32,
+                    pad_x: ((iw - tw) / 2) as f32,
+                    pad_y: ((ih - th) / 2) as f32,
+                    frame_w: w,
+                    frame_h: h,
+                },
+            )
+        }
     }
 }
 
@@ -558,7 +745,7 @@ mod tests {
     #[test]
     fn a_small_file_claiming_a_huge_image_is_refused_before_decoding() {
         let bomb = png_header_claiming(60_000, 60_000);
-        let err = decode(&bomb, FrameFormat::Encoded, 16_000_000).unwrap_err();
+        let err = decode(&bomb, FrameFormat::Encoded, &FrameLimits::pixels(16_000_000)).unwrap_err();
         assert_eq!(err.kind(), "too_many_pixels", "{err}");
     }
 
@@ -566,18 +753,18 @@ mod tests {
     fn truncated_and_foreign_files_are_errors() {
         let good = png(64, 48);
         assert_eq!(
-            decode(&good, FrameFormat::Encoded, 1 << 20).unwrap().width,
+            decode(&good, FrameFormat::Encoded, &FrameLimits::pixels(1 << 20)).unwrap().width,
             64
         );
         let cut = &good[..good.len() / 2];
         assert_eq!(
-            decode(cut, FrameFormat::Encoded, 1 << 20)
+            decode(cut, FrameFormat::Encoded, &FrameLimits::pixels(1 << 20))
                 .unwrap_err()
                 .kind(),
             "image"
         );
         assert_eq!(
-            decode(b"GIF89a....", FrameFormat::Encoded, 1 << 20)
+            decode(b"GIF89a....", FrameFormat::Encoded, &FrameLimits::pixels(1 << 20))
                 .unwrap_err()
                 .kind(),
             "image"
@@ -586,8 +773,92 @@ mod tests {
             width: 4,
             height: 4,
         };
-        assert_eq!(decode(&[0; 47], raw, 1 << 20).unwrap_err().kind(), "image");
-        assert_eq!(decode(&[0; 48], raw, 1 << 20).unwrap().channels, 3);
+        assert_eq!(decode(&[0; 47], raw, &FrameLimits::pixels(1 << 20)).unwrap_err().kind(), "image");
+        assert_eq!(decode(&[0; 48], raw, &FrameLimits::pixels(1 << 20)).unwrap().channels, 3);
+    }
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Jpeg)
+            .unwrap();
+        out
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(name)).unwrap()
+    }
+
+    fn input_224() -> ImageInput {
+        ImageInput {
+            width: 224,
+            height: 224,
+            channels: 3,
+            layout: Layout::Nchw,
+            color: ColorOrder::Rgb,
+            resize: ResizeMode::Stretch,
+        }
+    }
+
+    #[test]
+    fn an_empty_frame_is_empty_and_a_cut_jpeg_is_an_image_error() {
+        let none = &FrameLimits::pixels(1 << 20);
+        assert_eq!(decode(&[], FrameFormat::Encoded, none).unwrap_err().kind(), "empty");
+        let whole = jpeg(64, 48);
+        assert_eq!(decode(&whole, FrameFormat::Encoded, none).unwrap().width, 64);
+        for cut in [whole.len() / 2, whole.len() - 2] {
+            let e = decode(&whole[..cut], FrameFormat::Encoded, none).unwrap_err();
+            assert_eq!(e.kind(), "image", "{cut}: {e}");
+            assert!(e.to_string().contains("truncated"), "{e}");
+        }
+        // Bytes after the end-of-image marker (some cameras pad) are fine.
+        let mut padded = whole.clone();
+        padded.extend_from_slice(&[0; 16]);
+        assert!(decode(&padded, FrameFormat::Encoded, none).is_ok());
+    }
+
+    #[test]
+    fn the_jpeg_walk_finds_progressive_scans_and_the_end() {
+        let baseline = scan_jpeg(&jpeg(32, 32));
+        assert_eq!(baseline, JpegScan { progressive: false, complete: true });
+        let progressive = fixture("tests/fixtures/progressive_small.jpg");
+        let scan = scan_jpeg(&progressive);
+        assert_eq!(scan, JpegScan { progressive: true, complete: true });
+        assert!(!scan_jpeg(&progressive[..progressive.len() * 2 / 3]).complete);
+        for name in ["astronaut", "chelsea", "coffee", "rocket"] {
+            let file = fixture(&format!("models/samples/camera/{name}.jpg"));
+            assert!(scan_jpeg(&file).complete, "{name}");
+        }
+    }
+
+    #[test]
+    fn frames_whose_decoding_would_exceed_the_budget_are_refused_before_decoding() {
+        let input = input_224();
+        let limits = FrameLimits {
+            max_pixels: 16_000_000,
+            max_bytes: 32 << 20,
+            input: Some(&input),
+        };
+        // A 16,000,000 x 1 grey PNG is 16 MB decoded, but resizing it to
+        // 224x224 goes through a 16,000,000 x 224 intermediate image.
+        let thin = image::GrayImage::new(16_000_000, 1);
+        let mut png = Vec::new();
+        thin.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let e = decode(&png, FrameFormat::Encoded, &limits).unwrap_err();
+        assert_eq!(e.kind(), "too_large", "{e}");
+        assert!(fit_cost(16_000_000, 1, 1, &input) > 10 << 30);
+        // Tall: the vertical weights alone are hundreds of MiB.
+        assert!(fit_cost(1, 16_000_000, 1, &input) > 200 << 20);
+        // A progressive 4000x4000 JPEG keeps every coefficient.
+        let progressive = fixture("tests/fixtures/progressive_4000.jpg");
+        let e = decode(&progressive, FrameFormat::Encoded, &limits).unwrap_err();
+        assert_eq!(e.kind(), "too_large", "{e}");
+        // An ordinary camera frame fits.
+        let frame = decode(&jpeg(1280, 720), FrameFormat::Encoded, &limits).unwrap();
+        assert_eq!((frame.width, frame.height), (1280, 720));
+        let cost = fit_cost(1280, 720, 3, &input);
+        assert!(cost < 4 << 20, "{cost}");
     }
 
     /// Weights of a bilinear (tent) convolution resampling `n_in` pixels to

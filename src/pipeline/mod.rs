@@ -28,7 +28,10 @@ use tract_onnx::prelude::Tensor;
 #[derive(Debug)]
 pub struct Ingested {
     pub topic: String,
+    /// Empty when the payload was over the pipeline's limit (see `size`).
     pub payload: Bytes,
+    /// The payload's size as received.
+    pub size: usize,
     pub received: Instant,
     /// Acknowledges the MQTT message once every pipeline dropped it.
     pub ack: Option<crate::mqtt::AckToken>,
@@ -294,6 +297,11 @@ impl PipelineHandle {
     /// budget, drop the message and count it.
     pub fn offer(&self, mut msg: Ingested) {
         self.stats.received.inc();
+        if msg.size > self.spec.max_payload {
+            // Rejected by the worker as too large; its bytes are let go here
+            // (they need not fit in the queues' budget to be reported).
+            msg.payload = Bytes::new();
+        }
         let bytes = msg.payload.len() as u64;
         if !self.budget.try_take(bytes) {
             self.stats.dropped.inc();
@@ -392,6 +400,7 @@ pub fn start(
             model_stats: Arc::clone(&model_stats),
             raw: Vec::with_capacity(spec.size * spec.channels),
             normalised: Vec::with_capacity(spec.size * spec.channels),
+            frame_budget: Arc::clone(&telemetry.frame_budget),
         };
         if spec.camera.is_some() {
             // Two threads per camera worker: decoding and preprocessing the
@@ -510,6 +519,8 @@ struct Worker {
     model_stats: Arc<crate::health::ModelStats>,
     raw: Vec<f32>,
     normalised: Vec<f32>,
+    /// Bytes one frame's decoding and fitting may take (0: no limit).
+    frame_budget: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Where a result's time went, in milliseconds.
@@ -571,9 +582,9 @@ impl Worker {
     fn handle(&mut self, msg: Ingested) {
         let picked = Instant::now();
         let queue = picked - msg.received;
-        let decoded = if msg.payload.len() > self.spec.max_payload {
+        let decoded = if msg.size > self.spec.max_payload {
             Err(InputError::TooLarge {
-                size: msg.payload.len(),
+                size: msg.size,
                 max: self.spec.max_payload,
             })
         } else {
@@ -646,6 +657,7 @@ impl Worker {
             model_stats: Arc::clone(&self.model_stats),
             raw: Vec::new(),
             normalised: Vec::new(),
+            frame_budget: Arc::clone(&self.frame_budget),
         }
     }
 
@@ -708,13 +720,22 @@ impl Worker {
         self.stats
             .latency
             .record((t3 - t0 + decode + queue).as_secs_f64() * 1e3);
-        self.stats.results.inc();
-        self.outbox.send(Outgoing {
-            topic: result_topic,
+        self.publish_result(topic, result_topic, payload);
+    }
+
+    /// Queues a result; one the broker would not take (its topic too long
+    /// or too deep, or too large) is reported on the errors topic instead.
+    fn publish_result(&mut self, source: &str, topic: String, payload: Vec<u8>) {
+        let sent = self.outbox.send(Outgoing {
+            topic,
             payload,
-            qos: spec.qos,
+            qos: self.spec.qos,
             retain: false,
         });
+        match sent {
+            Ok(()) => self.stats.results.inc(),
+            Err(e) => self.reject(source, "unpublishable", format!("result {e}")),
+        }
     }
 
     /// A camera frame, first half (on the decode thread): size check,
@@ -723,15 +744,20 @@ impl Worker {
         let picked = Instant::now();
         let spec = Arc::clone(&self.spec);
         let cam = spec.camera.as_ref().expect("camera pipeline");
-        if msg.payload.len() > spec.max_payload {
+        if msg.size > spec.max_payload {
             let e = InputError::TooLarge {
-                size: msg.payload.len(),
+                size: msg.size,
                 max: spec.max_payload,
             };
             self.reject(&msg.topic, e.kind(), e.to_string());
             return None;
         }
-        let frame = match camera::decode(&msg.payload, cam.frame, cam.max_pixels) {
+        let limits = camera::FrameLimits {
+            max_pixels: cam.max_pixels,
+            max_bytes: self.frame_budget.load(Ordering::Relaxed),
+            input: Some(&cam.input),
+        };
+        let frame = match camera::decode(&msg.payload, cam.frame, &limits) {
             Ok(f) => f,
             Err(e) => {
                 self.reject(&msg.topic, e.kind(), e.to_string());
@@ -796,7 +822,8 @@ impl Worker {
         if let (Some(t), Some(frame), Output::Detection { detections }) =
             (&cam.snapshot, &frame, &output)
         {
-            self.outbox.offer(Outgoing {
+            // A snapshot the broker would not take is counted and logged.
+            let _ = self.outbox.offer(Outgoing {
                 topic: t.render(&captures),
                 payload: camera::annotate(frame, detections),
                 qos: QoS::AtMostOnce,
@@ -827,13 +854,7 @@ impl Worker {
         self.stats
             .latency
             .record((t3 - picked + queue).as_secs_f64() * 1e3);
-        self.stats.results.inc();
-        self.outbox.send(Outgoing {
-            topic: spec.results.render(&captures),
-            payload,
-            qos: spec.qos,
-            retain: false,
-        });
+        self.publish_result(&msg.topic, spec.results.render(&captures), payload);
     }
 
     fn reject(&mut self, source: &str, kind: &str, reason: String) {
@@ -847,12 +868,15 @@ impl Worker {
             ts: unix_ms(),
         })
         .expect("error serializes");
-        self.outbox.send(Outgoing {
+        let sent = self.outbox.send(Outgoing {
             topic: self.spec.errors_topic.clone(),
             payload,
             qos: QoS::AtLeastOnce,
             retain: false,
         });
+        if let Err(e) = sent {
+            tracing::warn!(pipeline = %self.spec.name, error = %e, "Cannot report a rejected input");
+        }
     }
 
     fn evict_idlest(&mut self) {

@@ -28,6 +28,10 @@ pub enum InputError {
     Image(String),
     #[error("image of {width}x{height} pixels is over the limit of {max} pixels (not decoded)")]
     TooManyPixels { width: u32, height: u32, max: u64 },
+    #[error("decoding and fitting this {what} would take about {} MiB, over the {} MiB a frame may use (limits.memory_mb; not decoded)", .need.div_ceil(1 << 20), .max >> 20)]
+    TooCostly { what: String, need: u64, max: u64 },
+    #[error("\"ts\" must be milliseconds since the Unix epoch, a number from 0 up (or left out); got {0}")]
+    BadTs(String),
 }
 
 impl InputError {
@@ -43,6 +47,8 @@ impl InputError {
             InputError::BadLength { .. } => "bad_length",
             InputError::Image(_) => "image",
             InputError::TooManyPixels { .. } => "too_many_pixels",
+            InputError::TooCostly { .. } => "too_large",
+            InputError::BadTs(_) => "bad_ts",
         }
     }
 }
@@ -57,7 +63,8 @@ pub struct Samples {
 
 #[derive(Deserialize)]
 struct JsonPayload {
-    ts: Option<u64>,
+    /// Read by [`timestamp`]: any JSON value, so that a bad one is named.
+    ts: Option<serde_json::Value>,
     // Option<f64> so that `null` (a device's "no reading") is reported as a
     // missing value, not as malformed JSON.
     values: Option<Vec<Option<f64>>>,
@@ -97,7 +104,45 @@ pub fn decode_json(payload: &[u8], channels: usize) -> Result<Samples, InputErro
         }
         _ => return Err(InputError::NoSamples),
     }
-    Ok(Samples { ts: p.ts, values })
+    Ok(Samples {
+        ts: timestamp(p.ts)?,
+        values,
+    })
+}
+
+/// `ts` in a JSON payload: absent or null (the daemon's clock is used), or
+/// a number of milliseconds from 0 up; a fraction is cut off (a device's
+/// `time.time() * 1000`). Anything else (a string, a negative number) is
+/// rejected with the message, not ignored: a result must never carry a
+/// time the device did not mean.
+fn timestamp(ts: Option<serde_json::Value>) -> Result<Option<u64>, InputError> {
+    use serde_json::Value;
+    match ts {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            if let Some(ms) = n.as_u64() {
+                return Ok(Some(ms));
+            }
+            match n.as_f64() {
+                Some(f) if f.is_finite() && f >= 0.0 && f < u64::MAX as f64 => {
+                    Ok(Some(f as u64))
+                }
+                _ => Err(InputError::BadTs(n.to_string())),
+            }
+        }
+        Some(other) => {
+            let mut text = other.to_string();
+            if text.len() > 40 {
+                let mut end = 40;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+                text.push('…');
+            }
+            Err(InputError::BadTs(text))
+        }
+    }
 }
 
 pub fn decode_f32le(payload: &[u8], channels: usize) -> Result<Samples, InputError> {
@@ -184,6 +229,19 @@ impl SensorWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ts_is_an_optional_count_of_milliseconds() {
+        let ts = |json: &str| decode_json(json.as_bytes(), 1).map(|s| s.ts);
+        assert_eq!(ts(r#"{"values": [1]}"#), Ok(None));
+        assert_eq!(ts(r#"{"ts": null, "values": [1]}"#), Ok(None));
+        assert_eq!(ts(r#"{"ts": 1764331200123, "values": [1]}"#), Ok(Some(1764331200123)));
+        assert_eq!(ts(r#"{"ts": 1764331200123.7, "values": [1]}"#), Ok(Some(1764331200123)));
+        for bad in [r#""2026-12-01T10:00:00Z""#, "-5", "true", "[1]", "1e300"] {
+            let e = ts(&format!(r#"{{"ts": {bad}, "values": [1]}}"#)).unwrap_err();
+            assert_eq!(e.kind(), "bad_ts", "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn json_single_and_batch() {

@@ -412,3 +412,113 @@ pub fn model_zoo() -> Option<PathBuf> {
         None
     }
 }
+
+/// A client for sending inputs larger than the observer takes (64 MiB
+/// packets), polling in the background; dropped with the handle.
+pub struct BigPublisher {
+    pub client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BigPublisher {
+    pub fn connect(port: u16) -> BigPublisher {
+        let mut o = MqttOptions::new(format!("big-{}", fastrand::u32(..)), "127.0.0.1", port);
+        o.set_max_packet_size(64 << 20, 64 << 20);
+        let (client, mut ev) = AsyncClient::new(o, 100);
+        let task = tokio::spawn(async move {
+            loop {
+                if ev.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        BigPublisher { client, task }
+    }
+
+    pub async fn publish(&self, topic: &str, qos: QoS, payload: Vec<u8>) {
+        self.client.publish(topic, qos, false, payload).await.unwrap();
+    }
+}
+
+impl Drop for BigPublisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP proxy on a free loopback port in front of a broker that can
+/// withhold the broker's PUBACKs from the client (a broker that stops
+/// acknowledging, as a slow or overloaded one does). Everything else passes.
+pub struct AckHoldingProxy {
+    pub port: u16,
+    pub hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AckHoldingProxy {
+    pub async fn start(broker_port: u16) -> AckHoldingProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hold = std::sync::Arc::new(AtomicBool::new(false));
+        let held = std::sync::Arc::clone(&hold);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(broker) = tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await
+                else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut br, mut bw) = broker.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut bw).await;
+                });
+                let held = std::sync::Arc::clone(&held);
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    // Broker → client, one MQTT packet at a time.
+                    loop {
+                        let mut first = [0u8; 1];
+                        if br.read_exact(&mut first).await.is_err() {
+                            break;
+                        }
+                        let mut header = vec![first[0]];
+                        let mut len = 0usize;
+                        let mut shift = 0;
+                        loop {
+                            let mut b = [0u8; 1];
+                            if br.read_exact(&mut b).await.is_err() {
+                                return;
+                            }
+                            header.push(b[0]);
+                            len |= ((b[0] & 0x7f) as usize) << shift;
+                            shift += 7;
+                            if b[0] & 0x80 == 0 {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0u8; len];
+                        if br.read_exact(&mut body).await.is_err() {
+                            break;
+                        }
+                        let puback = first[0] >> 4 == 4;
+                        if puback && held.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        header.extend_from_slice(&body);
+                        if cw.write_all(&header).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        AckHoldingProxy { port, hold, task }
+    }
+}
+
+impl Drop for AckHoldingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
