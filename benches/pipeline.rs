@@ -74,7 +74,9 @@ fn stages(c: &mut Criterion) {
 /// normalisation, the whole `pre` of a camera frame.
 fn camera_preprocess(c: &mut Criterion) {
     use edgeinfer::model::manifest::{ColorOrder, Layout, ResizeMode};
-    use edgeinfer::pipeline::camera::{decode, to_chw, Fitter, FrameFormat, FrameLimits, ImageInput};
+    use edgeinfer::pipeline::camera::{
+        decode, to_chw, Fitter, FrameFormat, FrameLimits, ImageInput,
+    };
     let photo =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/samples/images/astronaut.png");
     let photo = image::open(&photo).ok();
@@ -97,7 +99,14 @@ fn camera_preprocess(c: &mut Criterion) {
         let mut fitter = Fitter::default();
         let (mut hwc, mut chw) = (Vec::new(), Vec::new());
         c.bench_function(&format!("camera_decode_{w}x{h}_jpeg"), |b| {
-            b.iter(|| decode(black_box(&jpeg), FrameFormat::Encoded, &FrameLimits::pixels(16_000_000)).unwrap())
+            b.iter(|| {
+                decode(
+                    black_box(&jpeg),
+                    FrameFormat::Encoded,
+                    &FrameLimits::pixels(16_000_000),
+                )
+                .unwrap()
+            })
         });
         for (size, layout) in [(224u32, Layout::Nchw), (96, Layout::Nhwc)] {
             let input = ImageInput {
@@ -110,7 +119,12 @@ fn camera_preprocess(c: &mut Criterion) {
             };
             c.bench_function(&format!("camera_pre_{w}x{h}_jpeg_to_{size}"), |b| {
                 b.iter(|| {
-                    let frame = decode(black_box(&jpeg), FrameFormat::Encoded, &FrameLimits::pixels(16_000_000)).unwrap();
+                    let frame = decode(
+                        black_box(&jpeg),
+                        FrameFormat::Encoded,
+                        &FrameLimits::pixels(16_000_000),
+                    )
+                    .unwrap();
                     fitter.fit(&frame, &input, &mut hwc);
                     for v in hwc.iter_mut() {
                         *v = (*v - 127.0) / 128.0;

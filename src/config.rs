@@ -68,7 +68,7 @@ pub struct Broker {
     /// Longest topic the broker takes, in bytes (MQTT's own limit: 65,535).
     #[serde(default = "default_max_topic_bytes")]
     pub max_topic_bytes: usize,
-    /// Most levels a topic may have (mosquitto refuses more than 200).
+    /// Most levels a topic may have (mosquitto refuses more than 201).
     #[serde(default = "default_max_topic_levels")]
     pub max_topic_levels: usize,
     #[serde(default = "default_backoff_initial")]
@@ -324,8 +324,10 @@ const fn default_max_packet() -> usize {
 const fn default_max_topic_bytes() -> usize {
     crate::mqtt::topic::MAX_TOPIC_BYTES
 }
+/// mosquitto 2.0 drops the connection of a client that publishes to a
+/// topic of more levels (200 separators).
 const fn default_max_topic_levels() -> usize {
-    200
+    201
 }
 const fn default_backoff_initial() -> u64 {
     500

@@ -207,6 +207,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     tracing::info!("Shutting down");
     stop_health.cancel();
     tasks.close();
+    let (abort_driver, abort_publisher) = (driver.abort_handle(), publisher.abort_handle());
     let drained = async {
         // Workers end once the poll loop drops the router (their only senders).
         for t in threads {
@@ -217,9 +218,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         tasks.wait().await;
     };
     if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+        // The connection goes too (the broker publishes the Last Will): left
+        // running, it would fight the next run (a reload) for the client id.
+        abort_driver.abort();
+        abort_publisher.abort();
         tracing::warn!(
             grace_s = SHUTDOWN_GRACE.as_secs(),
-            "Shutdown grace period over; queued work abandoned"
+            "Shutdown grace period over; queued work abandoned (unacknowledged results stay in the outbox)"
         );
     }
     tracing::info!("Stopped");
@@ -453,7 +458,10 @@ mod tests {
         assert_eq!(memory_budget(128 << 20, None), 128 << 20);
         assert_eq!(memory_budget(128 << 20, Some(192 << 20)), 128 << 20);
         // 256 MiB configured under a 192 MiB MemoryMax: 80 % of 192.
-        assert_eq!(memory_budget(256 << 20, Some(192 << 20)), (192 << 20) / 5 * 4);
+        assert_eq!(
+            memory_budget(256 << 20, Some(192 << 20)),
+            (192 << 20) / 5 * 4
+        );
     }
 
     #[test]

@@ -9,7 +9,6 @@ mod common;
 
 use common::*;
 use rumqttc::QoS;
-use std::io::Cursor;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -18,7 +17,9 @@ const T: Duration = Duration::from_secs(30);
 
 fn window_of_50() -> Vec<u8> {
     let input = activity_reference().cases[0].input.clone();
-    serde_json::json!({ "samples": input }).to_string().into_bytes()
+    serde_json::json!({ "samples": input })
+        .to_string()
+        .into_bytes()
 }
 
 /// The bundled activity model on `topic` filters, one window per message.
@@ -111,7 +112,8 @@ async fn input_over_the_size_limits_is_reported_and_the_connection_stays_up() {
             e["reason"].as_str().unwrap().contains("4300000 bytes"),
             "{e}"
         );
-        big.publish("cameras/yard/objects", qos, frame.clone()).await;
+        big.publish("cameras/yard/objects", qos, frame.clone())
+            .await;
         let e = error_of(&mut obs, "too_large").await;
         assert_eq!(e["pipeline"], "objects");
         assert!(
@@ -125,7 +127,9 @@ async fn input_over_the_size_limits_is_reported_and_the_connection_stays_up() {
     let h = health(&mut obs).await;
     println!(
         "oversize input: reconnects {}, oversize packets {}, largest packet read {}",
-        h["broker"]["reconnects"], h["broker"]["oversize_packets"], h["broker"]["max_incoming_bytes"]
+        h["broker"]["reconnects"],
+        h["broker"]["oversize_packets"],
+        h["broker"]["max_incoming_bytes"]
     );
     assert_eq!(h["broker"]["reconnects"], 0, "the connection stayed up");
     assert_eq!(h["broker"]["oversize_packets"], 0);
@@ -164,14 +168,12 @@ async fn a_result_topic_too_deep_for_the_broker_is_refused_and_the_daemon_serves
     )
     .await;
     let daemon = Daemon::start_online(config.clone(), broker.port).await;
-    // 198 levels in, 4 + 197 = 201 out: over mosquitto's 200.
-    let input = deep_topic(198);
+    // 199 levels in, 4 + 198 = 202 out: over mosquitto's 201 (it drops
+    // the connection of a client that publishes one).
+    let input = deep_topic(199);
     obs.publish(&input, window_of_50()).await;
     let e = error_of(&mut obs, "unpublishable").await;
-    assert!(
-        e["reason"].as_str().unwrap().contains("201 levels"),
-        "{e}"
-    );
+    assert!(e["reason"].as_str().unwrap().contains("202 levels"), "{e}");
     obs.publish("deep/ok", window_of_50()).await;
     result_on(&mut obs, "edgeinfer/gw-deep/results/deep/ok").await;
     let h = health(&mut obs).await;
@@ -211,22 +213,36 @@ async fn a_record_the_broker_drops_the_connection_on_is_quarantined() {
     )
     .await;
     let daemon = Daemon::start_online(parse(&text), broker.port).await;
-    obs.publish(&deep_topic(198), window_of_50()).await;
+    obs.publish(&deep_topic(199), window_of_50()).await;
     obs.publish("deep/after", window_of_50()).await;
     let e = error_of(&mut obs, "quarantined").await;
     println!("quarantined: {e}");
     result_on(&mut obs, "edgeinfer/gw-quar/results/deep/after").await;
-    let h = health(&mut obs).await;
-    println!(
-        "quarantine: reconnects {}, quarantined {}",
-        h["broker"]["reconnects"], h["outbox"]["quarantined"]
+    // The input itself may come again (its acknowledgement can be lost
+    // with the connection the result broke), and its result is quarantined
+    // again: what counts is that the outbox drains and the daemon settles.
+    let settled = loop {
+        let a = health(&mut obs).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let b = health(&mut obs).await;
+        if a["broker"]["reconnects"] == b["broker"]["reconnects"]
+            && b["outbox"]["queued_messages"] == 0
+        {
+            break b;
+        }
+    };
+    let (reconnects, quarantined) = (
+        settled["broker"]["reconnects"].as_u64().unwrap(),
+        settled["outbox"]["quarantined"].as_u64().unwrap(),
     );
-    assert_eq!(h["outbox"]["quarantined"], 1);
-    let reconnects = h["broker"]["reconnects"].as_u64().unwrap();
+    println!("quarantine: reconnects {reconnects}, quarantined {quarantined}");
+    assert!(quarantined >= 1);
     assert!(
-        (2..=4).contains(&reconnects),
-        "{reconnects} reconnects: one per attempt at the poisonous record"
+        reconnects <= 3 * quarantined,
+        "{reconnects} reconnects for {quarantined} quarantined records"
     );
+    obs.publish("deep/last", window_of_50()).await;
+    result_on(&mut obs, "edgeinfer/gw-quar/results/deep/last").await;
     daemon.stop().await;
 }
 
@@ -257,13 +273,17 @@ async fn health_and_replies_flow_while_the_broker_withholds_acknowledgements() {
     }
     // The window fills: 4 results out, the rest wait in the outbox.
     let results = obs
-        .collect(10, Duration::from_secs(5), |m| m.topic.contains("/results/"))
+        .collect(10, Duration::from_secs(5), |m| {
+            m.topic.contains("/results/")
+        })
         .await;
     println!("acks withheld: {} of 10 results out", results.len());
     assert!(results.len() <= 4, "results wait for acknowledgements");
     // Health and a ping reply still get through.
     let h = health(&mut obs).await;
-    assert!(h["broker"]["in_flight"].as_u64().unwrap() >= 4, "{h}");
+    // The window is full: the results out (and `online`, when its PUBACK
+    // was withheld too) wait for acknowledgements.
+    assert_eq!(h["broker"]["in_flight"].as_u64().unwrap(), 4, "{h}");
     obs.publish("edgeinfer/gw-held/cmd/ping", "").await;
     let reply = obs
         .next_where(T, |m| m.topic.ends_with("/cmd/ping/reply"))
@@ -306,9 +326,13 @@ fn spawn_daemon(dir: &Path, port: u16, device: &str, extra: &str) -> Child {
 }
 
 fn png_gray(w: u32, h: u32) -> Vec<u8> {
-    let img = image::GrayImage::from_fn(w, h, |x, y| image::Luma([((x ^ y) & 0xff) as u8]));
+    // Flat grey, best compression: a few KB of PNG for millions of pixels.
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    use image::ImageEncoder;
+    let img = image::GrayImage::from_pixel(w, h, image::Luma([128]));
     let mut out = Vec::new();
-    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+    PngEncoder::new_with_quality(&mut out, CompressionType::Best, FilterType::NoFilter)
+        .write_image(&img, w, h, image::ExtendedColorType::L8)
         .unwrap();
     out
 }
@@ -361,7 +385,11 @@ async fn frames_that_would_blow_the_memory_budget_are_refused_before_decoding() 
             answer.text(),
             peak as f64 / (1 << 20) as f64
         );
-        assert!(answer.topic.ends_with("/errors"), "{what}: {}", answer.text());
+        assert!(
+            answer.topic.ends_with("/errors"),
+            "{what}: {}",
+            answer.text()
+        );
         assert_eq!(answer.json()["kind"], "too_large", "{what}");
         assert!(
             peak < BUDGET_MB << 20,

@@ -316,20 +316,35 @@ fn signal(child: &Child, name: &str) {
 }
 
 /// A reload (SIGHUP) and a clean stop (SIGTERM) in the middle of a QoS 1
-/// stream: every input is answered. Before the fix, the inputs that arrived
-/// while ingest was stopping were acknowledged without being handled (six
-/// stop-and-start runs lost 1 to 11 of 3,000, a reload 1).
+/// stream: every input is answered. Both signals come while a proxy
+/// withholds the broker's PUBACKs, so the stopping daemon waits out its
+/// grace period with input still arriving (as it does, for milliseconds, on
+/// any stop): before the fix, the poll loop acknowledged that input without
+/// handling it, and the broker forgot it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_and_clean_stop_mid_stream_lose_no_input() {
-    const N: usize = 4_000;
+    const N: usize = 3_000;
     let broker = Mosquitto::start();
+    let proxy = AckHoldingProxy::start(broker.port).await;
+    let hold = |on: bool| proxy.hold.store(on, Ordering::Relaxed);
     let dir = tempfile::tempdir().unwrap();
+    // A model slow enough (0.6 ms a window) that the broker holds a backlog
+    // and keeps its in-flight window (20) full when the signals come.
     let extra = format!(
-        "[outbox]\ndir = \"{}\"\n{}",
+        r#"[outbox]
+dir = "{}"
+[[pipeline]]
+name = "slow"
+kind = "sensor"
+topics = ["sensors/+/imu"]
+model = "{}"
+window = {{ size = 64, stride = 64 }}
+qos = 1
+"#,
         dir.path().join("outbox").display(),
-        full_window_pipeline()
+        repo().join("tests/fixtures/slow.onnx").display()
     );
-    let config = write_config(dir.path(), broker.port, "gw-stop", &extra);
+    let config = write_config(dir.path(), proxy.port, "gw-stop", &extra);
     let mut obs = Observer::connect(
         broker.port,
         &["edgeinfer/gw-stop/results/#", "edgeinfer/gw-stop/status"],
@@ -343,16 +358,42 @@ async fn reload_and_clean_stop_mid_stream_lose_no_input() {
         "first run came online"
     );
     let publisher = Publisher::connect(broker.port, "publisher-stop");
-    let sender = publisher.stream(N, 7, activity_reference().cases[2].input.clone());
+    let samples: Vec<Vec<f32>> = (0..64)
+        .map(|i| (0..8).map(|c| ((i * 8 + c) as f32 * 0.37).sin()).collect())
+        .collect();
+    let sender = publisher.stream(N, 7, samples);
     let mut tally = Tally::new();
     tally.wait_for(&mut obs, N / 5, "before the reload").await;
+    hold(true);
     signal(&child, "HUP");
     let at_reload = tally.distinct();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    hold(false);
+    // The old run gives up on the withheld PUBACKs after its grace period
+    // (its results stay in the spool); the new one comes online.
+    let mut reloaded = Vec::new();
+    while !reloaded.iter().any(|m: &Seen| m.text() == "online") {
+        let m = obs
+            .next_where(Duration::from_secs(30), |m| {
+                m.topic.ends_with("/status") || m.topic.contains("/results/")
+            })
+            .await
+            .expect("the reloaded daemon comes online");
+        if m.topic.contains("/results/") {
+            tally.add(&m);
+        } else {
+            reloaded.push(m);
+        }
+    }
     tally.wait_for(&mut obs, N / 2, "after the reload").await;
+    hold(true);
     signal(&child, "TERM");
-    let status = child.wait().unwrap();
-    assert!(status.success(), "clean stop: {status}");
     let at_stop = tally.distinct();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "clean stop: {status}");
+    hold(false);
     sender.await.unwrap();
     let mut child = spawn_daemon(&config, &dir.path().join("second.log"));
     tally.fill(&mut obs, N, Duration::from_secs(120)).await;
@@ -363,7 +404,10 @@ async fn reload_and_clean_stop_mid_stream_lose_no_input() {
     let first = std::fs::read_to_string(dir.path().join("first.log")).unwrap();
     assert!(first.contains("Reloading configuration"), "{first}");
     assert!(!first.contains("panicked"), "{first}");
-    assert_eq!(lost, 0, "every input has a result across the reload and the stop");
+    assert_eq!(
+        lost, 0,
+        "every input has a result across the reload and the stop"
+    );
 }
 
 fn vm_hwm_bytes(pid: u32) -> u64 {

@@ -235,14 +235,14 @@ pub async fn drive(
                 let Some(r) = &router else { continue };
                 let token = match &ack_tx {
                     Some(ack_tx) if manual_acks && p.qos != QoS::AtMostOnce => {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let _ = ack_tx.send(PendingAck {
-                        pkid: p.pkid,
-                        qos: p.qos,
-                        generation: generation.load(Ordering::Relaxed),
-                        done: rx,
-                    });
-                    Some(Arc::new(tx))
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        let _ = ack_tx.send(PendingAck {
+                            pkid: p.pkid,
+                            qos: p.qos,
+                            generation: generation.load(Ordering::Relaxed),
+                            done: rx,
+                        });
+                        Some(Arc::new(tx))
                     }
                     _ => None,
                 };
@@ -322,7 +322,12 @@ pub async fn drive(
                     let reason = format!(
                         "an incoming MQTT packet of {size} bytes is over the {limit} bytes edgeinfer reads within limits.memory_mb; the connection was dropped without reading it. At QoS 1 the broker sends it again on every connect: cap message sizes at the broker (mosquitto: max_packet_size)"
                     );
-                    tracing::error!(size, limit, retry_in_ms, "Incoming packet too large to read; reconnecting");
+                    tracing::error!(
+                        size,
+                        limit,
+                        retry_in_ms,
+                        "Incoming packet too large to read; reconnecting"
+                    );
                     if let Some(r) = &ctx.reporter {
                         r.error("", "", "too_large", &reason);
                     }
@@ -383,7 +388,9 @@ mod tests {
     #[test]
     fn tls_hints_say_what_failed() {
         let mismatch = "Tls: invalid peer certificate: NotValidForName { expected: DnsName(\"localhost\"), presented: [] }";
-        assert!(tls_hint(mismatch).unwrap().contains("does not name the host"));
+        assert!(tls_hint(mismatch)
+            .unwrap()
+            .contains("does not name the host"));
         let issuer = "Tls: invalid peer certificate: UnknownIssuer";
         assert!(tls_hint(issuer).unwrap().contains("ca_file"));
         assert!(tls_hint("I/O: Connection refused (os error 111)").is_none());
@@ -395,6 +402,9 @@ mod tests {
             rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(5_000_000),
         ));
         assert_eq!(oversize_packet(&e), Some(5_000_000));
-        assert_eq!(oversize_packet(&rumqttc::ConnectionError::NetworkTimeout), None);
+        assert_eq!(
+            oversize_packet(&rumqttc::ConnectionError::NetworkTimeout),
+            None
+        );
     }
 }

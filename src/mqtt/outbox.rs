@@ -350,6 +350,9 @@ impl Tracker {
         if let Some(h) = st.handed.pop_front() {
             st.by_pkid.insert(pkid, h);
         }
+        self.broker
+            .in_flight
+            .store(st.in_flight() as u64, Ordering::Relaxed);
     }
 
     /// The broker acknowledged this packet id.
@@ -445,7 +448,11 @@ impl OutboxReceiver {
         let topic = st.errors_topic.clone();
         // The report itself must be publishable: it names the topic only
         // in its reason, shortened by the check above where it is long.
-        let source = if msg.topic.len() > 256 { "" } else { &msg.topic };
+        let source = if msg.topic.len() > 256 {
+            ""
+        } else {
+            &msg.topic
+        };
         Some(error_message(&topic, "", source, kind, &reason))
     }
 

@@ -147,7 +147,7 @@ pub fn check_template(template: &str, max_capture: usize) -> Result<(), String> 
 pub struct PublishLimits {
     /// Topic length in bytes (MQTT's own limit is 65,535).
     pub max_topic_bytes: usize,
-    /// Topic levels (`a/b/c` has 3); mosquitto refuses more than 200.
+    /// Topic levels (`a/b/c` has 3); mosquitto refuses more than 201.
     pub max_topic_levels: usize,
     /// Whole PUBLISH packet, header included (`broker.max_packet_bytes`).
     pub max_packet_bytes: usize,
@@ -157,7 +157,7 @@ impl Default for PublishLimits {
     fn default() -> Self {
         PublishLimits {
             max_topic_bytes: MAX_TOPIC_BYTES,
-            max_topic_levels: 200,
+            max_topic_levels: 201,
             max_packet_bytes: 4 << 20,
         }
     }
@@ -304,7 +304,10 @@ mod tests {
         // 1 + 1 + (2 + 1 + 2 + 58) = 65 bytes: one over.
         assert!(ok("t", 57).is_ok());
         assert!(ok("t", 58).unwrap_err().contains("65-byte packet"));
-        assert!(check_publishable("t", 58, true, &limits).is_ok(), "QoS 0 has no packet id");
+        assert!(
+            check_publishable("t", 58, true, &limits).is_ok(),
+            "QoS 0 has no packet id"
+        );
         // MQTT's own limit holds whatever is configured.
         let loose = PublishLimits {
             max_topic_bytes: usize::MAX,

@@ -64,7 +64,11 @@ impl FrameLimits<'_> {
 /// huge (or absurdly shaped) image is refused, not decoded. A JPEG must be
 /// whole (its end-of-image marker after the last scan): decoders fill a
 /// cut-off JPEG with grey and would answer for half a picture.
-pub fn decode(payload: &[u8], format: FrameFormat, limits: &FrameLimits) -> Result<Frame, InputError> {
+pub fn decode(
+    payload: &[u8],
+    format: FrameFormat,
+    limits: &FrameLimits,
+) -> Result<Frame, InputError> {
     if payload.is_empty() {
         return Err(InputError::Empty);
     }
@@ -143,7 +147,14 @@ pub fn decode(payload: &[u8], format: FrameFormat, limits: &FrameLimits) -> Resu
         // to three full-size components) until its last scan.
         decode_bytes += pixels * 6;
     }
-    check_cost(w, h, decode_bytes, channels, kind.extensions_str()[0], limits)?;
+    check_cost(
+        w,
+        h,
+        decode_bytes,
+        channels,
+        kind.extensions_str()[0],
+        limits,
+    )?;
     let mut reader = image::ImageReader::with_format(Cursor::new(payload), kind);
     reader.limits(limits_img);
     let img = reader
@@ -178,7 +189,9 @@ fn check_cost(
     if limits.max_bytes == 0 {
         return Ok(());
     }
-    let fit = limits.input.map_or(0, |input| fit_cost(w, h, channels, input));
+    let fit = limits
+        .input
+        .map_or(0, |input| fit_cost(w, h, channels, input));
     let need = decode_bytes.saturating_add(fit);
     if need > limits.max_bytes {
         return Err(InputError::TooCostly {
@@ -745,7 +758,12 @@ mod tests {
     #[test]
     fn a_small_file_claiming_a_huge_image_is_refused_before_decoding() {
         let bomb = png_header_claiming(60_000, 60_000);
-        let err = decode(&bomb, FrameFormat::Encoded, &FrameLimits::pixels(16_000_000)).unwrap_err();
+        let err = decode(
+            &bomb,
+            FrameFormat::Encoded,
+            &FrameLimits::pixels(16_000_000),
+        )
+        .unwrap_err();
         assert_eq!(err.kind(), "too_many_pixels", "{err}");
     }
 
@@ -753,7 +771,9 @@ mod tests {
     fn truncated_and_foreign_files_are_errors() {
         let good = png(64, 48);
         assert_eq!(
-            decode(&good, FrameFormat::Encoded, &FrameLimits::pixels(1 << 20)).unwrap().width,
+            decode(&good, FrameFormat::Encoded, &FrameLimits::pixels(1 << 20))
+                .unwrap()
+                .width,
             64
         );
         let cut = &good[..good.len() / 2];
@@ -764,17 +784,31 @@ mod tests {
             "image"
         );
         assert_eq!(
-            decode(b"GIF89a....", FrameFormat::Encoded, &FrameLimits::pixels(1 << 20))
-                .unwrap_err()
-                .kind(),
+            decode(
+                b"GIF89a....",
+                FrameFormat::Encoded,
+                &FrameLimits::pixels(1 << 20)
+            )
+            .unwrap_err()
+            .kind(),
             "image"
         );
         let raw = FrameFormat::Rgb8 {
             width: 4,
             height: 4,
         };
-        assert_eq!(decode(&[0; 47], raw, &FrameLimits::pixels(1 << 20)).unwrap_err().kind(), "image");
-        assert_eq!(decode(&[0; 48], raw, &FrameLimits::pixels(1 << 20)).unwrap().channels, 3);
+        assert_eq!(
+            decode(&[0; 47], raw, &FrameLimits::pixels(1 << 20))
+                .unwrap_err()
+                .kind(),
+            "image"
+        );
+        assert_eq!(
+            decode(&[0; 48], raw, &FrameLimits::pixels(1 << 20))
+                .unwrap()
+                .channels,
+            3
+        );
     }
 
     fn jpeg(w: u32, h: u32) -> Vec<u8> {
@@ -803,9 +837,15 @@ mod tests {
     #[test]
     fn an_empty_frame_is_empty_and_a_cut_jpeg_is_an_image_error() {
         let none = &FrameLimits::pixels(1 << 20);
-        assert_eq!(decode(&[], FrameFormat::Encoded, none).unwrap_err().kind(), "empty");
+        assert_eq!(
+            decode(&[], FrameFormat::Encoded, none).unwrap_err().kind(),
+            "empty"
+        );
         let whole = jpeg(64, 48);
-        assert_eq!(decode(&whole, FrameFormat::Encoded, none).unwrap().width, 64);
+        assert_eq!(
+            decode(&whole, FrameFormat::Encoded, none).unwrap().width,
+            64
+        );
         for cut in [whole.len() / 2, whole.len() - 2] {
             let e = decode(&whole[..cut], FrameFormat::Encoded, none).unwrap_err();
             assert_eq!(e.kind(), "image", "{cut}: {e}");
@@ -820,10 +860,22 @@ mod tests {
     #[test]
     fn the_jpeg_walk_finds_progressive_scans_and_the_end() {
         let baseline = scan_jpeg(&jpeg(32, 32));
-        assert_eq!(baseline, JpegScan { progressive: false, complete: true });
+        assert_eq!(
+            baseline,
+            JpegScan {
+                progressive: false,
+                complete: true
+            }
+        );
         let progressive = fixture("tests/fixtures/progressive_small.jpg");
         let scan = scan_jpeg(&progressive);
-        assert_eq!(scan, JpegScan { progressive: true, complete: true });
+        assert_eq!(
+            scan,
+            JpegScan {
+                progressive: true,
+                complete: true
+            }
+        );
         assert!(!scan_jpeg(&progressive[..progressive.len() * 2 / 3]).complete);
         for name in ["astronaut", "chelsea", "coffee", "rocket"] {
             let file = fixture(&format!("models/samples/camera/{name}.jpg"));

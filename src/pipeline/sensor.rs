@@ -124,9 +124,7 @@ fn timestamp(ts: Option<serde_json::Value>) -> Result<Option<u64>, InputError> {
                 return Ok(Some(ms));
             }
             match n.as_f64() {
-                Some(f) if f.is_finite() && f >= 0.0 && f < u64::MAX as f64 => {
-                    Ok(Some(f as u64))
-                }
+                Some(f) if f.is_finite() && f >= 0.0 && f < u64::MAX as f64 => Ok(Some(f as u64)),
                 _ => Err(InputError::BadTs(n.to_string())),
             }
         }
@@ -235,8 +233,14 @@ mod tests {
         let ts = |json: &str| decode_json(json.as_bytes(), 1).map(|s| s.ts);
         assert_eq!(ts(r#"{"values": [1]}"#), Ok(None));
         assert_eq!(ts(r#"{"ts": null, "values": [1]}"#), Ok(None));
-        assert_eq!(ts(r#"{"ts": 1764331200123, "values": [1]}"#), Ok(Some(1764331200123)));
-        assert_eq!(ts(r#"{"ts": 1764331200123.7, "values": [1]}"#), Ok(Some(1764331200123)));
+        assert_eq!(
+            ts(r#"{"ts": 1764331200123, "values": [1]}"#),
+            Ok(Some(1764331200123))
+        );
+        assert_eq!(
+            ts(r#"{"ts": 1764331200123.7, "values": [1]}"#),
+            Ok(Some(1764331200123))
+        );
         for bad in [r#""2026-12-01T10:00:00Z""#, "-5", "true", "[1]", "1e300"] {
             let e = ts(&format!(r#"{{"ts": {bad}, "values": [1]}}"#)).unwrap_err();
             assert_eq!(e.kind(), "bad_ts", "{bad}: {e}");

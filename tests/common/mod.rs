@@ -436,7 +436,10 @@ impl BigPublisher {
     }
 
     pub async fn publish(&self, topic: &str, qos: QoS, payload: Vec<u8>) {
-        self.client.publish(topic, qos, false, payload).await.unwrap();
+        self.client
+            .publish(topic, qos, false, payload)
+            .await
+            .unwrap();
     }
 }
 
