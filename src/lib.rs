@@ -120,9 +120,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     // still read, up to what the input queues may hold, so that it can be
     // acknowledged and reported as too large instead of failing the
     // connection (see mqtt::connection).
-    let ceiling = (queue_share as usize)
-        .max(config.broker.max_packet_bytes)
-        .min(MQTT_MAX_PACKET);
+    let ceiling = queue_share
+        .max(config.broker.max_packet_bytes as u64)
+        .min(MQTT_MAX_PACKET as u64) as usize;
     options.set_max_packet_size(ceiling, config.broker.max_packet_bytes);
     let mut subscriptions = subscriptions(
         pipelines
