@@ -296,16 +296,6 @@ async fn health_and_replies_flow_while_the_broker_withholds_acknowledgements() {
     daemon.shutdown.cancel();
 }
 
-fn vm_hwm_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM")
-        * 1024
-}
-
 fn spawn_daemon(dir: &Path, port: u16, device: &str, extra: &str) -> Child {
     let path = dir.join("edgeinfer.toml");
     std::fs::write(

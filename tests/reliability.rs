@@ -358,10 +358,7 @@ qos = 1
         "first run came online"
     );
     let publisher = Publisher::connect(broker.port, "publisher-stop");
-    let samples: Vec<Vec<f32>> = (0..64)
-        .map(|i| (0..8).map(|c| ((i * 8 + c) as f32 * 0.37).sin()).collect())
-        .collect();
-    let sender = publisher.stream(N, 7, samples);
+    let sender = publisher.stream(N, 7, slow_window());
     let mut tally = Tally::new();
     tally.wait_for(&mut obs, N / 5, "before the reload").await;
     hold(true);
@@ -410,16 +407,6 @@ qos = 1
     );
 }
 
-fn vm_hwm_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmHWM")
-        * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_against_a_slow_model_stays_within_the_memory_budget() {
     const N: usize = 100_000;
@@ -455,10 +442,7 @@ queue = 1000000
         "came online"
     );
     // 64 samples × 8 channels per message: ~4 KB of JSON, 0.6 ms of model.
-    let samples: Vec<Vec<f32>> = (0..64)
-        .map(|i| (0..8).map(|c| ((i * 8 + c) as f32 * 0.37).sin()).collect())
-        .collect();
-    let payload = batch(1, &samples);
+    let payload = batch(1, &slow_window());
     let mut o = MqttOptions::new("burst", "127.0.0.1", broker.port);
     o.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut ev) = AsyncClient::new(o, 10_000);

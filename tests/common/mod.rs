@@ -525,3 +525,22 @@ impl Drop for AckHoldingProxy {
         self.task.abort();
     }
 }
+
+/// The peak resident set (VmHWM) of a child process, in bytes.
+pub fn vm_hwm_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+/// 64 samples of 8 channels: one window of tests/fixtures/slow.onnx
+/// (about 0.6 ms of inference).
+pub fn slow_window() -> Vec<Vec<f32>> {
+    (0..64)
+        .map(|i| (0..8).map(|c| ((i * 8 + c) as f32 * 0.37).sin()).collect())
+        .collect()
+}
