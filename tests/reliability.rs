@@ -255,6 +255,20 @@ fn spawn_daemon(config: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
+/// Starts the daemon binary and waits for its retained `online` (seen by
+/// `obs`, which must be subscribed to the status topic).
+async fn spawn_online(config: &Path, log: &Path, obs: &mut Observer) -> Child {
+    let child = spawn_daemon(config, log);
+    assert!(
+        obs.next_where(Duration::from_secs(30), |m| m.text() == "online")
+            .await
+            .is_some(),
+        "the daemon came online ({})",
+        log.display()
+    );
+    child
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_acknowledged_input() {
     const N: usize = 3_000;
@@ -271,13 +285,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_input() {
         &["edgeinfer/gw-kill/results/#", "edgeinfer/gw-kill/status"],
     )
     .await;
-    let mut child = spawn_daemon(&config, &dir.path().join("first.log"));
-    assert!(
-        obs.next_where(Duration::from_secs(30), |m| m.text() == "online")
-            .await
-            .is_some(),
-        "first run came online"
-    );
+    let mut child = spawn_online(&config, &dir.path().join("first.log"), &mut obs).await;
     let publisher = Publisher::connect(broker.port, "publisher-kill");
     let sender = publisher.stream(N, 7, activity_reference().cases[1].input.clone());
     let mut tally = Tally::new();
@@ -350,13 +358,7 @@ qos = 1
         &["edgeinfer/gw-stop/results/#", "edgeinfer/gw-stop/status"],
     )
     .await;
-    let mut child = spawn_daemon(&config, &dir.path().join("first.log"));
-    assert!(
-        obs.next_where(Duration::from_secs(30), |m| m.text() == "online")
-            .await
-            .is_some(),
-        "first run came online"
-    );
+    let mut child = spawn_online(&config, &dir.path().join("first.log"), &mut obs).await;
     let publisher = Publisher::connect(broker.port, "publisher-stop");
     let sender = publisher.stream(N, 7, slow_window());
     let mut tally = Tally::new();
@@ -434,13 +436,7 @@ queue = 1000000
         &["edgeinfer/gw-burst/status", "edgeinfer/gw-burst/health"],
     )
     .await;
-    let mut child = spawn_daemon(&config, &dir.path().join("burst.log"));
-    assert!(
-        obs.next_where(Duration::from_secs(30), |m| m.text() == "online")
-            .await
-            .is_some(),
-        "came online"
-    );
+    let mut child = spawn_online(&config, &dir.path().join("burst.log"), &mut obs).await;
     // 64 samples × 8 channels per message: ~4 KB of JSON, 0.6 ms of model.
     let payload = batch(1, &slow_window());
     let mut o = MqttOptions::new("burst", "127.0.0.1", broker.port);

@@ -672,17 +672,20 @@ mod tests {
         assert_eq!(again, vec!["status", "r/1", "r/2", "r/3"]);
     }
 
-    #[test]
-    fn the_window_bounds_unacknowledged_publishes() {
-        let (o, r, t, _) = parts();
+    /// Queues 20 results, connects, and hands out all that the window
+    /// allows; returns how many were handed out (the QoS 0 status included).
+    fn fill_the_window(o: &Outbox, r: &OutboxReceiver, t: &Tracker) -> usize {
         for i in 0..20 {
             o.send(msg(&format!("r/{i}"), QoS::AtLeastOnce)).unwrap();
         }
         t.connected(t.generation(), msg("status", QoS::AtMostOnce));
-        let mut n = 0;
-        while next(&r).is_some() {
-            n += 1;
-        }
+        std::iter::from_fn(|| next(r)).count()
+    }
+
+    #[test]
+    fn the_window_bounds_unacknowledged_publishes() {
+        let (o, r, t, _) = parts();
+        let n = fill_the_window(&o, &r, &t);
         assert_eq!(n, 1 + 10, "QoS 0 status plus a window of 10");
         t.published(1);
         t.acknowledged(1);
@@ -692,14 +695,7 @@ mod tests {
     #[test]
     fn health_and_replies_do_not_wait_behind_unacknowledged_results() {
         let (o, r, t, _) = parts();
-        for i in 0..20 {
-            o.send(msg(&format!("r/{i}"), QoS::AtLeastOnce)).unwrap();
-        }
-        t.connected(t.generation(), msg("status", QoS::AtMostOnce));
-        let mut n = 0;
-        while next(&r).is_some() {
-            n += 1;
-        }
+        let n = fill_the_window(&o, &r, &t);
         assert_eq!(n, 1 + 10, "the window is full of results");
         o.offer(msg("health", QoS::AtMostOnce)).unwrap();
         o.offer(msg("cmd/ping/reply", QoS::AtLeastOnce)).unwrap();
