@@ -322,7 +322,7 @@ const fn default_max_packet() -> usize {
     4 << 20
 }
 const fn default_max_topic_bytes() -> usize {
-    crate::mqtt::topic::MAX_TOPIC_BYTES
+    crate::topic::MAX_TOPIC_BYTES
 }
 /// mosquitto 2.0 drops the connection of a client that publishes to a
 /// topic of more levels (200 separators).
@@ -491,7 +491,7 @@ impl Config {
                 format!("{device:?} must be non-empty and free of '/', '+' and '#'"),
             );
         }
-        if let Err(e) = crate::mqtt::BrokerAddress::parse(&self.broker.url) {
+        if let Err(e) = BrokerAddress::parse(&self.broker.url) {
             bad("broker.url", e);
         }
         if self.broker.keep_alive_s < 5 {
@@ -515,7 +515,7 @@ impl Config {
             bad("broker.inflight", "must be between 1 and 60000".into());
         }
         if self.broker.max_topic_bytes == 0
-            || self.broker.max_topic_bytes > crate::mqtt::topic::MAX_TOPIC_BYTES
+            || self.broker.max_topic_bytes > crate::topic::MAX_TOPIC_BYTES
         {
             bad(
                 "broker.max_topic_bytes",
@@ -570,7 +570,7 @@ impl Config {
                 "mutual TLS needs both cert_file and key_file".into(),
             );
         }
-        if let Err(e) = crate::mqtt::check_template(&self.topics.prefix, 0) {
+        if let Err(e) = crate::topic::check_template(&self.topics.prefix, 0) {
             bad("topics.prefix", e);
         }
         if self.health.interval_s == 0 {
@@ -682,7 +682,7 @@ impl Config {
             }
             let mut wildcards = usize::MAX;
             for (j, t) in p.topics.iter().enumerate() {
-                match crate::mqtt::TopicFilter::parse(t) {
+                match crate::topic::TopicFilter::parse(t) {
                     Ok(f) => wildcards = wildcards.min(f.wildcards()),
                     Err(e) => bad(&format!("pipeline[{i}].topics[{j}]"), e),
                 }
@@ -690,7 +690,7 @@ impl Config {
             if wildcards == usize::MAX {
                 wildcards = 0;
             }
-            if let Err(e) = crate::mqtt::check_template(&p.results_template(), wildcards) {
+            if let Err(e) = crate::topic::check_template(&p.results_template(), wildcards) {
                 bad(&key("results"), e);
             }
             if p.qos > 2 {
@@ -730,9 +730,104 @@ fn hostname() -> String {
         .unwrap_or_else(|| "edgeinfer".into())
 }
 
+/// Host, port and transport of a broker URL: `mqtt://HOST[:PORT]` (1883)
+/// or `mqtts://HOST[:PORT]` (8883, TLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl BrokerAddress {
+    pub fn parse(url: &str) -> Result<BrokerAddress, String> {
+        let (rest, tls) = if let Some(r) = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+        {
+            (r, false)
+        } else if let Some(r) = url
+            .strip_prefix("mqtts://")
+            .or_else(|| url.strip_prefix("ssl://"))
+        {
+            (r, true)
+        } else {
+            return Err(format!(
+                "{url:?}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+            ));
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains(['/', '?', '@']) {
+            return Err(format!(
+                "{url:?}: expected a host and port, with no path, query or credentials"
+            ));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, p) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: unclosed '['"))?;
+            (h, p.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?}: no host"));
+        }
+        let port = match port {
+            None if tls => 8883,
+            None => 1883,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("{url:?}: bad port {p:?}"))?,
+        };
+        Ok(BrokerAddress {
+            host: host.to_owned(),
+            port,
+            tls,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let a = |u| BrokerAddress::parse(u);
+        let addr = |host: &str, port, tls| BrokerAddress {
+            host: host.into(),
+            port,
+            tls,
+        };
+        assert_eq!(
+            a("mqtt://127.0.0.1:1884").unwrap(),
+            addr("127.0.0.1", 1884, false)
+        );
+        assert_eq!(
+            a("mqtt://broker.local").unwrap(),
+            addr("broker.local", 1883, false)
+        );
+        assert_eq!(a("tcp://[::1]:2000").unwrap(), addr("::1", 2000, false));
+        assert_eq!(
+            a("mqtts://broker.local").unwrap(),
+            addr("broker.local", 8883, true)
+        );
+        assert_eq!(
+            a("ssl://10.0.0.1:9000").unwrap(),
+            addr("10.0.0.1", 9000, true)
+        );
+        assert!(a("http://x").is_err());
+        assert!(a("mqtt://:1883").is_err());
+        assert!(a("mqtt://x:0").is_err());
+        assert!(a("mqtt://x:99999").is_err());
+        assert!(a("mqtt://user:pw@x").is_err());
+    }
 
     /// `MemoryHigh=` / `MemoryMax=` of the shipped unit, in bytes.
     fn unit_limit(key: &str) -> u64 {

@@ -425,8 +425,7 @@ async fn observe(port: u16, shared: Arc<Shared>, online: CancellationToken) {
             camera_line(&shared, &mut s, device, detections)
         } else {
             // Sensor results carry the device's own timestamp.
-            let e2e =
-                crate::pipeline::unix_ms().saturating_sub(v["ts"].as_u64().unwrap_or(0)) as f64;
+            let e2e = crate::flow::unix_ms().saturating_sub(v["ts"].as_u64().unwrap_or(0)) as f64;
             if let Ok(mut lat) = shared.latency.lock() {
                 lat[0].push(total);
                 lat[1].push(e2e);
@@ -557,7 +556,7 @@ async fn simulate_watch(
         if Instant::now() >= until {
             break;
         }
-        let ts = crate::pipeline::unix_ms();
+        let ts = crate::flow::unix_ms();
         let imu = serde_json::json!({"ts": ts, "values": sample}).to_string();
         let acc = serde_json::json!({"ts": ts, "values": &sample[..3]}).to_string();
         c.publish(

@@ -262,7 +262,7 @@ impl Telemetry {
             .collect();
         HealthMessage {
             device: device.to_owned(),
-            ts: crate::pipeline::unix_ms(),
+            ts: crate::flow::unix_ms(),
             uptime_s: sys.started.elapsed().as_secs(),
             cpu_percent: sys.cpu_percent(),
             load_avg: read_loadavg(),

@@ -16,12 +16,14 @@
 pub mod bundled;
 pub mod config;
 pub mod demo;
+pub mod flow;
 pub mod health;
 pub mod model;
 pub mod mqtt;
 pub mod oneshot;
 pub mod pipeline;
 pub mod systemd;
+pub mod topic;
 
 use config::{Config, Problem};
 use health::{SystemSampler, Telemetry};
@@ -63,7 +65,9 @@ pub fn check(config: &Config) -> Vec<Problem> {
     for (i, p) in config.pipelines.iter().enumerate() {
         match registry.get_or_load(&config.model_path(p)) {
             Ok(model) => {
-                if let Err(message) = pipeline::PipelineSpec::new(config, p, model) {
+                if let Err(message) = pipeline::PipelineSpec::new(config, p, model)
+                    .and_then(|_| mqtt::Route::new(config, p).map(|_| ()))
+                {
                     problems.push(Problem {
                         key: format!("pipeline[{i}]"),
                         message,
@@ -127,7 +131,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let mut subscriptions = subscriptions(
         pipelines
             .iter()
-            .flat_map(|p| p.spec.filters.iter().map(|f| (f.as_str(), p.spec.qos))),
+            .flat_map(|(route, _)| route.filters.iter().map(|f| (f.as_str(), route.qos))),
     );
     let cmd_filter = format!("{}/cmd/+", config.prefix());
     subscriptions.push((cmd_filter.clone(), QoS::AtLeastOnce));
@@ -361,11 +365,20 @@ async fn start_pipelines(config: &Config, outbox: &Outbox, telemetry: &Arc<Telem
                 .and_then(|model| {
                     tracing::info!(pipeline = %p.name, model = %model.name, sha256 = %model.sha256, load_ms = model.load_ms, "Model loaded");
                     let spec = pipeline::PipelineSpec::new(&config, p, model)?;
-                    pipeline::start(spec, p.queue, p.workers, outbox.clone(), &telemetry)
+                    let route = Arc::new(mqtt::Route::new(&config, p)?);
+                    let sink = Arc::new(mqtt::PipelineSink {
+                        route: Arc::clone(&route),
+                        errors_topic: format!("{}/errors", config.prefix()),
+                        outbox: outbox.clone(),
+                    });
+                    let (handle, threads) =
+                        pipeline::start(spec, p.queue, p.workers, sink, &telemetry)?;
+                    Ok((route, handle, threads))
                 });
             match result {
-                Ok((handle, threads)) => {
-                    started.0.push(handle);
+                Ok((route, handle, threads)) => {
+                    let inlet: Arc<dyn flow::Inlet> = Arc::new(handle);
+                    started.0.push((route, inlet));
                     started.1.extend(threads);
                 }
                 Err(e) => {
@@ -383,7 +396,7 @@ async fn start_pipelines(config: &Config, outbox: &Outbox, telemetry: &Arc<Telem
 /// Running pipelines and their worker threads.
 #[derive(Default)]
 struct Started(
-    Vec<pipeline::PipelineHandle>,
+    Vec<(Arc<mqtt::Route>, Arc<dyn flow::Inlet>)>,
     Vec<std::thread::JoinHandle<()>>,
 );
 
@@ -432,7 +445,7 @@ async fn command_loop(
     let mut sampler = SystemSampler::new(&thermal_dir);
     while let Ok((name, _payload)) = rx.recv_async().await {
         let reply = match name.as_str() {
-            "ping" => serde_json::json!({"ok": true, "device": device, "ts": pipeline::unix_ms()}),
+            "ping" => serde_json::json!({"ok": true, "device": device, "ts": flow::unix_ms()}),
             "health" => {
                 serde_json::json!({"ok": true, "health": telemetry.snapshot(&device, &mut sampler)})
             }

@@ -1,10 +1,11 @@
 //! The one-shot commands: `infer`, `bench` and `models`.
 
+use crate::flow::unix_ms;
 use crate::health::{peak_rss_bytes, percentile};
 use crate::model::{Model, ModelError, TensorInfo, BACKEND};
 use crate::pipeline::post::{self, Preprocessor};
+use crate::pipeline::result::{ms, LatencyMs, ResultFields};
 use crate::pipeline::sensor::{self, InputError};
-use crate::pipeline::{unix_ms, LatencyMs, ResultMessage};
 use serde::Serialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -78,24 +79,22 @@ pub fn infer(model_path: &Path, input: InferInput) -> Result<serde_json::Value, 
     let t2 = Instant::now();
     let output = post::postprocess(&model, out, &normalised).map_err(OneShotError::Other)?;
     let t3 = Instant::now();
-    let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
-    let message = ResultMessage {
+    let _ = t0;
+    Ok(ResultFields {
         pipeline: "infer",
         source: &source,
-        model: &model.name,
-        model_sha256: &model.sha256,
+        model: &model,
         ts: samples.ts.unwrap_or_else(unix_ms),
         seq: 0,
-        latency_ms: LatencyMs {
+        latency: LatencyMs {
             queue: 0.0,
             pre: ms(t1 - started),
             infer: ms(t2 - t1),
             post: ms(t3 - t2),
         },
         output: &output,
-    };
-    let _ = t0;
-    Ok(serde_json::to_value(&message).expect("result serializes"))
+    }
+    .value())
 }
 
 #[derive(Debug, Clone, Serialize)]

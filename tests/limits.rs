@@ -215,9 +215,25 @@ async fn a_record_the_broker_drops_the_connection_on_is_quarantined() {
     let daemon = Daemon::start_online(parse(&text), broker.port).await;
     obs.publish(&deep_topic(199), window_of_50()).await;
     obs.publish("deep/after", window_of_50()).await;
-    let e = error_of(&mut obs, "quarantined").await;
-    println!("quarantined: {e}");
-    result_on(&mut obs, "edgeinfer/gw-quar/results/deep/after").await;
+    // The report and the next result may come in either order: the
+    // report is queued as the record is dropped, the next record goes out
+    // at once.
+    let (mut reported, mut answered) = (false, false);
+    while !(reported && answered) {
+        let m = obs
+            .next_where(T, |m| {
+                m.topic == "edgeinfer/gw-quar/results/deep/after"
+                    || (m.topic.ends_with("/errors") && m.json()["kind"] == "quarantined")
+            })
+            .await
+            .expect("the quarantine report and the result after it");
+        if m.topic.ends_with("/errors") {
+            println!("quarantined: {}", m.text());
+            reported = true;
+        } else {
+            answered = true;
+        }
+    }
     // The input itself may come again (its acknowledgement can be lost
     // with the connection the result broke), and its result is quarantined
     // again: what counts is that the outbox drains and the daemon settles.
@@ -237,8 +253,11 @@ async fn a_record_the_broker_drops_the_connection_on_is_quarantined() {
     );
     println!("quarantine: reconnects {reconnects}, quarantined {quarantined}");
     assert!(quarantined >= 1);
+    // Three connection ends per quarantined record, and now and then one
+    // more (an end while another record's PUBACK was still on its way
+    // restarts the count); it settled above, so nothing loops forever.
     assert!(
-        reconnects <= 3 * quarantined,
+        reconnects <= 5 * quarantined,
         "{reconnects} reconnects for {quarantined} quarantined records"
     );
     obs.publish("deep/last", window_of_50()).await;

@@ -25,10 +25,11 @@
 //! the reconnect backoff keeps growing (see the README).
 
 use super::outbox::{Reporter, TRANSIENT_RESERVE};
+use super::sink::Route;
 use super::{Backoff, BrokerAddress, Outgoing, TopicFilter, Tracker};
 use crate::config::Config;
+use crate::flow::{AckHandle, Inlet, Input};
 use crate::health::BrokerStats;
-use crate::pipeline::{Ingested, PipelineHandle};
 use bytes::Bytes;
 use rumqttc::{
     AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS, Request,
@@ -109,12 +110,12 @@ pub fn status_topic(config: &Config) -> String {
 /// Routes each incoming publish to every pipeline whose filters match it,
 /// and `{prefix}/cmd/NAME` to the command handler.
 pub struct Router {
-    pub pipelines: Vec<PipelineHandle>,
+    pub pipelines: Vec<(std::sync::Arc<Route>, Arc<dyn Inlet>)>,
     pub commands: Option<(TopicFilter, flume::Sender<(String, Bytes)>)>,
 }
 
 impl Router {
-    fn route(&self, topic: &str, payload: Bytes, ack: Option<AckToken>) {
+    fn route(&self, topic: &str, payload: Bytes, ack: Option<AckHandle>) {
         if let Some((filter, tx)) = &self.commands {
             if let Some(caps) = filter.captures(topic) {
                 let _ = tx.try_send((caps[0].to_owned(), payload));
@@ -122,9 +123,9 @@ impl Router {
             }
         }
         let received = Instant::now();
-        for p in self.pipelines.iter().filter(|p| p.matches(topic)) {
-            p.offer(Ingested {
-                topic: topic.to_owned(),
+        for (_, inlet) in self.pipelines.iter().filter(|(r, _)| r.matches(topic)) {
+            inlet.offer(Input {
+                source: topic.to_owned(),
                 size: payload.len(),
                 payload: payload.clone(),
                 received,
@@ -153,12 +154,6 @@ pub struct ConnectionContext {
 /// that ends sooner (a broker that drops us on something we send or
 /// receive) keeps it growing.
 const STABLE: Duration = Duration::from_secs(5);
-
-/// Held by every pipeline an incoming QoS 1 message went to. When the last
-/// holder drops it — the message was handled and its results are in the
-/// outbox — the message is acknowledged to the broker (acks go out in the
-/// order the messages came, as MQTT requires).
-pub type AckToken = Arc<tokio::sync::oneshot::Sender<()>>;
 
 struct PendingAck {
     pkid: u16,
@@ -242,7 +237,9 @@ pub async fn drive(
                             generation: generation.load(Ordering::Relaxed),
                             done: rx,
                         });
-                        Some(Arc::new(tx))
+                        // Dropped with the last AckHandle: the message
+                        // was handled and its results are in the outbox.
+                        Some(AckHandle::new(tx))
                     }
                     _ => None,
                 };

@@ -28,8 +28,8 @@
 //! `Outgoing::Publish` event belongs to the n-th handed-out message.
 
 use super::spool::{Spool, Spooled};
-use super::topic::{check_publishable, PublishLimits};
 use crate::health::{BrokerStats, OutboxStats};
+use crate::topic::{check_publishable, PublishLimits};
 use rumqttc::{AsyncClient, ClientError, QoS, Request};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -195,7 +195,7 @@ impl Outbox {
     pub fn send(&self, msg: Outgoing) -> Result<(), Unpublishable> {
         let mut st = self.shared.lock();
         self.shared.check(&st, &msg)?;
-        let appended = st.spool.append(&msg, crate::pipeline::unix_ms());
+        let appended = st.spool.append(&msg, crate::flow::unix_ms());
         drop(st);
         match appended {
             Ok(()) => self.shared.wake.notify_one(),
@@ -250,8 +250,15 @@ impl Reporter {
     }
 }
 
-/// An errors-topic entry (the schema the pipelines use).
-fn error_message(topic: &str, pipeline: &str, source: &str, kind: &str, reason: &str) -> Outgoing {
+/// An errors-topic entry: `pipeline`, `source`, `kind`, `reason`, `ts`
+/// (the one place its schema is written).
+pub(crate) fn error_message(
+    topic: &str,
+    pipeline: &str,
+    source: &str,
+    kind: &str,
+    reason: &str,
+) -> Outgoing {
     Outgoing {
         topic: topic.to_owned(),
         payload: serde_json::json!({
@@ -259,7 +266,7 @@ fn error_message(topic: &str, pipeline: &str, source: &str, kind: &str, reason: 
             "source": source,
             "kind": kind,
             "reason": reason,
-            "ts": crate::pipeline::unix_ms(),
+            "ts": crate::flow::unix_ms(),
         })
         .to_string()
         .into_bytes(),
@@ -403,7 +410,7 @@ impl OutboxReceiver {
         if st.in_flight() >= window {
             return Step::Wait;
         }
-        while let Some(Spooled { seq, msg }) = st.spool.next(crate::pipeline::unix_ms()) {
+        while let Some(Spooled { seq, msg }) = st.spool.next(crate::flow::unix_ms()) {
             if let Some(report) = self.refuse_spooled(st, seq, &msg) {
                 // Dropped: acknowledged in the spool, reported instead.
                 st.spool.ack(seq);
@@ -429,7 +436,7 @@ impl OutboxReceiver {
             let reason = format!(
                 "a {}-byte message to {:?} was dropped from the outbox: the broker ended {QUARANTINE_AFTER} connections in a row with it unacknowledged",
                 msg.payload.len(),
-                super::topic::shorten(&msg.topic)
+                crate::topic::shorten(&msg.topic)
             );
             tracing::error!(topic = %msg.topic, bytes = msg.payload.len(), seq, "Outbox: record quarantined");
             ("quarantined", reason)

@@ -1,57 +1,11 @@
 //! Sensor payloads (JSON or raw little-endian f32) and the per-source
 //! sliding window that turns samples into model inputs.
 
+pub mod worker;
+
 use serde::Deserialize;
 
-/// Why an input was rejected. Each becomes one entry on the errors topic.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum InputError {
-    #[error("payload of {size} bytes is over the limit of {max}")]
-    TooLarge { size: usize, max: usize },
-    #[error("empty payload")]
-    Empty,
-    #[error("malformed JSON: {0}")]
-    MalformedJson(String),
-    #[error("JSON payload needs \"values\" (one sample) or \"samples\" (a batch)")]
-    NoSamples,
-    #[error("sample {sample} has {got} values, the model takes {expected} channels")]
-    WrongChannelCount {
-        sample: usize,
-        expected: usize,
-        got: usize,
-    },
-    #[error("sample {sample}, channel {channel} is not a finite number")]
-    NonFinite { sample: usize, channel: usize },
-    #[error("f32le payload of {len} bytes is not a whole number of {channels}-channel samples")]
-    BadLength { len: usize, channels: usize },
-    #[error("image: {0}")]
-    Image(String),
-    #[error("image of {width}x{height} pixels is over the limit of {max} pixels (not decoded)")]
-    TooManyPixels { width: u32, height: u32, max: u64 },
-    #[error("decoding and fitting this {what} would take about {} MiB, over the {} MiB a frame may use (limits.memory_mb; not decoded)", .need.div_ceil(1 << 20), .max >> 20)]
-    TooCostly { what: String, need: u64, max: u64 },
-    #[error("\"ts\" must be milliseconds since the Unix epoch, a number from 0 up (or left out); got {0}")]
-    BadTs(String),
-}
-
-impl InputError {
-    /// Stable machine-readable class, the `kind` field on the errors topic.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            InputError::TooLarge { .. } => "too_large",
-            InputError::Empty => "empty",
-            InputError::MalformedJson(_) => "malformed_json",
-            InputError::NoSamples => "no_samples",
-            InputError::WrongChannelCount { .. } => "wrong_channel_count",
-            InputError::NonFinite { .. } => "non_finite",
-            InputError::BadLength { .. } => "bad_length",
-            InputError::Image(_) => "image",
-            InputError::TooManyPixels { .. } => "too_many_pixels",
-            InputError::TooCostly { .. } => "too_large",
-            InputError::BadTs(_) => "bad_ts",
-        }
-    }
-}
+pub use crate::flow::InputError;
 
 /// Decoded samples: `values` holds `values.len() / channels` samples, each
 /// `channels` values, oldest first.

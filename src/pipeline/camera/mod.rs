@@ -3,6 +3,8 @@
 //! letterbox, SIMD resize), and detection postprocessing (YOLOv8, SSD,
 //! UltraFace; per-class NMS; boxes back in the frame's own pixels).
 
+pub mod worker;
+
 use super::sensor::InputError;
 use crate::model::manifest::{ColorOrder, DetectionFormat, Layout, ResizeMode};
 use crate::model::{Model, OutputKind};

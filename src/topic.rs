@@ -1,4 +1,6 @@
-//! MQTT topic filters, wildcard captures and result-topic templates.
+//! MQTT topic filters (with wildcard captures), result-topic templates, and
+//! what a broker takes. A leaf: configuration validation and the MQTT
+//! transport both use it.
 
 /// A parsed subscription filter such as `sensors/+/accel` or `plant/#`.
 #[derive(Debug, Clone, PartialEq, Eq)]
