@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use edgeinfer::commands::{self, InferInput, OneShotError};
 use edgeinfer::config::{Config, ConfigError, EXAMPLE};
-use edgeinfer::oneshot::{self, InferInput, OneShotError};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tokio::signal::unix::{signal, SignalKind};
@@ -148,7 +148,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 (None, Some(text)) => InferInput::Json(text),
                 (None, None) => unreachable!("clap requires one"),
             };
-            match oneshot::infer(&model, input) {
+            match commands::infer(&model, input) {
                 Ok(result) => {
                     println!("{result}");
                     Ok(ExitCode::SUCCESS)
@@ -161,7 +161,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Bench { model, runs, json } => {
-            let r = oneshot::bench(&model, runs)?;
+            let r = commands::bench(&model, runs)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -180,13 +180,13 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             json,
             ..
         } => {
-            let rows = oneshot::describe(
-                &oneshot::onnx_files(&dir).with_context(|| dir.display().to_string())?,
+            let rows = commands::describe(
+                &commands::onnx_files(&dir).with_context(|| dir.display().to_string())?,
             );
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                print!("{}", oneshot::check_table(&rows, &dir));
+                print!("{}", commands::check_table(&rows, &dir));
             }
             let failed = rows.iter().filter(|r| r.error.is_some()).count();
             eprintln!(
@@ -309,7 +309,7 @@ fn models(config: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
             v
         }
     };
-    let rows = oneshot::describe(&paths);
+    let rows = commands::describe(&paths);
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {

@@ -394,7 +394,7 @@ async fn the_bundled_detector_finds_the_known_objects_in_the_demo_frames_via_mqt
         let detections = labelled_boxes(&result.json());
         let boxes: Vec<(&str, [f32; 4])> =
             detections.iter().map(|(l, b)| (l.as_str(), *b)).collect();
-        let m = edgeinfer::bundled::match_known(&frame.objects, &boxes);
+        let m = edgeinfer::demo::match_known(&frame.objects, &boxes);
         if m.found < frame.objects.len() {
             println!(
                 "{file}: found {} of {:?} in {detections:?}",

@@ -225,7 +225,7 @@ fn objects_detector_matches_onnxruntime_and_finds_the_known_objects() {
             .iter()
             .map(|d| (d.label.as_str(), d.bbox.map(|v| v * 2.0)))
             .collect();
-        let m = edgeinfer::bundled::match_known(&truth.objects, &in_frame);
+        let m = edgeinfer::demo::match_known(&truth.objects, &in_frame);
         known += truth.objects.len();
         found += m.found;
         extra += m.extra;

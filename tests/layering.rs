@@ -69,12 +69,12 @@ fn forbid(under: &str, modules: &[&str], also: &[&str]) {
 
 #[test]
 fn pipelines_know_nothing_of_the_transport() {
-    forbid("pipeline", &["mqtt", "demo", "oneshot"], &["rumqttc"]);
+    forbid("pipeline", &["mqtt", "demo", "commands"], &["rumqttc"]);
 }
 
 #[test]
 fn the_transport_knows_nothing_of_the_pipelines() {
-    forbid("mqtt", &["pipeline", "model", "demo", "oneshot"], &[]);
+    forbid("mqtt", &["pipeline", "model", "demo", "commands"], &[]);
 }
 
 #[test]
@@ -89,7 +89,7 @@ fn the_model_layer_imports_neither() {
 #[test]
 fn config_topic_and_flow_are_leaves() {
     let all = [
-        "mqtt", "pipeline", "model", "health", "flow", "demo", "oneshot", "bundled",
+        "mqtt", "pipeline", "model", "health", "flow", "demo", "commands", "bundled",
     ];
     forbid("config.rs", &all, &[]);
     forbid("topic.rs", &[&all[..], &["config"]].concat(), &[]);
@@ -98,7 +98,7 @@ fn config_topic_and_flow_are_leaves() {
         &[&all[..], &["config", "topic"]].concat(),
         &["rumqttc"],
     );
-    forbid("health.rs", &["mqtt", "pipeline", "demo", "oneshot"], &[]);
+    forbid("health.rs", &["mqtt", "pipeline", "demo", "commands"], &[]);
 }
 
 #[test]

@@ -396,7 +396,8 @@ pub const ACTIVITY_LABELS: [&str; 4] = ["standing", "walking", "running", "badmi
 
 /// The public model zoo for the compatibility tests: `$EDGEINFER_MODEL_ZOO`,
 /// else `../shared/models` beside the checkout when it exists (CI has it).
-/// `None` (the caller says it skipped) when there is none.
+/// `None` (the caller says it skipped) when there is none — except under
+/// CI (`CI` set), where a missing zoo fails the test instead of passing it.
 pub fn model_zoo() -> Option<PathBuf> {
     let zoo = match std::env::var_os("EDGEINFER_MODEL_ZOO") {
         Some(dir) => PathBuf::from(dir),
@@ -404,6 +405,11 @@ pub fn model_zoo() -> Option<PathBuf> {
     };
     if zoo.is_dir() {
         Some(zoo)
+    } else if std::env::var_os("CI").is_some() {
+        panic!(
+            "model zoo: {} is not a folder, and CI is set: the compatibility tests must run in CI",
+            zoo.display()
+        );
     } else {
         println!(
             "model zoo: {} is not a folder (set EDGEINFER_MODEL_ZOO); skipped",

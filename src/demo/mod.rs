@@ -4,6 +4,10 @@
 //! photos and scenes whose objects are known. Prints results as they arrive
 //! and a summary at the end.
 
+mod scoring;
+
+pub use scoring::{match_known, Matched};
+
 use crate::bundled::{self, CameraFrame, CameraIndex, TempDir};
 use crate::config::Config;
 use crate::health::percentile;
@@ -511,7 +515,7 @@ fn camera_line(
     let boxes: Vec<(&str, [f32; 4])> = found.iter().map(|f| (f.0.as_str(), f.2)).collect();
     // A result whose frame is unknown has no known objects: all extra.
     let known_objects = frame.map_or(&[][..], |f| &f.objects[..]);
-    let matched = bundled::match_known(known_objects, &boxes);
+    let matched = match_known(known_objects, &boxes);
     s.objects_known += known_objects.len() as u64;
     s.objects_found += matched.found as u64;
     s.extra_detections += matched.extra as u64;

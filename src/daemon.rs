@@ -1,0 +1,474 @@
+//! The daemon's wiring: loads the models, starts the pipelines, joins them
+//! to the MQTT transport (routes in, sinks out), runs the health and
+//! command loops, and shuts it all down in order.
+
+use crate::config::{self, Config, Problem};
+use crate::health::{self, SystemSampler, Telemetry};
+use crate::model::Registry;
+use crate::mqtt::{self, Backoff, ConnectionContext, Outbox, Outgoing, Router, TopicFilter};
+use crate::{flow, pipeline, systemd};
+use rumqttc::{AsyncClient, QoS};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long shutdown may take to drain queues and say `offline`.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Config(Vec<Problem>),
+    #[error("MQTT setup failed: {0}")]
+    Mqtt(String),
+}
+
+/// Loads every model the config names and checks each pipeline against its
+/// model. Returns every problem, keyed like the config (`pipeline[0].model`).
+pub fn check(config: &Config) -> Vec<Problem> {
+    let mut problems = config.validate();
+    if problems.iter().any(|p| p.key.starts_with("pipeline")) {
+        return problems;
+    }
+    if problems.is_empty() {
+        // Reads the password and the TLS files, as `run` will.
+        if let Err(message) = mqtt::connect_options(config) {
+            problems.push(Problem {
+                key: "broker".into(),
+                message,
+            });
+        }
+    }
+    let mut registry = Registry::default();
+    for (i, p) in config.pipelines.iter().enumerate() {
+        match registry.get_or_load(&config.model_path(p)) {
+            Ok(model) => {
+                if let Err(message) = pipeline::PipelineSpec::new(config, p, model)
+                    .and_then(|_| mqtt::Route::new(config, p).map(|_| ()))
+                {
+                    problems.push(Problem {
+                        key: format!("pipeline[{i}]"),
+                        message,
+                    });
+                }
+            }
+            Err(e) => problems.push(Problem {
+                key: format!("pipeline[{i}].model"),
+                message: e.to_string(),
+            }),
+        }
+    }
+    problems
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then stops ingest,
+/// finishes queued work, publishes `offline` and returns.
+///
+/// The configuration is validated first (no network I/O happens when it is
+/// invalid). A pipeline whose model fails to load is reported (log, health)
+/// and the others keep serving.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    let problems = config.validate();
+    if !problems.is_empty() {
+        return Err(RunError::Config(problems));
+    }
+    let mut options = mqtt::connect_options(&config).map_err(|message| {
+        RunError::Config(vec![Problem {
+            key: "broker".into(),
+            message,
+        }])
+    })?;
+    let telemetry = Arc::new(Telemetry::default());
+    let spool = open_spool(&config, &telemetry).map_err(|message| {
+        RunError::Config(vec![Problem {
+            key: "outbox.dir".into(),
+            message,
+        }])
+    })?;
+    let (outbox, outbox_rx, tracker) = mqtt::outbox(
+        spool,
+        mqtt::OutboxSettings {
+            transient_cap: config.limits.outbox_capacity,
+            limits: publish_limits(&config),
+            errors_topic: format!("{}/errors", config.prefix()),
+        },
+        Arc::clone(&telemetry.outbox),
+        Arc::clone(&telemetry.broker),
+    );
+
+    let Started(pipelines, threads) = start_pipelines(&config, &outbox, &telemetry).await;
+    let queue_share = apply_memory_budget(&config, &telemetry, &outbox_rx);
+    // Input over broker.max_packet_bytes (and the pipelines' own limits) is
+    // still read, up to what the input queues may hold, so that it can be
+    // acknowledged and reported as too large instead of failing the
+    // connection (see mqtt::connection).
+    let ceiling = queue_share
+        .max(config.broker.max_packet_bytes as u64)
+        .min(MQTT_MAX_PACKET as u64) as usize;
+    options.set_max_packet_size(ceiling, config.broker.max_packet_bytes);
+    let mut subscriptions = subscriptions(
+        pipelines
+            .iter()
+            .flat_map(|(route, _)| route.filters.iter().map(|f| (f.as_str(), route.qos))),
+    );
+    let cmd_filter = format!("{}/cmd/+", config.prefix());
+    subscriptions.push((cmd_filter.clone(), QoS::AtLeastOnce));
+    let (cmd_tx, cmd_rx) = flume::bounded(16);
+
+    // Room for a full window of publishes plus the acks of incoming messages.
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    // Results are small and latency matters: no Nagle delay.
+    eventloop.network_options.set_tcp_nodelay(true);
+    let status = mqtt::status_topic(&config);
+    let tasks = tokio_util::task::TaskTracker::new();
+    let acks_done = CancellationToken::new();
+    let publisher = tasks.spawn(mqtt::publish_loop(
+        client.clone(),
+        outbox_rx,
+        config.broker.inflight as usize,
+        Duration::from_millis(config.outbox.sync_ms),
+        status.clone(),
+        acks_done.clone(),
+    ));
+    let reporter = outbox.reporter();
+
+    let device = config.device_id();
+    let prefix = config.prefix();
+    let stop_health = shutdown.child_token();
+    tasks.spawn(health_loop(
+        Arc::clone(&telemetry),
+        outbox.clone(),
+        format!("{prefix}/health"),
+        device.clone(),
+        Duration::from_secs(config.health.interval_s),
+        config.health.thermal_dir.clone(),
+        stop_health.clone(),
+    ));
+    tasks.spawn(command_loop(
+        cmd_rx,
+        outbox.clone(),
+        prefix.clone(),
+        device.clone(),
+        Arc::clone(&telemetry),
+        config.health.thermal_dir.clone(),
+    ));
+    drop(outbox);
+
+    let router = Router {
+        pipelines,
+        commands: Some((
+            TopicFilter::parse(&cmd_filter).map_err(RunError::Mqtt)?,
+            cmd_tx,
+        )),
+    };
+    let ctx = ConnectionContext {
+        subscriptions,
+        status_topic: status,
+        backoff: Backoff::new(
+            Duration::from_millis(config.broker.reconnect_initial_ms),
+            Duration::from_millis(config.broker.reconnect_max_ms),
+        ),
+        stats: Arc::clone(&telemetry.broker),
+        tracker,
+        on_connect: Box::new(|| {}),
+        reporter: Some(reporter),
+        acks_done,
+    };
+    let driver = tokio::spawn(mqtt::drive(
+        eventloop,
+        client,
+        router,
+        ctx,
+        shutdown.clone(),
+    ));
+    systemd::notify_ready();
+    tracing::info!(device = %device, pipelines = config.pipelines.len(), broker = %config.broker.url, "Started");
+
+    shutdown.cancelled().await;
+    systemd::notify_stopping();
+    tracing::info!("Shutting down");
+    stop_health.cancel();
+    tasks.close();
+    let (abort_driver, abort_publisher) = (driver.abort_handle(), publisher.abort_handle());
+    let drained = async {
+        // Workers end once the poll loop drops the router (their only senders).
+        for t in threads {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        let _ = publisher.await;
+        let _ = driver.await;
+        tasks.wait().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+        // The connection goes too (the broker publishes the Last Will): left
+        // running, it would fight the next run (a reload) for the client id.
+        abort_driver.abort();
+        abort_publisher.abort();
+        tracing::warn!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            "Shutdown grace period over; queued work abandoned (unacknowledged results stay in the outbox)"
+        );
+    }
+    tracing::info!("Stopped");
+    Ok(())
+}
+
+/// The outbox's spool: on disk in `outbox.dir` (or the systemd state
+/// directory), else in memory.
+fn open_spool(config: &Config, telemetry: &Telemetry) -> Result<mqtt::spool::Spool, String> {
+    let limits = mqtt::spool::SpoolLimits {
+        max_bytes: config.outbox.max_mb << 20,
+        ttl_ms: config.outbox.ttl_s.saturating_mul(1000),
+    };
+    let stats = Arc::clone(&telemetry.outbox);
+    match config.outbox.effective_dir(&config.base_dir) {
+        Some(dir) => {
+            let spool = mqtt::spool::Spool::open(&dir, limits, stats)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            telemetry
+                .outbox
+                .persistent
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(dir = %dir.display(), waiting = telemetry.outbox.queued_messages.load(std::sync::atomic::Ordering::Relaxed), "Outbox opened");
+            Ok(spool)
+        }
+        None => Ok(mqtt::spool::Spool::in_memory(limits, stats)),
+    }
+}
+
+/// The largest packet MQTT 3.1.1 can frame (a 4-byte remaining length).
+const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+
+/// What the broker takes, from the config.
+pub fn publish_limits(config: &Config) -> mqtt::PublishLimits {
+    mqtt::PublishLimits {
+        max_topic_bytes: config.broker.max_topic_bytes,
+        max_topic_levels: config.broker.max_topic_levels,
+        max_packet_bytes: config.broker.max_packet_bytes,
+    }
+}
+
+/// The memory budget in force: `limits.memory_mb`, lowered to 80 % of the
+/// cgroup's limit when that is tighter (a unit's MemoryHigh=/MemoryMax=
+/// below the budget would throttle or kill the daemon before its own
+/// limits act).
+pub fn memory_budget(configured: u64, cgroup_limit: Option<u64>) -> u64 {
+    match cgroup_limit {
+        Some(limit) if limit / 5 * 4 < configured => limit / 5 * 4,
+        _ => configured,
+    }
+}
+
+/// Splits what the memory budget leaves after start-up (models loaded)
+/// into thirds: the input queues, an in-memory outbox, and decoding camera
+/// frames (shared by the decode threads). Returns the input queues' share.
+fn apply_memory_budget(
+    config: &Config,
+    telemetry: &Telemetry,
+    outbox: &mqtt::OutboxReceiver,
+) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let configured = config.limits.memory_mb << 20;
+    let cgroup = health::cgroup_memory_limit();
+    let budget = memory_budget(configured, cgroup);
+    if budget < configured {
+        tracing::warn!(
+            memory_mb = config.limits.memory_mb,
+            cgroup_limit_mib = cgroup.unwrap_or(0) >> 20,
+            budget_mib = budget >> 20,
+            "limits.memory_mb is above the service's memory limit; using 80 % of that limit"
+        );
+    }
+    let rss = health::rss_bytes().unwrap_or(0);
+    let left = budget.saturating_sub(rss);
+    if left < budget / 4 {
+        tracing::warn!(
+            budget_mib = budget >> 20,
+            rss_mib = rss >> 20,
+            "limits.memory_mb leaves little room for queues after start-up"
+        );
+    }
+    // A floor, so that a budget set too low still lets input through.
+    let share = (left / 3).max(4 << 20);
+    telemetry.input_budget.set_cap(share);
+    telemetry.memory_budget.store(budget, Relaxed);
+    telemetry.cgroup_limit.store(cgroup.unwrap_or(0), Relaxed);
+    outbox.limit_memory(share);
+    let decoders: usize = config
+        .pipelines
+        .iter()
+        .filter(|p| p.kind == config::PipelineKind::Camera)
+        .map(|p| p.workers)
+        .sum();
+    if decoders > 0 {
+        let per_frame = (share / decoders as u64).max(8 << 20);
+        telemetry.frame_budget.store(per_frame, Relaxed);
+        tracing::info!(
+            frame_mib = per_frame >> 20,
+            decoders,
+            "Camera frames: decoding one may take this much"
+        );
+    }
+    share
+}
+
+/// One subscription per distinct filter, at the highest QoS any pipeline
+/// using it asks for (the broker delivers at the subscription's QoS, so the
+/// first pipeline's lower QoS must not win).
+fn subscriptions<'a>(filters: impl IntoIterator<Item = (&'a str, QoS)>) -> Vec<(String, QoS)> {
+    let mut subs: Vec<(String, QoS)> = Vec::new();
+    for (filter, wanted) in filters {
+        match subs.iter_mut().find(|(s, _)| s == filter) {
+            Some((_, qos)) if wanted as u8 > *qos as u8 => *qos = wanted,
+            Some(_) => {}
+            None => subs.push((filter.to_owned(), wanted)),
+        }
+    }
+    subs
+}
+
+/// Loads every model and starts each pipeline's workers. Model loading is
+/// blocking work (milliseconds to seconds): it runs on the blocking pool, so
+/// `run` works on any tokio runtime, current-thread included.
+async fn start_pipelines(config: &Config, outbox: &Outbox, telemetry: &Arc<Telemetry>) -> Started {
+    let (config, outbox, telemetry) = (config.clone(), outbox.clone(), Arc::clone(telemetry));
+    tokio::task::spawn_blocking(move || {
+        let mut registry = Registry::default();
+        let mut started = Started::default();
+        for p in &config.pipelines {
+            let stats = telemetry.pipeline(&p.name);
+            let result = registry
+                .get_or_load(&config.model_path(p))
+                .map_err(|e| e.to_string())
+                .and_then(|model| {
+                    tracing::info!(pipeline = %p.name, model = %model.name, sha256 = %model.sha256, load_ms = model.load_ms, "Model loaded");
+                    let spec = pipeline::PipelineSpec::new(&config, p, model)?;
+                    let route = Arc::new(mqtt::Route::new(&config, p)?);
+                    let sink = Arc::new(mqtt::PipelineSink {
+                        route: Arc::clone(&route),
+                        errors_topic: format!("{}/errors", config.prefix()),
+                        outbox: outbox.clone(),
+                    });
+                    let (handle, threads) =
+                        pipeline::start(spec, p.queue, p.workers, sink, &telemetry)?;
+                    Ok((route, handle, threads))
+                });
+            match result {
+                Ok((route, handle, threads)) => {
+                    let inlet: Arc<dyn flow::Inlet> = Arc::new(handle);
+                    started.0.push((route, inlet));
+                    started.1.extend(threads);
+                }
+                Err(e) => {
+                    tracing::error!(pipeline = %p.name, error = %e, "Pipeline disabled");
+                    *stats.failed.lock().expect("stats lock") = Some(e);
+                }
+            }
+        }
+        started
+    })
+    .await
+    .expect("pipeline start-up does not panic: model panics are caught")
+}
+
+/// Running pipelines and their worker threads.
+#[derive(Default)]
+struct Started(
+    Vec<(Arc<mqtt::Route>, Arc<dyn flow::Inlet>)>,
+    Vec<std::thread::JoinHandle<()>>,
+);
+
+async fn health_loop(
+    telemetry: Arc<Telemetry>,
+    outbox: Outbox,
+    topic: String,
+    device: String,
+    every: Duration,
+    thermal_dir: std::path::PathBuf,
+    stop: CancellationToken,
+) {
+    let mut sampler = SystemSampler::new(&thermal_dir);
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticker.tick() => {
+                let snapshot = telemetry.snapshot(&device, &mut sampler);
+                let budget = telemetry.memory_budget.load(std::sync::atomic::Ordering::Relaxed);
+                if budget > 0 && snapshot.memory.rss_bytes > budget {
+                    tracing::warn!(rss_mib = snapshot.memory.rss_bytes >> 20, budget_mib = budget >> 20, "Process memory over limits.memory_mb");
+                }
+                let payload = serde_json::to_vec(&snapshot).expect("health serializes");
+                let _ = outbox.offer(Outgoing { topic: topic.clone(), payload, qos: QoS::AtMostOnce, retain: false });
+            }
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                systemd::notify_watchdog();
+            }
+        }
+    }
+}
+
+/// Remote commands on `{prefix}/cmd/NAME`; the reply goes to
+/// `{prefix}/cmd/NAME/reply`. `ping` and `health` are understood.
+async fn command_loop(
+    rx: flume::Receiver<(String, bytes::Bytes)>,
+    outbox: Outbox,
+    prefix: String,
+    device: String,
+    telemetry: Arc<Telemetry>,
+    thermal_dir: std::path::PathBuf,
+) {
+    let mut sampler = SystemSampler::new(&thermal_dir);
+    while let Ok((name, _payload)) = rx.recv_async().await {
+        let reply = match name.as_str() {
+            "ping" => serde_json::json!({"ok": true, "device": device, "ts": flow::unix_ms()}),
+            "health" => {
+                serde_json::json!({"ok": true, "health": telemetry.snapshot(&device, &mut sampler)})
+            }
+            other => {
+                serde_json::json!({"ok": false, "error": format!("unknown command {other:?}; known: ping, health")})
+            }
+        };
+        let _ = outbox.offer(Outgoing {
+            topic: format!("{prefix}/cmd/{name}/reply"),
+            payload: reply.to_string().into_bytes(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tighter_cgroup_limit_lowers_the_budget() {
+        assert_eq!(memory_budget(128 << 20, None), 128 << 20);
+        assert_eq!(memory_budget(128 << 20, Some(192 << 20)), 128 << 20);
+        // 256 MiB configured under a 192 MiB MemoryMax: 80 % of 192.
+        assert_eq!(
+            memory_budget(256 << 20, Some(192 << 20)),
+            (192 << 20) / 5 * 4
+        );
+    }
+
+    #[test]
+    fn shared_filters_subscribe_once_at_the_highest_qos() {
+        let subs = subscriptions([
+            ("a/+", QoS::AtMostOnce),
+            ("b/#", QoS::AtLeastOnce),
+            ("a/+", QoS::AtLeastOnce),
+            ("b/#", QoS::AtMostOnce),
+        ]);
+        assert_eq!(
+            subs,
+            vec![
+                ("a/+".to_string(), QoS::AtLeastOnce),
+                ("b/#".to_string(), QoS::AtLeastOnce)
+            ]
+        );
+    }
+}
