@@ -198,10 +198,10 @@ pub async fn drive(
     let mut connected_once = false;
     let manual_acks = eventloop.mqtt_options.manual_acks();
     let generation = Arc::new(AtomicU64::new(0));
-    // Unbounded but not growing without bound: one entry per QoS 1 input
-    // the broker sent and the pipelines hold, and the broker sends no more
-    // than its in-flight window (mosquitto: 20) unacknowledged.
-    let (ack_tx, ack_rx) = flume::unbounded();
+    // One entry per QoS 1 input the pipelines hold. MQTT's packet ids bound
+    // the unacknowledged messages a broker can have sent to 65,535 (and
+    // brokers send far fewer: mosquitto 20), so this never fills.
+    let (ack_tx, ack_rx) = flume::bounded(u16::MAX as usize);
     let mut ack_tx = Some(ack_tx);
     let acker = tokio::spawn(ack_loop(
         client.clone(),
@@ -231,7 +231,10 @@ pub async fn drive(
                 let token = match &ack_tx {
                     Some(ack_tx) if manual_acks && p.qos != QoS::AtMostOnce => {
                         let (tx, rx) = tokio::sync::oneshot::channel();
-                        let _ = ack_tx.send(PendingAck {
+                        // Never waits (see the capacity above); were it
+                        // full, the input would go unacknowledged and come
+                        // again on the next connection.
+                        let _ = ack_tx.try_send(PendingAck {
                             pkid: p.pkid,
                             qos: p.qos,
                             generation: generation.load(Ordering::Relaxed),

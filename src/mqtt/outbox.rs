@@ -516,9 +516,17 @@ impl OutboxReceiver {
         }
     }
 
+    /// Syncs the spool: what to write is taken under the lock, the fsyncs,
+    /// the commit file and removing delivered segments happen without it,
+    /// so workers appending and the poll loop acknowledging never wait on
+    /// the disk.
     fn sync(&self) {
-        if let Err(e) = self.shared.lock().spool.sync() {
-            tracing::error!(error = %e, "Cannot sync the outbox to disk");
+        let job = self.shared.lock().spool.sync_job();
+        if let Some(job) = job {
+            if let Err(e) = job.run() {
+                self.shared.lock().spool.sync_failed();
+                tracing::error!(error = %e, "Cannot sync the outbox to disk");
+            }
         }
     }
 

@@ -115,6 +115,11 @@ pub struct Spool {
     commit: Pos,
     commit_seq: u64,
     persisted_commit: u64,
+    /// Segments written since the last sync that are no longer the last
+    /// one (a rotation): their data still needs an fsync.
+    unsynced: Vec<File>,
+    /// Delivered or dropped segment files, removed by the next sync.
+    to_remove: Vec<PathBuf>,
     /// Records handed out and not yet committed, in order.
     inflight: VecDeque<Inflight>,
     bytes: u64,
@@ -223,6 +228,8 @@ impl Spool {
             },
             commit_seq: 0,
             persisted_commit: 0,
+            unsynced: Vec::new(),
+            to_remove: Vec::new(),
             inflight: VecDeque::new(),
             bytes: 0,
             dirty: false,
@@ -328,6 +335,16 @@ impl Spool {
     }
 
     fn start_segment(&mut self) -> io::Result<()> {
+        if self.dirty {
+            // The segment being left still has unsynced records.
+            if let Some(Segment {
+                store: Store::File { file, .. },
+                ..
+            }) = self.segments.back()
+            {
+                self.unsynced.push(file.try_clone()?);
+            }
+        }
         let first_seq = self.next_seq;
         let store = match &self.dir {
             Some(dir) => {
@@ -441,8 +458,8 @@ impl Spool {
             .commit_seq
             .max(next.saturating_sub(1))
             .min(self.next_seq - 1);
-        if let Store::File { path, .. } = &seg.store {
-            std::fs::remove_file(path)?;
+        if let Store::File { path, .. } = seg.store {
+            self.to_remove.push(path);
         }
         tracing::warn!(dropped = lost, "Outbox full: dropped its oldest segment");
         Ok(())
@@ -582,10 +599,8 @@ impl Spool {
             {
                 let seg = self.segments.pop_front().expect("checked");
                 self.bytes -= seg.len;
-                if let Store::File { path, .. } = &seg.store {
-                    if let Err(e) = std::fs::remove_file(path) {
-                        tracing::warn!(path = %path.display(), error = %e, "Outbox: cannot remove a delivered segment");
-                    }
+                if let Store::File { path, .. } = seg.store {
+                    self.to_remove.push(path);
                 }
             }
             self.update_bytes();
@@ -637,30 +652,55 @@ impl Spool {
         self.inflight.len()
     }
 
-    /// Makes appended records and the commit point durable: fsync of the
-    /// segment being written, then the commit file (written aside and
-    /// renamed). A no-op in memory.
+    /// Makes appended records and the commit point durable, and removes
+    /// delivered segments: [`Spool::sync_job`] and [`SyncJob::run`] at once.
     pub fn sync(&mut self) -> io::Result<()> {
-        let Some(dir) = &self.dir else { return Ok(()) };
+        match self.sync_job() {
+            Some(job) => job.run().inspect_err(|_| self.sync_failed()),
+            None => Ok(()),
+        }
+    }
+
+    /// The disk work a sync needs — fsync of the segments written since the
+    /// last one, the commit file (written aside and renamed), removal of
+    /// delivered segments — taken out of the spool so that it can run
+    /// without the outbox's lock. `None` in memory or when nothing changed.
+    pub fn sync_job(&mut self) -> Option<SyncJob> {
+        let dir = self.dir.clone()?;
+        let mut files = std::mem::take(&mut self.unsynced);
         if self.dirty {
             if let Some(Segment {
                 store: Store::File { file, .. },
                 ..
             }) = self.segments.back()
             {
-                file.sync_data()?;
+                match file.try_clone() {
+                    Ok(f) => files.push(f),
+                    Err(e) => tracing::error!(error = %e, "Outbox: cannot sync the segment"),
+                }
             }
             self.dirty = false;
         }
-        if self.commit_seq != self.persisted_commit {
-            let tmp = dir.join("commit.tmp");
-            let mut f = File::create(&tmp)?;
-            writeln!(f, "{}", self.commit_seq)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, dir.join("commit"))?;
+        let commit = (self.commit_seq != self.persisted_commit).then(|| {
             self.persisted_commit = self.commit_seq;
+            self.commit_seq
+        });
+        let remove = std::mem::take(&mut self.to_remove);
+        if files.is_empty() && commit.is_none() && remove.is_empty() {
+            return None;
         }
-        Ok(())
+        Some(SyncJob {
+            dir,
+            files,
+            commit,
+            remove,
+        })
+    }
+
+    /// A [`SyncJob`] failed: the next one writes everything again.
+    pub fn sync_failed(&mut self) {
+        self.dirty = true;
+        self.persisted_commit = u64::MAX;
     }
 
     fn update_bytes(&self) {
@@ -673,6 +713,38 @@ impl Spool {
         self.stats
             .queued_bytes
             .store(self.bytes.saturating_sub(before_commit), Ordering::Relaxed);
+    }
+}
+
+/// Disk work of one sync, done outside the outbox's lock (see
+/// [`Spool::sync_job`]). Only the publisher runs these, one at a time.
+pub struct SyncJob {
+    dir: PathBuf,
+    files: Vec<File>,
+    commit: Option<u64>,
+    remove: Vec<PathBuf>,
+}
+
+impl SyncJob {
+    pub fn run(self) -> io::Result<()> {
+        for f in &self.files {
+            f.sync_data()?;
+        }
+        if let Some(seq) = self.commit {
+            let tmp = self.dir.join("commit.tmp");
+            let mut f = File::create(&tmp)?;
+            writeln!(f, "{seq}")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, self.dir.join("commit"))?;
+        }
+        // After the commit point is durable: these hold only delivered
+        // (or deliberately dropped) records.
+        for path in &self.remove {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "Outbox: cannot remove a delivered segment");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -723,6 +795,47 @@ mod tests {
             s.ack(r.seq);
         }
         out
+    }
+
+    #[test]
+    fn delivered_segments_go_with_the_sync_not_with_the_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".seg")
+                })
+                .count()
+        };
+        let small = SpoolLimits {
+            max_bytes: 128 << 10,
+            ttl_ms: 0,
+        };
+        let mut s = Spool::open(dir.path(), small, Arc::default()).unwrap();
+        let big = |i: usize| Outgoing {
+            payload: vec![b'x'; 4000],
+            ..msg(i)
+        };
+        // 16 KiB segments: 20 records of 4 KB fill five or more.
+        for i in 0..20 {
+            s.append(&big(i), 0).unwrap();
+        }
+        let written = segments();
+        assert!(written >= 5, "{written} segments");
+        // The job takes the rotated segments' data along, not just the last.
+        let job = s.sync_job().unwrap();
+        assert_eq!(job.files.len(), written);
+        job.run().unwrap();
+        assert_eq!(drain(&mut s).len(), 20);
+        assert_eq!(segments(), written, "acknowledging touches no file");
+        s.sync().unwrap();
+        assert_eq!(segments(), 1, "the sync removed the delivered segments");
+        assert!(s.sync_job().is_none(), "nothing left to do");
     }
 
     #[test]
