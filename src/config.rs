@@ -393,6 +393,19 @@ pub struct Problem {
     pub message: String,
 }
 
+/// Problems collected while validating, each with its key.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn bad(&mut self, key: &str, message: String) {
+        self.0.push(Problem {
+            key: key.into(),
+            message,
+        });
+    }
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.key, self.message)
@@ -476,29 +489,34 @@ impl Config {
     /// Checks everything that can be checked without loading models or
     /// touching the network, and returns every problem found.
     pub fn validate(&self) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        let mut bad = |key: &str, message: String| {
-            problems.push(Problem {
-                key: key.into(),
-                message,
-            })
-        };
+        let mut out = Problems::default();
+        self.check_device_and_broker(&mut out);
+        self.check_credentials(&mut out);
+        self.check_tls(&mut out);
+        self.check_limits(&mut out);
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.pipelines.iter().enumerate() {
+            self.check_pipeline(i, p, &mut names, &mut out);
+        }
+        out.0
+    }
 
+    fn check_device_and_broker(&self, out: &mut Problems) {
         let device = self.device_id();
         if device.is_empty() || device.contains(['+', '#', '/']) {
-            bad(
+            out.bad(
                 "device.id",
                 format!("{device:?} must be non-empty and free of '/', '+' and '#'"),
             );
         }
         if let Err(e) = BrokerAddress::parse(&self.broker.url) {
-            bad("broker.url", e);
+            out.bad("broker.url", e);
         }
         if self.broker.keep_alive_s < 5 {
-            bad("broker.keep_alive_s", "must be at least 5 seconds".into());
+            out.bad("broker.keep_alive_s", "must be at least 5 seconds".into());
         }
         if self.broker.max_packet_bytes < 1024 || self.broker.max_packet_bytes > 256 * 1024 * 1024 {
-            bad(
+            out.bad(
                 "broker.max_packet_bytes",
                 "must be between 1024 and 268435456".into(),
             );
@@ -506,50 +524,56 @@ impl Config {
         if self.broker.reconnect_initial_ms == 0
             || self.broker.reconnect_initial_ms > self.broker.reconnect_max_ms
         {
-            bad(
+            out.bad(
                 "broker.reconnect_initial_ms",
                 "must be above 0 and at most broker.reconnect_max_ms".into(),
             );
         }
         if self.broker.inflight == 0 || self.broker.inflight > 60_000 {
-            bad("broker.inflight", "must be between 1 and 60000".into());
+            out.bad("broker.inflight", "must be between 1 and 60000".into());
         }
         if self.broker.max_topic_bytes == 0
             || self.broker.max_topic_bytes > crate::topic::MAX_TOPIC_BYTES
         {
-            bad(
+            out.bad(
                 "broker.max_topic_bytes",
                 "must be between 1 and 65535 (MQTT's limit)".into(),
             );
         }
         if self.broker.max_topic_levels == 0 {
-            bad("broker.max_topic_levels", "must be at least 1".into());
+            out.bad("broker.max_topic_levels", "must be at least 1".into());
         }
+    }
+
+    fn check_credentials(&self, out: &mut Problems) {
         if let Some(file) = &self.broker.password_file {
             if self.broker.username.is_none() {
-                bad("broker.password_file", "needs broker.username".into());
+                out.bad("broker.password_file", "needs broker.username".into());
             }
             if let Err(e) = std::fs::metadata(self.base_dir.join(file)) {
-                bad("broker.password_file", format!("{}: {e}", file.display()));
+                out.bad("broker.password_file", format!("{}: {e}", file.display()));
             }
         }
         if let Some(name) = &self.broker.password_credential {
             if self.broker.username.is_none() {
-                bad("broker.password_credential", "needs broker.username".into());
+                out.bad("broker.password_credential", "needs broker.username".into());
             }
             if self.broker.password_file.is_some() {
-                bad(
+                out.bad(
                     "broker.password_credential",
                     "give password_file or password_credential, not both".into(),
                 );
             }
             if name.is_empty() || name.contains('/') {
-                bad(
+                out.bad(
                     "broker.password_credential",
                     format!("{name:?} is not a credential name"),
                 );
             }
         }
+    }
+
+    fn check_tls(&self, out: &mut Problems) {
         let tls = self.broker.url.starts_with("mqtts://");
         for (key, file) in [
             ("broker.ca_file", &self.broker.ca_file),
@@ -558,40 +582,44 @@ impl Config {
         ] {
             if let Some(file) = file {
                 if !tls {
-                    bad(key, "only used with an mqtts:// broker.url".into());
+                    out.bad(key, "only used with an mqtts:// broker.url".into());
                 } else if let Err(e) = std::fs::metadata(self.base_dir.join(file)) {
-                    bad(key, format!("{}: {e}", file.display()));
+                    out.bad(key, format!("{}: {e}", file.display()));
                 }
             }
         }
         if self.broker.cert_file.is_some() != self.broker.key_file.is_some() {
-            bad(
+            out.bad(
                 "broker.cert_file",
                 "mutual TLS needs both cert_file and key_file".into(),
             );
         }
+    }
+
+    /// Topics, health, limits, outbox, and that there is a pipeline.
+    fn check_limits(&self, out: &mut Problems) {
         if let Err(e) = crate::topic::check_template(&self.topics.prefix, 0) {
-            bad("topics.prefix", e);
+            out.bad("topics.prefix", e);
         }
         if self.health.interval_s == 0 {
-            bad("health.interval_s", "must be at least 1".into());
+            out.bad("health.interval_s", "must be at least 1".into());
         }
         if self.limits.max_payload_bytes == 0
             || self.limits.max_payload_bytes > self.broker.max_packet_bytes
         {
-            bad(
+            out.bad(
                 "limits.max_payload_bytes",
                 "must be above 0 and at most broker.max_packet_bytes".into(),
             );
         }
         if self.limits.max_sources == 0 {
-            bad("limits.max_sources", "must be at least 1".into());
+            out.bad("limits.max_sources", "must be at least 1".into());
         }
         if self.limits.outbox_capacity == 0 {
-            bad("limits.outbox_capacity", "must be at least 1".into());
+            out.bad("limits.outbox_capacity", "must be at least 1".into());
         }
         if self.limits.memory_mb < 32 {
-            bad(
+            out.bad(
                 "limits.memory_mb",
                 format!(
                     "{} MiB is below what the daemon itself needs (32 at least)",
@@ -600,125 +628,131 @@ impl Config {
             );
         }
         if self.outbox.max_mb == 0 {
-            bad("outbox.max_mb", "must be at least 1".into());
+            out.bad("outbox.max_mb", "must be at least 1".into());
         }
         if self.outbox.sync_ms == 0 {
-            bad("outbox.sync_ms", "must be at least 1".into());
+            out.bad("outbox.sync_ms", "must be at least 1".into());
         }
         if self.pipelines.is_empty() {
-            bad("pipeline", "no [[pipeline]] is configured".into());
+            out.bad("pipeline", "no [[pipeline]] is configured".into());
         }
+    }
 
-        let mut names = std::collections::HashSet::new();
-        for (i, p) in self.pipelines.iter().enumerate() {
-            let key = |k: &str| format!("pipeline[{i}].{k}");
-            if p.name.is_empty() || p.name.contains(['+', '#', '/']) {
-                bad(
-                    &key("name"),
-                    format!(
-                        "{:?} must be non-empty and free of '/', '+' and '#'",
-                        p.name
-                    ),
-                );
-            } else if !names.insert(p.name.as_str()) {
-                bad(
-                    &key("name"),
-                    format!("{:?} is used by another pipeline", p.name),
-                );
-            }
-            let payload = p.payload();
-            let image_payload = matches!(
-                payload,
-                PayloadFormat::Image | PayloadFormat::Rgb8 | PayloadFormat::Gray8
+    /// One `[[pipeline]]`: names unique, payload fits the kind, filters and
+    /// template, sizes, the model file.
+    fn check_pipeline<'a>(
+        &self,
+        i: usize,
+        p: &'a Pipeline,
+        names: &mut std::collections::HashSet<&'a str>,
+        out: &mut Problems,
+    ) {
+        let key = |k: &str| format!("pipeline[{i}].{k}");
+        if p.name.is_empty() || p.name.contains(['+', '#', '/']) {
+            out.bad(
+                &key("name"),
+                format!(
+                    "{:?} must be non-empty and free of '/', '+' and '#'",
+                    p.name
+                ),
             );
-            match p.kind {
-                PipelineKind::Camera if !image_payload => bad(
-                    &key("payload"),
-                    "a camera pipeline takes \"image\" (JPEG/PNG), \"rgb8\" or \"gray8\"".into(),
+        } else if !names.insert(p.name.as_str()) {
+            out.bad(
+                &key("name"),
+                format!("{:?} is used by another pipeline", p.name),
+            );
+        }
+        let payload = p.payload();
+        let image_payload = matches!(
+            payload,
+            PayloadFormat::Image | PayloadFormat::Rgb8 | PayloadFormat::Gray8
+        );
+        match p.kind {
+            PipelineKind::Camera if !image_payload => out.bad(
+                &key("payload"),
+                "a camera pipeline takes \"image\" (JPEG/PNG), \"rgb8\" or \"gray8\"".into(),
+            ),
+            PipelineKind::Sensor if image_payload => out.bad(
+                &key("payload"),
+                "a sensor pipeline takes \"json\" or \"f32le\"; frames need kind = \"camera\""
+                    .into(),
+            ),
+            _ => {}
+        }
+        if matches!(payload, PayloadFormat::Rgb8 | PayloadFormat::Gray8)
+            && (p.width.unwrap_or(0) == 0 || p.height.unwrap_or(0) == 0)
+        {
+            out.bad(&key("width"), "raw frames need width and height".into());
+        }
+        if p.kind == PipelineKind::Camera
+            && self.broker.max_packet_bytes < self.limits.max_image_bytes.min(1 << 28)
+            && payload == PayloadFormat::Image
+        {
+            out.bad(
+                "broker.max_packet_bytes",
+                format!(
+                    "{} is below limits.max_image_bytes ({}): frames that size would be refused by the MQTT client",
+                    self.broker.max_packet_bytes, self.limits.max_image_bytes
                 ),
-                PipelineKind::Sensor if image_payload => bad(
-                    &key("payload"),
-                    "a sensor pipeline takes \"json\" or \"f32le\"; frames need kind = \"camera\""
-                        .into(),
-                ),
-                _ => {}
-            }
-            if matches!(payload, PayloadFormat::Rgb8 | PayloadFormat::Gray8)
-                && (p.width.unwrap_or(0) == 0 || p.height.unwrap_or(0) == 0)
-            {
-                bad(&key("width"), "raw frames need width and height".into());
-            }
-            if p.kind == PipelineKind::Camera
-                && self.broker.max_packet_bytes < self.limits.max_image_bytes.min(1 << 28)
-                && payload == PayloadFormat::Image
-            {
-                bad(
-                    "broker.max_packet_bytes",
-                    format!(
-                        "{} is below limits.max_image_bytes ({}): frames that size would be refused by the MQTT client",
-                        self.broker.max_packet_bytes, self.limits.max_image_bytes
-                    ),
+            );
+        }
+        if p.kind == PipelineKind::Sensor {
+            let camera_only = [
+                ("snapshot", p.snapshot.is_some()),
+                ("classes", p.classes.is_some()),
+                ("width", p.width.is_some()),
+                ("height", p.height.is_some()),
+            ];
+            for (k, _) in camera_only.iter().filter(|(_, set)| *set) {
+                out.bad(
+                    &key(k),
+                    "a camera setting, not for kind = \"sensor\"".into(),
                 );
-            }
-            if p.kind == PipelineKind::Sensor {
-                let camera_only = [
-                    ("snapshot", p.snapshot.is_some()),
-                    ("classes", p.classes.is_some()),
-                    ("width", p.width.is_some()),
-                    ("height", p.height.is_some()),
-                ];
-                for (k, _) in camera_only.iter().filter(|(_, set)| *set) {
-                    bad(
-                        &key(k),
-                        "a camera setting, not for kind = \"sensor\"".into(),
-                    );
-                }
-            }
-            if p.topics.is_empty() {
-                bad(
-                    &key("topics"),
-                    "needs at least one MQTT topic filter".into(),
-                );
-            }
-            let mut wildcards = usize::MAX;
-            for (j, t) in p.topics.iter().enumerate() {
-                match crate::topic::TopicFilter::parse(t) {
-                    Ok(f) => wildcards = wildcards.min(f.wildcards()),
-                    Err(e) => bad(&format!("pipeline[{i}].topics[{j}]"), e),
-                }
-            }
-            if wildcards == usize::MAX {
-                wildcards = 0;
-            }
-            if let Err(e) = crate::topic::check_template(&p.results_template(), wildcards) {
-                bad(&key("results"), e);
-            }
-            if p.qos > 2 {
-                bad(
-                    &key("qos"),
-                    format!("{} is not an MQTT QoS (0, 1 or 2)", p.qos),
-                );
-            }
-            if p.queue == 0 {
-                bad(&key("queue"), "must be at least 1".into());
-            }
-            if p.workers == 0 || p.workers > 64 {
-                bad(&key("workers"), "must be between 1 and 64".into());
-            }
-            if let Some(w) = p.window {
-                if w.size == Some(0) {
-                    bad(&key("window.size"), "must be at least 1".into());
-                }
-                if w.stride == Some(0) {
-                    bad(&key("window.stride"), "must be at least 1".into());
-                }
-            }
-            let path = self.model_path(p);
-            if !path.is_file() {
-                bad(&key("model"), format!("{}: no such file", path.display()));
             }
         }
-        problems
+        if p.topics.is_empty() {
+            out.bad(
+                &key("topics"),
+                "needs at least one MQTT topic filter".into(),
+            );
+        }
+        let mut wildcards = usize::MAX;
+        for (j, t) in p.topics.iter().enumerate() {
+            match crate::topic::TopicFilter::parse(t) {
+                Ok(f) => wildcards = wildcards.min(f.wildcards()),
+                Err(e) => out.bad(&format!("pipeline[{i}].topics[{j}]"), e),
+            }
+        }
+        if wildcards == usize::MAX {
+            wildcards = 0;
+        }
+        if let Err(e) = crate::topic::check_template(&p.results_template(), wildcards) {
+            out.bad(&key("results"), e);
+        }
+        if p.qos > 2 {
+            out.bad(
+                &key("qos"),
+                format!("{} is not an MQTT QoS (0, 1 or 2)", p.qos),
+            );
+        }
+        if p.queue == 0 {
+            out.bad(&key("queue"), "must be at least 1".into());
+        }
+        if p.workers == 0 || p.workers > 64 {
+            out.bad(&key("workers"), "must be between 1 and 64".into());
+        }
+        if let Some(w) = p.window {
+            if w.size == Some(0) {
+                out.bad(&key("window.size"), "must be at least 1".into());
+            }
+            if w.stride == Some(0) {
+                out.bad(&key("window.stride"), "must be at least 1".into());
+            }
+        }
+        let path = self.model_path(p);
+        if !path.is_file() {
+            out.bad(&key("model"), format!("{}: no such file", path.display()));
+        }
     }
 }
 
