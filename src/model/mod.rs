@@ -181,71 +181,11 @@ impl Model {
     /// it used as its manifest when present).
     pub fn load(path: &Path) -> Result<Model, ModelError> {
         let started = Instant::now();
-        let stem = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let err = |name: &str, kind| ModelError {
-            model: name.to_owned(),
-            kind,
-        };
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        let (manifest, onnx_path) = match ext {
-            "toml" => {
-                let manifest = Manifest::load(path).map_err(|message| {
-                    err(
-                        &stem,
-                        ModelErrorKind::Manifest {
-                            path: path.to_owned(),
-                            message,
-                        },
-                    )
-                })?;
-                let file = manifest
-                    .file
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from(format!("{stem}.onnx")));
-                let onnx = path.parent().unwrap_or(Path::new(".")).join(file);
-                (manifest, onnx)
-            }
-            "onnx" => {
-                let beside = path.with_extension("toml");
-                let manifest = if beside.is_file() {
-                    Manifest::load(&beside).map_err(|message| {
-                        err(
-                            &stem,
-                            ModelErrorKind::Manifest {
-                                path: beside.clone(),
-                                message,
-                            },
-                        )
-                    })?
-                } else {
-                    Manifest::default()
-                };
-                (manifest, path.to_owned())
-            }
-            _ => {
-                return Err(err(
-                    &stem,
-                    ModelErrorKind::UnknownFormat {
-                        path: path.to_owned(),
-                    },
-                ))
-            }
-        };
-        let name = manifest.name.clone().unwrap_or(stem);
+        let (manifest, onnx_path, name) = locate(path)?;
         let err = |kind| ModelError {
             model: name.clone(),
             kind,
         };
-        let problems = manifest.problems();
-        if !problems.is_empty() {
-            return Err(err(ModelErrorKind::Manifest {
-                path: path.to_owned(),
-                message: problems.join("; "),
-            }));
-        }
 
         let bytes = std::fs::read(&onnx_path).map_err(|source| {
             err(ModelErrorKind::Read {
@@ -308,61 +248,8 @@ impl Model {
                 .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?,
         )
         .map_err(err)?;
-        let bad_manifest = |message: String| {
-            err(ModelErrorKind::Manifest {
-                path: path.to_owned(),
-                message,
-            })
-        };
-        let mut state_io = Vec::new();
-        for st in &manifest.state {
-            let i = inputs.iter().position(|t| t.name == st.input);
-            let o = outputs.iter().position(|t| t.name == st.output);
-            let (Some(i), Some(o)) = (i, o) else {
-                return Err(bad_manifest(format!(
-                    "state {:?} -> {:?}: the graph has no such input or output",
-                    st.output, st.input
-                )));
-            };
-            if inputs[i].shape != outputs[o].shape {
-                return Err(bad_manifest(format!(
-                    "state output {} and input {} differ in shape",
-                    outputs[o], inputs[i]
-                )));
-            }
-            state_io.push((i, o));
-        }
-        let is_state_input = |i: usize| state_io.iter().any(|(si, _)| *si == i);
-        let data_input = match &manifest.input.name {
-            Some(name) => inputs
-                .iter()
-                .position(|t| &t.name == name)
-                .filter(|i| !is_state_input(*i))
-                .ok_or_else(|| {
-                    bad_manifest(format!(
-                        "input.name {name:?} is not a data input of the graph"
-                    ))
-                })?,
-            None => {
-                let data: Vec<usize> = (0..inputs.len()).filter(|i| !is_state_input(*i)).collect();
-                match data.as_slice() {
-                    [one] => *one,
-                    [] => {
-                        return Err(err(ModelErrorKind::Unsupported(
-                            "the graph has no input to feed".into(),
-                        )))
-                    }
-                    _ => {
-                        return Err(err(ModelErrorKind::Unsupported(format!(
-                            "{} inputs not declared as [[state]] ({}); edgeinfer feeds one data input: \
-                             name it with input.name and declare recurrent ones as [[state]]",
-                            data.len(),
-                            data.iter().map(|i| inputs[*i].name.as_str()).collect::<Vec<_>>().join(", ")
-                        ))))
-                    }
-                }
-            }
-        };
+        let (state_io, data_input) =
+            bind_inputs(&manifest, &inputs, &outputs, path).map_err(err)?;
         let input_outlets = model
             .input_outlets()
             .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?;
@@ -401,51 +288,8 @@ impl Model {
                 ),
             }));
         }
-        let output_index = match &manifest.output.name {
-            Some(n) => outputs.iter().position(|o| &o.name == n).ok_or_else(|| {
-                err(ModelErrorKind::Manifest {
-                    path: path.to_owned(),
-                    message: format!("output.name {n:?} is not an output of the graph"),
-                })
-            })?,
-            None => (0..outputs.len())
-                .find(|o| !state_io.iter().any(|(_, so)| so == o))
-                .unwrap_or(0),
-        };
-        if let Some(name) = &manifest.input.name {
-            if &inputs[data_input].name != name {
-                return Err(err(ModelErrorKind::Manifest {
-                    path: path.to_owned(),
-                    message: format!(
-                        "input.name {name:?}, but the graph's input is {:?}",
-                        inputs[data_input].name
-                    ),
-                }));
-            }
-        }
-        let out = &outputs[output_index];
-        let labels = &manifest.output.labels;
-        if manifest.output.kind == OutputKind::Classification
-            && !labels.is_empty()
-            && labels.len() != out.len()
-        {
-            return Err(err(ModelErrorKind::Manifest {
-                path: path.to_owned(),
-                message: format!("{} labels for output {out}", labels.len()),
-            }));
-        }
-        if manifest.output.kind == OutputKind::Anomaly
-            && manifest.output.score == AnomalyScore::ReconstructionMse
-            && out.len() != inputs[data_input].len()
-        {
-            return Err(err(ModelErrorKind::Manifest {
-                path: path.to_owned(),
-                message: format!(
-                    "score = \"reconstruction_mse\" needs output {out} the size of input {}",
-                    inputs[data_input]
-                ),
-            }));
-        }
+        let output_index =
+            check_output(&manifest, &inputs, &outputs, data_input, &state_io, path).map_err(err)?;
 
         let output_quant = outputs
             .iter()
@@ -529,4 +373,199 @@ impl Registry {
             .or_insert_with(|| Model::load(path).map(Arc::new).map_err(Arc::new))
             .clone()
     }
+}
+
+/// The manifest, the ONNX file and the model's name for a manifest or a
+/// bare `.onnx` path (with a `NAME.toml` beside it used when present); the
+/// manifest's own problems are errors here.
+fn locate(path: &Path) -> Result<(Manifest, PathBuf, String), ModelError> {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let err = |name: &str, kind| ModelError {
+        model: name.to_owned(),
+        kind,
+    };
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let (manifest, onnx_path) = match ext {
+        "toml" => {
+            let manifest = Manifest::load(path).map_err(|message| {
+                err(
+                    &stem,
+                    ModelErrorKind::Manifest {
+                        path: path.to_owned(),
+                        message,
+                    },
+                )
+            })?;
+            let file = manifest
+                .file
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("{stem}.onnx")));
+            let onnx = path.parent().unwrap_or(Path::new(".")).join(file);
+            (manifest, onnx)
+        }
+        "onnx" => {
+            let beside = path.with_extension("toml");
+            let manifest = if beside.is_file() {
+                Manifest::load(&beside).map_err(|message| {
+                    err(
+                        &stem,
+                        ModelErrorKind::Manifest {
+                            path: beside.clone(),
+                            message,
+                        },
+                    )
+                })?
+            } else {
+                Manifest::default()
+            };
+            (manifest, path.to_owned())
+        }
+        _ => {
+            return Err(err(
+                &stem,
+                ModelErrorKind::UnknownFormat {
+                    path: path.to_owned(),
+                },
+            ))
+        }
+    };
+    let name = manifest.name.clone().unwrap_or(stem);
+    let problems = manifest.problems();
+    if !problems.is_empty() {
+        return Err(ModelError {
+            model: name,
+            kind: ModelErrorKind::Manifest {
+                path: path.to_owned(),
+                message: problems.join("; "),
+            },
+        });
+    }
+    Ok((manifest, onnx_path, name))
+}
+
+/// Which inputs and outputs are recurrent state (`[[state]]` pairs) and
+/// which input is the data input.
+fn bind_inputs(
+    manifest: &Manifest,
+    inputs: &[TensorInfo],
+    outputs: &[TensorInfo],
+    path: &Path,
+) -> Result<(Vec<(usize, usize)>, usize), ModelErrorKind> {
+    let bad_manifest = |message: String| ModelErrorKind::Manifest {
+        path: path.to_owned(),
+        message,
+    };
+    let mut state_io = Vec::new();
+    for st in &manifest.state {
+        let i = inputs.iter().position(|t| t.name == st.input);
+        let o = outputs.iter().position(|t| t.name == st.output);
+        let (Some(i), Some(o)) = (i, o) else {
+            return Err(bad_manifest(format!(
+                "state {:?} -> {:?}: the graph has no such input or output",
+                st.output, st.input
+            )));
+        };
+        if inputs[i].shape != outputs[o].shape {
+            return Err(bad_manifest(format!(
+                "state output {} and input {} differ in shape",
+                outputs[o], inputs[i]
+            )));
+        }
+        state_io.push((i, o));
+    }
+    let is_state_input = |i: usize| state_io.iter().any(|(si, _)| *si == i);
+    let data_input = match &manifest.input.name {
+        Some(name) => inputs
+            .iter()
+            .position(|t| &t.name == name)
+            .filter(|i| !is_state_input(*i))
+            .ok_or_else(|| {
+                bad_manifest(format!(
+                    "input.name {name:?} is not a data input of the graph"
+                ))
+            })?,
+        None => {
+            let data: Vec<usize> = (0..inputs.len()).filter(|i| !is_state_input(*i)).collect();
+            match data.as_slice() {
+                [one] => *one,
+                [] => {
+                    return Err(ModelErrorKind::Unsupported(
+                        "the graph has no input to feed".into(),
+                    ))
+                }
+                _ => {
+                    return Err(ModelErrorKind::Unsupported(format!(
+                        "{} inputs not declared as [[state]] ({}); edgeinfer feeds one data input: \
+                         name it with input.name and declare recurrent ones as [[state]]",
+                        data.len(),
+                        data.iter().map(|i| inputs[*i].name.as_str()).collect::<Vec<_>>().join(", ")
+                    )))
+                }
+            }
+        }
+    };
+    Ok((state_io, data_input))
+}
+
+/// The output that carries the answer, checked against the manifest
+/// (labels, reconstruction size) and `input.name`.
+fn check_output(
+    manifest: &Manifest,
+    inputs: &[TensorInfo],
+    outputs: &[TensorInfo],
+    data_input: usize,
+    state_io: &[(usize, usize)],
+    path: &Path,
+) -> Result<usize, ModelErrorKind> {
+    let output_index =
+        match &manifest.output.name {
+            Some(n) => outputs.iter().position(|o| &o.name == n).ok_or_else(|| {
+                ModelErrorKind::Manifest {
+                    path: path.to_owned(),
+                    message: format!("output.name {n:?} is not an output of the graph"),
+                }
+            })?,
+            None => (0..outputs.len())
+                .find(|o| !state_io.iter().any(|(_, so)| so == o))
+                .unwrap_or(0),
+        };
+    if let Some(name) = &manifest.input.name {
+        if &inputs[data_input].name != name {
+            return Err(ModelErrorKind::Manifest {
+                path: path.to_owned(),
+                message: format!(
+                    "input.name {name:?}, but the graph's input is {:?}",
+                    inputs[data_input].name
+                ),
+            });
+        }
+    }
+    let out = &outputs[output_index];
+    let labels = &manifest.output.labels;
+    if manifest.output.kind == OutputKind::Classification
+        && !labels.is_empty()
+        && labels.len() != out.len()
+    {
+        return Err(ModelErrorKind::Manifest {
+            path: path.to_owned(),
+            message: format!("{} labels for output {out}", labels.len()),
+        });
+    }
+    if manifest.output.kind == OutputKind::Anomaly
+        && manifest.output.score == AnomalyScore::ReconstructionMse
+        && out.len() != inputs[data_input].len()
+    {
+        return Err(ModelErrorKind::Manifest {
+            path: path.to_owned(),
+            message: format!(
+                "score = \"reconstruction_mse\" needs output {out} the size of input {}",
+                inputs[data_input]
+            ),
+        });
+    }
+
+    Ok(output_index)
 }
