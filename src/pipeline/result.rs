@@ -5,7 +5,7 @@
 use super::post::Output;
 use crate::flow::{Rejection, Sink, Verdict};
 use crate::health::PipelineStats;
-use crate::model::Model;
+use crate::model::{Model, ModelError, ModelErrorKind};
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,6 +67,15 @@ impl ResultFields<'_> {
             latency_ms: self.latency,
             output: self.output,
         }
+    }
+}
+
+/// What a failed model run is on the errors topic: `internal` when the
+/// engine panicked (a bug, caught), `inference` otherwise.
+pub fn engine_rejection(e: ModelError) -> Rejection {
+    match e.kind {
+        ModelErrorKind::Panic { .. } => Rejection::Internal(e.to_string()),
+        _ => Rejection::Inference(e.to_string()),
     }
 }
 

@@ -186,3 +186,20 @@ fn camera_frames_in_detections_and_snapshots_out_bad_frames_rejected() {
         .1
         .starts_with(&[0xFF, 0xD8]));
 }
+
+#[test]
+fn an_engine_panic_is_internal_and_an_engine_error_is_inference() {
+    use super::result::engine_rejection;
+    use crate::model::{ModelError, ModelErrorKind};
+    let err = |kind| ModelError {
+        model: "m".into(),
+        kind,
+    };
+    let panic = err(ModelErrorKind::Panic {
+        stage: "running",
+        message: "index out of bounds".into(),
+    });
+    assert_eq!(engine_rejection(panic).kind(), "internal");
+    let failed = err(ModelErrorKind::Engine("shape mismatch".into()));
+    assert_eq!(engine_rejection(failed).kind(), "inference");
+}

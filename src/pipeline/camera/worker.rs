@@ -8,7 +8,7 @@ use crate::health::ModelStats;
 use crate::model::manifest::Layout;
 use crate::model::Session;
 use crate::pipeline::post::{self, Output, Preprocessor};
-use crate::pipeline::result::{ms, Emitter, LatencyMs, ResultFields};
+use crate::pipeline::result::{engine_rejection, ms, Emitter, LatencyMs, ResultFields};
 use crate::pipeline::spec::{CameraSpec, Kind, PipelineSpec};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,19 +190,24 @@ impl Inferrer {
             Some(d) => self
                 .session
                 .run_all(tensor)
-                .map_err(|e| e.to_string())
-                .and_then(|outs| d.detect(&outs, &cam.input, &placement))
+                .map_err(engine_rejection)
+                .and_then(|outs| {
+                    d.detect(&outs, &cam.input, &placement)
+                        .map_err(Rejection::Inference)
+                })
                 .map(|detections| Output::Detection { detections }),
             None => self
                 .session
                 .run(tensor)
-                .map_err(|e| e.to_string())
-                .and_then(|out| post::postprocess(&spec.model, out, &[])),
+                .map_err(engine_rejection)
+                .and_then(|out| {
+                    post::postprocess(&spec.model, out, &[]).map_err(Rejection::Inference)
+                }),
         };
         let t2 = Instant::now();
         let output = match output {
             Ok(o) => o,
-            Err(reason) => return self.emit.reject(&msg.source, Rejection::Inference(reason)),
+            Err(rejection) => return self.emit.reject(&msg.source, rejection),
         };
         if !self.seqs.contains_key(&msg.source) && self.seqs.len() >= spec.max_sources {
             self.seqs.clear();

@@ -6,7 +6,7 @@ use crate::flow::{unix_ms, Input, Rejection};
 use crate::health::ModelStats;
 use crate::model::Session;
 use crate::pipeline::post::{self, Preprocessor};
-use crate::pipeline::result::{ms, Emitter, LatencyMs, ResultFields};
+use crate::pipeline::result::{engine_rejection, ms, Emitter, LatencyMs, ResultFields};
 use crate::pipeline::spec::{PipelineSpec, SensorPayload, SensorSpec};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -148,12 +148,13 @@ impl SensorWorker {
         let out = self.session.run_with_state(tensor, state);
         let t2 = Instant::now();
         let output = match out {
-            Ok(out) => post::postprocess(&self.spec.model, out, &self.normalised),
-            Err(e) => Err(e.to_string()),
+            Ok(out) => post::postprocess(&self.spec.model, out, &self.normalised)
+                .map_err(Rejection::Inference),
+            Err(e) => Err(engine_rejection(e)),
         };
         let output = match output {
             Ok(o) => o,
-            Err(reason) => return self.emit.reject(source, Rejection::Inference(reason)),
+            Err(rejection) => return self.emit.reject(source, rejection),
         };
         let t3 = Instant::now();
         let json = ResultFields {
