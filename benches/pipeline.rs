@@ -7,7 +7,8 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use edgeinfer::model::Model;
-use edgeinfer::pipeline::post::{postprocess, Preprocessor};
+use edgeinfer::pipeline::post::postprocess;
+use edgeinfer::pipeline::pre::Preprocessor;
 use edgeinfer::pipeline::sensor::{decode_f32le, decode_json, SensorWindow};
 use std::path::Path;
 use std::sync::Arc;

@@ -3,7 +3,8 @@
 //! on held-back real data.
 
 use edgeinfer::model::Model;
-use edgeinfer::pipeline::post::{postprocess, Output, Preprocessor};
+use edgeinfer::pipeline::post::{postprocess, Output};
+use edgeinfer::pipeline::pre::Preprocessor;
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;

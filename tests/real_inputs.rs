@@ -8,7 +8,8 @@
 mod common;
 
 use edgeinfer::model::Model;
-use edgeinfer::pipeline::post::{postprocess, Output, Preprocessor};
+use edgeinfer::pipeline::post::{postprocess, Output};
+use edgeinfer::pipeline::pre::Preprocessor;
 use image::imageops::FilterType;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 use super::OneShotError;
 use crate::health::{peak_rss_bytes, percentile};
 use crate::model::{Model, BACKEND};
-use crate::pipeline::post::Preprocessor;
+use crate::pipeline::pre::Preprocessor;
 use serde::Serialize;
 use std::path::Path;
 use std::sync::Arc;

@@ -3,7 +3,8 @@
 use super::OneShotError;
 use crate::flow::unix_ms;
 use crate::model::Model;
-use crate::pipeline::post::{self, Preprocessor};
+use crate::pipeline::post;
+use crate::pipeline::pre::Preprocessor;
 use crate::pipeline::result::{ms, LatencyMs, ResultFields};
 use crate::pipeline::sensor;
 use std::path::Path;

@@ -6,13 +6,13 @@
 //! errors: a bad model never takes the daemon down.
 
 pub mod manifest;
-pub mod onnx;
-mod plan;
+pub mod graph;
+mod engine;
 mod session;
 
 pub use manifest::{AnomalyScore, Manifest, OutputKind};
-pub use onnx::{GraphFacts, QuantParams};
-use plan::build_plan;
+pub use graph::{GraphFacts, QuantParams};
+use engine::build_plan;
 pub use session::Session;
 
 use sha2::{Digest, Sha256};

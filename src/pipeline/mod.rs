@@ -5,6 +5,7 @@
 
 pub mod camera;
 pub mod post;
+pub mod pre;
 pub mod result;
 mod runner;
 pub mod sensor;

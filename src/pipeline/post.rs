@@ -1,117 +1,8 @@
-//! Preprocessing (raw window → model input) and postprocessing (model output
-//! → result JSON), both driven by the model's manifest.
+//! Postprocessing: the model's output → the result's `output` (top-k
+//! classes with labels, anomaly score, raw values), driven by the manifest.
 
-use crate::model::{AnomalyScore, ElemType, Model, OutputKind};
+use crate::model::{AnomalyScore, Model, OutputKind};
 use serde::Serialize;
-use tract_onnx::prelude::Tensor;
-
-/// Turns a window of raw samples into the model's input tensor:
-/// `(x * scale - mean[c]) / std[c]`, then quantized for int8/uint8 inputs.
-#[derive(Debug, Clone)]
-pub struct Preprocessor {
-    channels: usize,
-    scale: f32,
-    mean: Vec<f32>,
-    inv_std: Vec<f32>,
-    shape: Vec<usize>,
-    quant: Option<(ElemType, f32, i32)>,
-    /// Image models with channel-first input: HWC values are transposed.
-    chw: bool,
-    scratch: Vec<f32>,
-}
-
-impl Preprocessor {
-    /// `channels` values make one sample; the model's input holds
-    /// `len / channels` samples, oldest first.
-    pub fn new(model: &Model, channels: usize) -> Result<Preprocessor, String> {
-        let p = &model.manifest.preprocess;
-        let per_channel =
-            |v: &Option<Vec<f32>>, what: &str, default: f32| -> Result<Vec<f32>, String> {
-                match v.as_deref() {
-                    None => Ok(vec![default; channels]),
-                    Some([one]) => Ok(vec![*one; channels]),
-                    Some(v) if v.len() == channels => Ok(v.to_vec()),
-                    Some(v) => Err(format!(
-                        "preprocess.{what} has {} values for {channels} channels",
-                        v.len()
-                    )),
-                }
-            };
-        let mean = per_channel(&p.mean, "mean", 0.0)?;
-        let inv_std = per_channel(&p.std, "std", 1.0)?
-            .iter()
-            .map(|s| 1.0 / s)
-            .collect();
-        let quant = match (model.input_type, model.input_quant) {
-            (ElemType::F32, _) => None,
-            (t, Some(q)) => Some((t, q.scale, q.zero_point)),
-            (t, None) => {
-                return Err(format!(
-                    "input of type {} without quantization parameters",
-                    t.as_str()
-                ))
-            }
-        };
-        Ok(Preprocessor {
-            channels,
-            scale: p.scale.unwrap_or(1.0),
-            mean,
-            inv_std,
-            shape: model.input().shape.clone(),
-            quant,
-            chw: false,
-            scratch: Vec::new(),
-        })
-    }
-
-    /// Values arrive interleaved (HWC) and the model wants them channel-first.
-    pub fn channel_first(mut self) -> Preprocessor {
-        self.chw = true;
-        self
-    }
-
-    /// Normalises `raw` into `normalised` (kept for reconstruction scores)
-    /// and returns the input tensor.
-    pub fn tensor(&mut self, raw: &[f32], normalised: &mut Vec<f32>) -> Tensor {
-        normalised.clear();
-        normalised.extend(raw.chunks_exact(self.channels).flat_map(|sample| {
-            sample
-                .iter()
-                .enumerate()
-                .map(|(c, x)| (x * self.scale - self.mean[c]) * self.inv_std[c])
-        }));
-        if self.chw {
-            super::camera::to_chw(normalised, self.channels, &mut self.scratch);
-            std::mem::swap(normalised, &mut self.scratch);
-        }
-        let built = match self.quant {
-            None => Tensor::from_shape(&self.shape, normalised),
-            Some((ElemType::I8, s, zp)) => {
-                let q: Vec<i8> = normalised
-                    .iter()
-                    .map(|x| quantize(*x, s, zp, -128, 127) as i8)
-                    .collect();
-                Tensor::from_shape(&self.shape, &q)
-            }
-            Some((_, s, zp)) => {
-                let q: Vec<u8> = normalised
-                    .iter()
-                    .map(|x| quantize(*x, s, zp, 0, 255) as u8)
-                    .collect();
-                Tensor::from_shape(&self.shape, &q)
-            }
-        };
-        // The shape's element count equals the window's by construction.
-        built.expect("window length matches the model input")
-    }
-}
-
-fn quantize(x: f32, scale: f32, zero_point: i32, lo: i32, hi: i32) -> i32 {
-    // Round half to even, as ONNX QuantizeLinear does.
-    ((x / scale).round_ties_even() as i32)
-        .saturating_add(zero_point)
-        .clamp(lo, hi)
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Scored {
@@ -220,14 +111,5 @@ mod tests {
         let mut big = vec![1000.0, 999.0];
         softmax(&mut big);
         assert!(big.iter().all(|x| x.is_finite()) && big[0] > big[1]);
-    }
-
-    #[test]
-    fn quantize_rounds_half_to_even_and_saturates() {
-        assert_eq!(quantize(0.5, 1.0, 0, -128, 127), 0);
-        assert_eq!(quantize(1.5, 1.0, 0, -128, 127), 2);
-        assert_eq!(quantize(1000.0, 0.1, 0, -128, 127), 127);
-        assert_eq!(quantize(-1.0, 0.5, 3, 0, 255), 1);
-        assert_eq!(quantize(-1000.0, 1.0, 0, 0, 255), 0);
     }
 }

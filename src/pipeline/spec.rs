@@ -2,7 +2,7 @@
 //! checked against its loaded model.
 
 use super::camera::{self, DetectionSpec, FrameFormat, ImageInput};
-use super::post::Preprocessor;
+use super::pre::Preprocessor;
 use crate::config::{Config, PayloadFormat, Pipeline as PipelineConfig, PipelineKind};
 use crate::model::Model;
 use std::sync::Arc;

@@ -1,8 +1,8 @@
 //! From ONNX bytes to an optimised tract plan: graph preparation (see
-//! `onnx.rs`), a strict load, and a relaxed retry.
+//! `graph.rs`), a strict load, and a relaxed retry.
 
 use super::manifest::Manifest;
-use super::onnx::{self, GraphFacts};
+use super::graph::{self, GraphFacts};
 use super::{chain, ModelErrorKind};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,11 +19,11 @@ pub(super) fn build_plan(
     let mut proto = loader
         .proto_model_for_read(&mut std::io::Cursor::new(bytes))
         .map_err(|e| ModelErrorKind::Corrupt(chain(&e)))?;
-    let unknown = onnx::unsupported_operators(&proto, |op| loader.op_register.0.contains_key(op));
+    let unknown = graph::unsupported_operators(&proto, |op| loader.op_register.0.contains_key(op));
     if !unknown.is_empty() {
         return Err(ModelErrorKind::UnsupportedOperators(unknown.join(", ")));
     }
-    let mut facts = onnx::prepare(&mut proto);
+    let mut facts = graph::prepare(&mut proto);
     match plan_from_proto(&loader, &proto, manifest) {
         Ok(plan) => Ok((plan, facts)),
         Err(strict) => {
