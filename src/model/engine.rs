@@ -1,8 +1,8 @@
 //! From ONNX bytes to an optimised tract plan: graph preparation (see
 //! `graph.rs`), a strict load, and a relaxed retry.
 
-use super::manifest::Manifest;
 use super::graph::{self, GraphFacts};
+use super::manifest::Manifest;
 use super::{chain, ModelErrorKind};
 use std::collections::HashMap;
 use std::sync::Arc;

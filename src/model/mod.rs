@@ -5,14 +5,14 @@
 //! Panics inside tract, at load or at inference, are caught and become
 //! errors: a bad model never takes the daemon down.
 
-pub mod manifest;
-pub mod graph;
 mod engine;
+pub mod graph;
+pub mod manifest;
 mod session;
 
-pub use manifest::{AnomalyScore, Manifest, OutputKind};
-pub use graph::{GraphFacts, QuantParams};
 use engine::build_plan;
+pub use graph::{GraphFacts, QuantParams};
+pub use manifest::{AnomalyScore, Manifest, OutputKind};
 pub use session::Session;
 
 use sha2::{Digest, Sha256};
