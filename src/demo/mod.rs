@@ -275,9 +275,24 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
     for c in cameras {
         frames_sent += c.await.map_err(|e| e.to_string())??;
     }
-    // Let the last results arrive (on a slow machine the daemon may still be
-    // working through a backlog: wait until nothing new came for a second,
-    // at most 60 s), then stop the daemon as systemd would.
+    wait_until_quiet(&shared).await;
+    stop_daemon.cancel();
+    daemon
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    observer.abort();
+
+    let s = summarise(&shared, sent, frames_sent)?;
+    print_summary(&s);
+    Ok(s)
+}
+
+/// Lets the last results arrive: on a slow machine the daemon may still be
+/// working through a backlog, so this waits until nothing new came for a
+/// second (at most 60 s).
+async fn wait_until_quiet(shared: &Shared) {
     let count = || {
         shared
             .summary
@@ -294,14 +309,11 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
             (last, quiet_since) = (now, Instant::now());
         }
     }
-    stop_daemon.cancel();
-    daemon
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    observer.abort();
+}
 
+/// The summary: counts from the observer, what the devices sent, latency
+/// percentiles.
+fn summarise(shared: &Shared, sent: (u64, u64), frames_sent: u64) -> Result<DemoSummary, String> {
     let mut s = shared.summary.lock().map_err(|e| e.to_string())?.clone();
     s.sent = sent.0;
     s.bad_sent = sent.1;
@@ -313,6 +325,10 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
     s.pipeline_ms = (percentile(&pipe, 0.5), percentile(&pipe, 0.99));
     s.end_to_end_ms = (percentile(&e2e, 0.5), percentile(&e2e, 0.99));
     s.camera_ms = (percentile(&cam, 0.5), percentile(&cam, 0.99));
+    Ok(s)
+}
+
+fn print_summary(s: &DemoSummary) {
     println!();
     println!("demo summary");
     println!(
@@ -363,7 +379,6 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
         "  camera in daemon   p50 {:.3} ms, p99 {:.3} ms (queue + decode and resize + infer + post)",
         s.camera_ms.0, s.camera_ms.1
     );
-    Ok(s)
 }
 
 async fn client(port: u16, id: &str) -> (AsyncClient, rumqttc::EventLoop) {
