@@ -21,7 +21,15 @@ async fn demo_serves_watches_and_cameras_and_reports_every_bad_payload() {
     // Three cameras, a frame each every 500 ms, devices started once the
     // daemon is online, each camera's next frame sent after the last one's
     // result: every frame gets its result.
-    assert!(s.frames_sent >= 9, "frames sent: {}", s.frames_sent);
+    // On x86-64 that is at least 9 frames in 6 s; under qemu-user (the ARM
+    // tests) the detector takes seconds a frame on this machine, so at least
+    // one frame per camera.
+    let frames_expected = if cfg!(target_arch = "x86_64") { 9 } else { 3 };
+    assert!(
+        s.frames_sent >= frames_expected,
+        "frames sent: {}",
+        s.frames_sent
+    );
     assert!(
         s.camera_results == s.frames_sent,
         "{} results for {} frames",
