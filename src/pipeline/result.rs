@@ -4,7 +4,7 @@
 
 use super::post::Output;
 use crate::flow::{Rejection, Sink, Verdict};
-use crate::health::PipelineStats;
+use crate::health::{ModelStats, PipelineStats};
 use crate::model::{Model, ModelError, ModelErrorKind};
 use serde::Serialize;
 use std::sync::Arc;
@@ -94,6 +94,17 @@ impl Emitter {
             Ok(()) => self.stats.results.inc(),
             Err(reason) => self.reject(source, Rejection::Undeliverable(reason)),
         }
+    }
+
+    /// A result, its timings recorded first: the inference per model, the
+    /// whole latency (queue + pre + infer + post) per pipeline.
+    pub fn timed_result(&self, fields: &ResultFields, model_stats: &ModelStats) {
+        let l = fields.latency;
+        model_stats.inference.record(l.infer);
+        self.stats
+            .latency
+            .record(l.queue + l.pre + l.infer + l.post);
+        self.result(fields.source, fields.json());
     }
 
     pub fn reject(&self, source: &str, rejection: Rejection) {

@@ -220,7 +220,7 @@ impl Inferrer {
             self.emit.snapshot(&msg.source, annotate(frame, detections));
         }
         let t3 = Instant::now();
-        let json = ResultFields {
+        let fields = ResultFields {
             pipeline: &spec.name,
             source: &msg.source,
             model: &spec.model,
@@ -234,16 +234,8 @@ impl Inferrer {
                 post: ms(t3 - t2),
             },
             output: &output,
-        }
-        .json();
-        self.model_stats
-            .inference
-            .record((t2 - t1).as_secs_f64() * 1e3);
-        self.emit
-            .stats
-            .latency
-            .record((t3 - picked + queue).as_secs_f64() * 1e3);
-        self.emit.result(&msg.source, json);
+        };
+        self.emit.timed_result(&fields, &self.model_stats);
     }
 }
 

@@ -158,7 +158,7 @@ impl SensorWorker {
             Err(rejection) => return self.emit.reject(source, rejection),
         };
         let t3 = Instant::now();
-        let json = ResultFields {
+        let fields = ResultFields {
             pipeline: &self.spec.name,
             source,
             model: &self.spec.model,
@@ -171,16 +171,8 @@ impl SensorWorker {
                 post: ms(t3 - t2),
             },
             output: &output,
-        }
-        .json();
-        self.model_stats
-            .inference
-            .record((t2 - t1).as_secs_f64() * 1e3);
-        self.emit
-            .stats
-            .latency
-            .record((t3 - t0 + decode + queue).as_secs_f64() * 1e3);
-        self.emit.result(source, json);
+        };
+        self.emit.timed_result(&fields, &self.model_stats);
     }
 
     fn evict_idlest(&mut self) {
