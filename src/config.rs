@@ -24,6 +24,8 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub engine: EngineConfig,
     #[serde(default, rename = "pipeline")]
     pub pipelines: Vec<Pipeline>,
     /// Directory that relative model paths are resolved against: the config
@@ -218,16 +220,80 @@ impl OutboxConfig {
     pub fn effective_dir(&self, base: &Path) -> Option<PathBuf> {
         match &self.dir {
             Some(d) => Some(base.join(d)),
-            None => std::env::var_os("STATE_DIRECTORY")
-                .filter(|v| !v.is_empty())
-                // systemd may pass several, colon-separated: the first is ours.
-                .and_then(|v| {
-                    v.to_str()
-                        .map(|s| s.split(':').next().unwrap_or("").to_owned())
-                })
-                .map(|d| Path::new(&d).join("outbox")),
+            None => state_directory().map(|d| d.join("outbox")),
         }
     }
+}
+
+/// Which engine runs the models, and how (README "Engines"). Pipelines
+/// may override `backend`, `providers`, `fallback`, `strict` and `threads`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// `auto` (measure every available engine, serve with the fastest that
+    /// agrees), `tract` or `onnxruntime`.
+    #[serde(default)]
+    pub backend: crate::model::BackendChoice,
+    /// ONNX Runtime execution providers in the order tried, e.g.
+    /// `["qnn", "openvino", "cpu"]`.
+    #[serde(default = "default_providers")]
+    pub providers: Vec<String>,
+    /// Every provider passed over: go on to tract (true) or fail the model.
+    #[serde(default = "default_true")]
+    pub fallback: bool,
+    /// Refuse a provider that leaves part of the graph to the CPU provider.
+    #[serde(default)]
+    pub strict: bool,
+    /// ONNX Runtime threads per worker. Default 1: the worker's own thread.
+    #[serde(default = "default_engine_threads")]
+    pub threads: usize,
+    /// `libonnxruntime.so` to load. Default: `ORT_DYLIB_PATH`, else the usual places.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// Where `auto` keeps its decisions. Default: `$STATE_DIRECTORY`.
+    pub cache_dir: Option<PathBuf>,
+    /// Time `auto` may spend timing each engine per model, ms.
+    #[serde(default = "default_probe_budget_ms")]
+    pub probe_budget_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            backend: Default::default(),
+            providers: default_providers(),
+            fallback: true,
+            strict: false,
+            threads: default_engine_threads(),
+            onnxruntime_library: None,
+            cache_dir: None,
+            probe_budget_ms: default_probe_budget_ms(),
+        }
+    }
+}
+
+fn default_providers() -> Vec<String> {
+    vec!["cpu".into()]
+}
+const fn default_true() -> bool {
+    true
+}
+const fn default_engine_threads() -> usize {
+    1
+}
+const fn default_probe_budget_ms() -> u64 {
+    300
+}
+
+/// The first of systemd's `$STATE_DIRECTORY` entries, if it gives one.
+pub fn state_directory() -> Option<PathBuf> {
+    std::env::var_os("STATE_DIRECTORY")
+        .filter(|v| !v.is_empty())
+        // systemd may pass several, colon-separated: the first is ours.
+        .and_then(|v| {
+            v.to_str()
+                .map(|s| s.split(':').next().unwrap_or("").to_owned())
+        })
+        .map(PathBuf::from)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -295,6 +361,12 @@ pub struct Pipeline {
     pub max_detections: Option<usize>,
     /// Only report these labels.
     pub classes: Option<Vec<String>>,
+    /// Overrides of `[engine]` for this pipeline's model.
+    pub backend: Option<crate::model::BackendChoice>,
+    pub providers: Option<Vec<String>>,
+    pub fallback: Option<bool>,
+    pub strict: Option<bool>,
+    pub threads: Option<usize>,
 }
 
 impl Pipeline {
@@ -486,6 +558,32 @@ impl Config {
         self.base_dir.join(&pipeline.model)
     }
 
+    /// How the pipeline's model is put on an engine: `[engine]` with the
+    /// pipeline's overrides.
+    pub fn engine_options(&self, pipeline: &Pipeline) -> crate::model::EngineOptions {
+        let e = &self.engine;
+        crate::model::EngineOptions {
+            backend: pipeline.backend.unwrap_or(e.backend),
+            providers: pipeline
+                .providers
+                .clone()
+                .unwrap_or_else(|| e.providers.clone()),
+            fallback: pipeline.fallback.unwrap_or(e.fallback),
+            strict: pipeline.strict.unwrap_or(e.strict),
+            threads: pipeline.threads.unwrap_or(e.threads),
+            library: e
+                .onnxruntime_library
+                .as_ref()
+                .map(|l| self.base_dir.join(l)),
+            cache_dir: e
+                .cache_dir
+                .as_ref()
+                .map(|d| self.base_dir.join(d))
+                .or_else(state_directory),
+            probe_budget_ms: e.probe_budget_ms,
+        }
+    }
+
     /// Checks everything that can be checked without loading models or
     /// touching the network, and returns every problem found.
     pub fn validate(&self) -> Vec<Problem> {
@@ -494,11 +592,47 @@ impl Config {
         self.check_credentials(&mut out);
         self.check_tls(&mut out);
         self.check_limits(&mut out);
+        self.check_engine(&mut out);
         let mut names = std::collections::HashSet::new();
         for (i, p) in self.pipelines.iter().enumerate() {
             self.check_pipeline(i, p, &mut names, &mut out);
         }
         out.0
+    }
+
+    fn check_engine(&self, out: &mut Problems) {
+        let mut check = |key: String, providers: &[String], threads: usize| {
+            #[cfg(feature = "onnxruntime")]
+            {
+                let known = crate::model::backend::onnxruntime::provider_names();
+                for p in providers {
+                    let name = p.split(':').next().unwrap_or("");
+                    if !known.contains(&name) {
+                        out.bad(
+                            &format!("{key}providers"),
+                            format!("unknown provider {p:?} (known: {})", known.join(", ")),
+                        );
+                    }
+                }
+            }
+            #[cfg(not(feature = "onnxruntime"))]
+            let _ = providers;
+            if !(1..=64).contains(&threads) {
+                out.bad(&format!("{key}threads"), "must be between 1 and 64".into());
+            }
+        };
+        check(
+            "engine.".into(),
+            &self.engine.providers,
+            self.engine.threads,
+        );
+        for (i, p) in self.pipelines.iter().enumerate() {
+            let providers = p.providers.as_deref().unwrap_or(&[]);
+            check(format!("pipeline[{i}]."), providers, p.threads.unwrap_or(1));
+        }
+        if self.engine.probe_budget_ms > 10_000 {
+            out.bad("engine.probe_budget_ms", "must be at most 10000".into());
+        }
     }
 
     fn check_device_and_broker(&self, out: &mut Problems) {

@@ -41,7 +41,7 @@ pub fn check(config: &Config) -> Vec<Problem> {
     }
     let mut registry = Registry::default();
     for (i, p) in config.pipelines.iter().enumerate() {
-        match registry.get_or_load(&config.model_path(p)) {
+        match registry.get_or_load(&config.model_path(p), &config.engine_options(p)) {
             Ok(model) => {
                 if let Err(message) = pipeline::PipelineSpec::new(config, p, model)
                     .and_then(|_| mqtt::Route::new(config, p).map(|_| ()))
@@ -338,10 +338,15 @@ async fn start_pipelines(config: &Config, outbox: &Outbox, telemetry: &Arc<Telem
         for p in &config.pipelines {
             let stats = telemetry.pipeline(&p.name);
             let result = registry
-                .get_or_load(&config.model_path(p))
+                .get_or_load(&config.model_path(p), &config.engine_options(p))
                 .map_err(|e| e.to_string())
                 .and_then(|model| {
-                    tracing::info!(pipeline = %p.name, model = %model.name, sha256 = %model.sha256, load_ms = model.load_ms, "Model loaded");
+                    let placement = &model.placement;
+                    tracing::info!(pipeline = %p.name, model = %model.name, sha256 = %model.sha256, load_ms = model.load_ms, runs_on = %placement.runs_on, reason = %placement.reason, "Model loaded");
+                    for passed in &placement.passed_over {
+                        tracing::info!(pipeline = %p.name, model = %model.name, "Engine passed over: {passed}");
+                    }
+                    *telemetry.model(&model.name).placement.lock().expect("telemetry lock") = Some(placement.clone());
                     let spec = pipeline::PipelineSpec::new(&config, p, model)?;
                     let route = Arc::new(mqtt::Route::new(&config, p)?);
                     let sink = Arc::new(mqtt::PipelineSink {
@@ -365,6 +370,7 @@ async fn start_pipelines(config: &Config, outbox: &Outbox, telemetry: &Arc<Telem
                 }
             }
         }
+        *telemetry.onnxruntime.lock().expect("telemetry lock") = crate::model::backend::runtime_seen();
         started
     })
     .await

@@ -101,6 +101,8 @@ pub struct PipelineStats {
 #[derive(Debug, Default)]
 pub struct ModelStats {
     pub inference: Latencies,
+    /// Where the model runs and why (set when it loads).
+    pub placement: Mutex<Option<crate::model::EngineReport>>,
 }
 
 #[derive(Debug, Default)]
@@ -139,6 +141,8 @@ pub struct OutboxStats {
 pub struct Telemetry {
     pipelines: Mutex<Vec<(String, Arc<PipelineStats>)>>,
     models: Mutex<BTreeMap<String, Arc<ModelStats>>>,
+    /// ONNX Runtime's status, set by the daemon once the models are loaded.
+    pub onnxruntime: Mutex<crate::model::RuntimeStatus>,
     pub broker: Arc<BrokerStats>,
     pub outbox: Arc<OutboxStats>,
     /// Bytes of input waiting in all pipeline queues, against its share of
@@ -251,13 +255,16 @@ impl Telemetry {
             .expect("telemetry lock")
             .iter()
             .map(|(name, m)| {
-                (
-                    name.clone(),
+                (name.clone(), {
+                    let placement = m.placement.lock().expect("telemetry lock").clone();
                     ModelHealth {
-                        backend: crate::model::BACKEND,
+                        backend: placement
+                            .as_ref()
+                            .map_or_else(String::new, |p| p.runs_on.clone()),
                         inference_ms: m.inference.percentiles(),
-                    },
-                )
+                        engine: placement,
+                    }
+                })
             })
             .collect();
         HealthMessage {
@@ -277,6 +284,7 @@ impl Telemetry {
             temperature_c: read_temperatures(&sys.thermal_dir),
             pipelines,
             models,
+            onnxruntime: self.onnxruntime.lock().expect("telemetry lock").clone(),
             broker: BrokerHealth {
                 connected: self.broker.connected.load(Ordering::Relaxed),
                 reconnects: self.broker.reconnects.get(),
@@ -310,6 +318,8 @@ pub struct HealthMessage {
     pub temperature_c: BTreeMap<String, f64>,
     pub pipelines: BTreeMap<String, PipelineHealth>,
     pub models: BTreeMap<String, ModelHealth>,
+    /// ONNX Runtime in this process: loaded (version, library, providers) or why not.
+    pub onnxruntime: crate::model::RuntimeStatus,
     pub broker: BrokerHealth,
     pub outbox: OutboxHealth,
 }
@@ -347,8 +357,11 @@ pub struct PipelineHealth {
 
 #[derive(Debug, Serialize)]
 pub struct ModelHealth {
-    pub backend: &'static str,
+    /// What it runs on: `tract-cpu`, `onnxruntime-cpu`, `onnxruntime-openvino`, …
+    pub backend: String,
     pub inference_ms: Percentiles,
+    /// Why there: the engine asked for, the ones passed over, `auto`'s figures.
+    pub engine: Option<crate::model::EngineReport>,
 }
 
 #[derive(Debug, Serialize)]

@@ -59,6 +59,8 @@ enum Command {
         /// The JSON sensor payload itself.
         #[arg(long)]
         json: Option<String>,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// Measure a model: load time, inference p50/p90/p99, peak RSS.
     Bench {
@@ -69,6 +71,8 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// List models (those a config names, or the bundled ones).
     Models {
@@ -79,7 +83,54 @@ enum Command {
         check: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Engine settings for --check and the bundled models (a config's
+        /// models use its own `[engine]` settings).
+        #[command(flatten)]
+        engine: EngineArgs,
     },
+}
+
+/// The one-shot commands' engine settings (the config's `[engine]` keys).
+#[derive(clap::Args, Debug)]
+struct EngineArgs {
+    /// auto (measure every available engine, use the fastest that agrees), tract or onnxruntime.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "tract", "onnxruntime"])]
+    backend: String,
+    /// ONNX Runtime execution providers in the order tried, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    providers: Vec<String>,
+    /// Refuse a provider that would leave part of the graph to the CPU provider.
+    #[arg(long)]
+    strict: bool,
+    /// Fail rather than fall back to tract when every provider is passed over.
+    #[arg(long)]
+    no_fallback: bool,
+    /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, else the usual places).
+    #[arg(long, value_name = "PATH")]
+    onnxruntime_library: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+impl EngineArgs {
+    fn options(&self) -> edgeinfer::model::EngineOptions {
+        use edgeinfer::model::BackendChoice;
+        edgeinfer::model::EngineOptions {
+            backend: match self.backend.as_str() {
+                "tract" => BackendChoice::Tract,
+                "onnxruntime" => BackendChoice::OnnxRuntime,
+                _ => BackendChoice::Auto,
+            },
+            providers: self.providers.clone(),
+            fallback: !self.no_fallback,
+            strict: self.strict,
+            threads: self.threads.max(1),
+            library: self.onnxruntime_library.clone(),
+            cache_dir: None,
+            ..Default::default()
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -142,13 +193,18 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Infer { model, input, json } => {
+        Command::Infer {
+            model,
+            input,
+            json,
+            engine,
+        } => {
             let input = match (&input, &json) {
                 (Some(path), _) => InferInput::File(path),
                 (None, Some(text)) => InferInput::Json(text),
                 (None, None) => unreachable!("clap requires one"),
             };
-            match commands::infer(&model, input) {
+            match commands::infer(&model, input, &engine.options()) {
                 Ok(result) => {
                     println!("{result}");
                     Ok(ExitCode::SUCCESS)
@@ -160,8 +216,13 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Err(e) => Err(e.into()),
             }
         }
-        Command::Bench { model, runs, json } => {
-            let r = commands::bench(&model, runs)?;
+        Command::Bench {
+            model,
+            runs,
+            json,
+            engine,
+        } => {
+            let r = commands::bench(&model, runs, &engine.options())?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -178,10 +239,16 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Models {
             check: Some(dir),
             json,
+            engine,
             ..
         } => {
+            let options = engine.options();
+            let files = commands::onnx_files(&dir).with_context(|| dir.display().to_string())?;
             let rows = commands::describe(
-                &commands::onnx_files(&dir).with_context(|| dir.display().to_string())?,
+                &files
+                    .into_iter()
+                    .map(|f| (f, options.clone()))
+                    .collect::<Vec<_>>(),
             );
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -200,7 +267,12 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::Models { config, json, .. } => models(config.as_deref(), json),
+        Command::Models {
+            config,
+            json,
+            engine,
+            ..
+        } => models(config.as_deref(), json, &engine.options()),
     }
 }
 
@@ -293,12 +365,20 @@ async fn serve(path: PathBuf, mut config: Config) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn models(config: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
+fn models(
+    config: Option<&Path>,
+    json: bool,
+    options: &edgeinfer::model::EngineOptions,
+) -> anyhow::Result<ExitCode> {
     let _unpacked;
-    let paths: Vec<PathBuf> = match config {
+    let paths: Vec<(PathBuf, edgeinfer::model::EngineOptions)> = match config {
         Some(path) => {
             let c = Config::load(path)?;
-            let mut v: Vec<PathBuf> = c.pipelines.iter().map(|p| c.model_path(p)).collect();
+            let mut v: Vec<_> = c
+                .pipelines
+                .iter()
+                .map(|p| (c.model_path(p), c.engine_options(p)))
+                .collect();
             v.dedup();
             v
         }
@@ -306,7 +386,7 @@ fn models(config: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
             let dir = edgeinfer::bundled::TempDir::new("models")?;
             let v = edgeinfer::bundled::unpack(dir.path())?;
             _unpacked = dir;
-            v
+            v.into_iter().map(|p| (p, options.clone())).collect()
         }
     };
     let rows = commands::describe(&paths);
@@ -334,6 +414,23 @@ fn models(config: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
                 None => {
                     println!("  sha256   {}", r.sha256.as_deref().unwrap_or(""));
                     println!("  backend  {}", r.backend);
+                    if let Some(e) = &r.engine {
+                        println!("  chosen   {} ({})", e.reason, e.requested);
+                        for p in &e.passed_over {
+                            println!("  passed   {p}");
+                        }
+                        for m in &e.measured {
+                            println!(
+                                "  measured {} p50 {:.3} ms over {} runs{}",
+                                m.runs_on,
+                                m.p50_ms,
+                                m.runs,
+                                m.max_abs_diff
+                                    .map(|d| format!(", max |difference| {d}"))
+                                    .unwrap_or_default()
+                            );
+                        }
+                    }
                     println!("  kind     {}", r.kind);
                     for i in &r.inputs {
                         println!("  input    {i}");

@@ -1,13 +1,59 @@
 #!/usr/bin/env bash
-# Installs what the tests need when it is missing: mosquitto (Debian's
-# package). The integration tests start their own brokers on 127.0.0.1.
+# Installs what the tests need when it is missing:
+# - mosquitto (Debian's package); the integration tests start their own
+#   brokers on 127.0.0.1;
+# - ONNX Runtime for the engine tests (tests/engines.rs): the shared
+#   libraries inside PyPI's wheels, pinned, unpacked under
+#   ${EDGEINFER_ORT_DIR:-~/.cache/edgeinfer/onnxruntime}. Nothing is
+#   downloaded at build time, and edgeinfer builds and runs without them.
 # The README's test command: tests/install-deps.sh && cargo test --locked
 set -euo pipefail
-if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then
-  exit 0
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "tests/install-deps.sh: installing mosquitto"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
 fi
-echo "tests/install-deps.sh: installing mosquitto"
-sudo_cmd=""
-[ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-$sudo_cmd apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+
+ORT_DIR="${EDGEINFER_ORT_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/edgeinfer/onnxruntime}"
+
+# fetch PACKAGE VERSION PLATFORM DIR: the wheel's onnxruntime/capi libraries into $ORT_DIR/DIR.
+fetch() {
+  local dest="$ORT_DIR/$4"
+  [ -e "$dest/.complete" ] && return 0
+  echo "tests/install-deps.sh: $1 $2 ($3) from PyPI into $dest"
+  local tmp
+  tmp="$(mktemp -d)"
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --platform "$3" --python-version 3.11 --implementation cp --abi cp311 \
+    --dest "$tmp" "$1==$2"
+  python3 - "$tmp" "$dest" <<'PY'
+import glob, os, sys, zipfile
+src, dest = sys.argv[1], sys.argv[2]
+os.makedirs(dest, exist_ok=True)
+for wheel in glob.glob(os.path.join(src, "*.whl")):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            base = os.path.basename(name)
+            if name.startswith("onnxruntime/capi/") and ".so" in base and "pybind11" not in base:
+                out = os.path.join(dest, base)
+                with z.open(name) as i, open(out, "wb") as o:
+                    o.write(i.read())
+                os.chmod(out, 0o755)
+PY
+  rm -rf "$tmp"
+  touch "$dest/.complete"
+}
+
+case "$(uname -m)" in
+  x86_64)
+    fetch onnxruntime 1.32.0 manylinux_2_28_x86_64 cpu-1.32.0
+    # OpenVINO's provider runs on a CPU-only machine: a real non-CPU provider here.
+    fetch onnxruntime-openvino 1.24.1 manylinux_2_28_x86_64 openvino-1.24.1
+    ;;
+  aarch64)
+    fetch onnxruntime 1.32.0 manylinux_2_28_aarch64 cpu-1.32.0
+    ;;
+esac

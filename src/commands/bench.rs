@@ -2,7 +2,7 @@
 
 use super::OneShotError;
 use crate::health::{peak_rss_bytes, percentile};
-use crate::model::{Model, BACKEND};
+use crate::model::{EngineOptions, EngineReport, Model};
 use crate::pipeline::pre::Preprocessor;
 use serde::Serialize;
 use std::path::Path;
@@ -12,7 +12,9 @@ use std::time::Instant;
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub model: String,
-    pub backend: &'static str,
+    pub backend: String,
+    /// How the engine was chosen (and `auto`'s figures).
+    pub engine: EngineReport,
     pub input: String,
     pub load_ms: f64,
     pub runs: usize,
@@ -25,8 +27,12 @@ pub struct BenchReport {
 
 /// Loads a model and times `runs` inferences (after 10 warm-up runs) on a
 /// fixed pseudo-random input.
-pub fn bench(model_path: &Path, runs: usize) -> Result<BenchReport, OneShotError> {
-    let model = Arc::new(Model::load(model_path)?);
+pub fn bench(
+    model_path: &Path,
+    runs: usize,
+    options: &EngineOptions,
+) -> Result<BenchReport, OneShotError> {
+    let model = Arc::new(Model::load_with(model_path, options)?);
     let channels = *model.input().shape.last().unwrap_or(&1);
     let mut pre = Preprocessor::new(&model, channels).map_err(OneShotError::Other)?;
     let mut rng = fastrand::Rng::with_seed(42);
@@ -50,7 +56,8 @@ pub fn bench(model_path: &Path, runs: usize) -> Result<BenchReport, OneShotError
     let r = |x: f64| (x * 1e4).round() / 1e4;
     Ok(BenchReport {
         model: model.name.clone(),
-        backend: BACKEND,
+        backend: model.runs_on().to_owned(),
+        engine: model.placement.clone(),
         input: model.input().to_string(),
         load_ms: r(model.load_ms),
         runs: times.len(),

@@ -2,7 +2,7 @@
 
 use super::OneShotError;
 use crate::flow::unix_ms;
-use crate::model::Model;
+use crate::model::{EngineOptions, Model};
 use crate::pipeline::post;
 use crate::pipeline::pre::Preprocessor;
 use crate::pipeline::result::{ms, LatencyMs, ResultFields};
@@ -19,8 +19,12 @@ pub enum InferInput<'a> {
 }
 
 /// Runs one input through a model and returns the result in the MQTT result schema.
-pub fn infer(model_path: &Path, input: InferInput) -> Result<serde_json::Value, OneShotError> {
-    let model = Arc::new(Model::load(model_path)?);
+pub fn infer(
+    model_path: &Path,
+    input: InferInput,
+    options: &EngineOptions,
+) -> Result<serde_json::Value, OneShotError> {
+    let model = Arc::new(Model::load_with(model_path, options)?);
     let channels = *model.input().shape.last().unwrap_or(&1);
     let samples_needed = model.input().len() / channels.max(1);
     let started = Instant::now();

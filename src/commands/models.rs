@@ -1,7 +1,7 @@
 //! `edgeinfer models`: what each model is (name, file, sha256, facts,
 //! backend, rewrites), or why it does not load.
 
-use crate::model::{Model, TensorInfo, BACKEND};
+use crate::model::{EngineOptions, EngineReport, Model, TensorInfo};
 use serde::Serialize;
 use std::path::Path;
 
@@ -10,7 +10,10 @@ pub struct ModelRow {
     pub name: String,
     pub file: String,
     pub sha256: Option<String>,
-    pub backend: &'static str,
+    /// What it runs on (`tract-cpu`, `onnxruntime-cpu`, …); empty when it does not load.
+    pub backend: String,
+    /// How that engine was chosen: passed-over engines, `auto`'s figures.
+    pub engine: Option<EngineReport>,
     pub inputs: Vec<TensorInfo>,
     pub outputs: Vec<TensorInfo>,
     pub kind: String,
@@ -31,15 +34,16 @@ impl Serialize for TensorInfo {
 }
 
 /// Loads each model and describes it (or the reason it does not load).
-pub fn describe(paths: &[std::path::PathBuf]) -> Vec<ModelRow> {
+pub fn describe(paths: &[(std::path::PathBuf, EngineOptions)]) -> Vec<ModelRow> {
     paths
         .iter()
-        .map(|path| match Model::load(path) {
+        .map(|(path, options)| match Model::load_with(path, options) {
             Ok(m) => ModelRow {
                 name: m.name.clone(),
                 file: m.path.display().to_string(),
                 sha256: Some(m.sha256.clone()),
-                backend: BACKEND,
+                backend: m.runs_on().to_owned(),
+                engine: Some(m.placement.clone()),
                 inputs: m.inputs.clone(),
                 outputs: m.outputs.clone(),
                 kind: format!("{:?}", m.manifest.output.kind).to_lowercase(),
@@ -50,7 +54,8 @@ pub fn describe(paths: &[std::path::PathBuf]) -> Vec<ModelRow> {
                 name: e.model.clone(),
                 file: path.display().to_string(),
                 sha256: None,
-                backend: BACKEND,
+                backend: String::new(),
+                engine: None,
                 inputs: vec![],
                 outputs: vec![],
                 kind: String::new(),

@@ -53,8 +53,17 @@ fn scalar(init: &HashMap<&str, &TensorProto>, name: &str) -> Option<f64> {
 }
 
 fn quant_of(init: &HashMap<&str, &TensorProto>, node: &NodeProto) -> Option<QuantParams> {
-    let scale = scalar(init, node.input.get(1)?)? as f32;
-    let zero_point = match node.input.get(2) {
+    quant_at(init, node, 1)
+}
+
+/// The scale at input `ix` of `node` and the zero point after it.
+fn quant_at(
+    init: &HashMap<&str, &TensorProto>,
+    node: &NodeProto,
+    ix: usize,
+) -> Option<QuantParams> {
+    let scale = scalar(init, node.input.get(ix)?)? as f32;
+    let zero_point = match node.input.get(ix + 1) {
         Some(zp) if !zp.is_empty() => scalar(init, zp)? as i32,
         _ => 0,
     };
@@ -130,10 +139,15 @@ pub fn prepare(model: &mut ModelProto) -> GraphFacts {
                 .iter()
                 .find(|n| n.output.first() == Some(&output.name))
             {
-                if node.op_type == "QuantizeLinear" {
-                    if let Some(q) = quant_of(&init, node) {
-                        facts.output_quant.insert(output.name.clone(), q);
-                    }
+                // QuantizeLinear carries them at inputs 1 and 2; the QOperator
+                // forms give the output's scale and zero point at 6 and 7.
+                let at = match node.op_type.as_str() {
+                    "QuantizeLinear" => Some(1),
+                    "QLinearConv" | "QLinearMatMul" | "QLinearAdd" | "QLinearMul" => Some(6),
+                    _ => None,
+                };
+                if let Some(q) = at.and_then(|ix| quant_at(&init, node, ix)) {
+                    facts.output_quant.insert(output.name.clone(), q);
                 }
             }
         }

@@ -5,12 +5,14 @@
 //! Panics inside tract, at load or at inference, are caught and become
 //! errors: a bad model never takes the daemon down.
 
-mod engine;
+pub mod backend;
+pub mod choice;
 pub mod graph;
 pub mod manifest;
 mod session;
 
-use engine::build_plan;
+pub use backend::{BackendChoice, EngineOptions, RuntimeStatus};
+pub use choice::EngineReport;
 pub use graph::{GraphFacts, QuantParams};
 pub use manifest::{AnomalyScore, Manifest, OutputKind};
 pub use session::Session;
@@ -18,15 +20,10 @@ pub use session::Session;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fmt;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::internal::SimpleState;
-
-/// The inference engine behind a model, as reported in `models` and health.
-pub const BACKEND: &str = "tract-cpu";
 
 #[derive(Debug, thiserror::Error)]
 #[error("model {model}: {kind}")]
@@ -56,7 +53,7 @@ pub enum ModelErrorKind {
     Corrupt(String),
     #[error("unsupported operator(s): {0}")]
     UnsupportedOperators(String),
-    #[error("tract cannot load it: {0}")]
+    #[error("{0}")]
     Engine(String),
     #[error("the inference engine panicked while {stage}: {message}")]
     Panic {
@@ -145,7 +142,9 @@ pub struct Model {
     /// What was learnt from the graph and rewritten in it at load.
     pub graph: GraphFacts,
     pub load_ms: f64,
-    plan: Arc<TypedRunnableModel>,
+    /// Where the model runs and why there.
+    pub placement: EngineReport,
+    engine: Arc<dyn backend::Engine>,
 }
 
 impl fmt::Debug for Model {
@@ -180,6 +179,11 @@ impl Model {
     /// Loads a manifest (`*.toml`) or a bare `.onnx` (with `NAME.toml` beside
     /// it used as its manifest when present).
     pub fn load(path: &Path) -> Result<Model, ModelError> {
+        Model::load_with(path, &EngineOptions::default())
+    }
+
+    /// Loads a model onto the engine `options` choose (see [`choice`]).
+    pub fn load_with(path: &Path, options: &EngineOptions) -> Result<Model, ModelError> {
         let started = Instant::now();
         let (manifest, onnx_path, name) = locate(path)?;
         let err = |kind| ModelError {
@@ -204,67 +208,27 @@ impl Model {
             }
         }
 
-        let (plan, graph) = catch_unwind(AssertUnwindSafe(|| build_plan(&bytes, &manifest)))
-            .map_err(|p| {
-                err(ModelErrorKind::Panic {
-                    stage: "loading",
-                    message: panic_message(p),
-                })
-            })?
-            .map_err(err)?;
-
-        let model = plan.model();
-        let facts = |outlets: &[OutletId]| -> Result<Vec<TensorInfo>, ModelErrorKind> {
-            outlets
-                .iter()
-                .map(|o| {
-                    let fact = model.outlet_fact(*o).map_err(|e| ModelErrorKind::Engine(chain(&e)))?;
-                    let shape = fact.shape.as_concrete().map(|s| s.to_vec()).ok_or_else(|| {
-                        ModelErrorKind::Unsupported(format!(
-                            "{} has shape {:?} with unresolved dimensions; give input.shape in the manifest",
-                            model.node(o.node).name,
-                            fact.shape
-                        ))
-                    })?;
-                    // The ONNX tensor name is the outlet's label; the node name is tract's.
-                    let name = model.outlet_label(*o).unwrap_or(&model.node(o.node).name).to_owned();
-                    Ok(TensorInfo {
-                        name,
-                        shape,
-                        dtype: format!("{:?}", fact.datum_type).to_lowercase(),
-                    })
-                })
-                .collect()
+        let (proto, mut graph) = backend::tract::parse(&bytes).map_err(err)?;
+        let facts = choice::ModelFacts {
+            bytes: &bytes,
+            proto: &proto,
+            manifest: &manifest,
+            sha256: &sha256,
         };
-        let inputs = facts(
-            model
-                .input_outlets()
-                .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?,
-        )
-        .map_err(err)?;
-        let outputs = facts(
-            model
-                .output_outlets()
-                .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?,
-        )
-        .map_err(err)?;
+        let placed = choice::place(&facts, &mut graph, options).map_err(err)?;
+        let engine = placed.engine;
+        let inputs: Vec<TensorInfo> = engine.inputs().iter().map(|f| f.info.clone()).collect();
+        let outputs: Vec<TensorInfo> = engine.outputs().iter().map(|f| f.info.clone()).collect();
         let (state_io, data_input) =
             bind_inputs(&manifest, &inputs, &outputs, path).map_err(err)?;
-        let input_outlets = model
-            .input_outlets()
-            .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?;
         let initial_state = state_io
             .iter()
             .map(|(i, _)| {
-                let dt = model.outlet_fact(input_outlets[*i]).map(|f| f.datum_type);
-                dt.and_then(|dt| Tensor::zero_dt(dt, &inputs[*i].shape))
+                Tensor::zero_dt(engine.inputs()[*i].datum, &inputs[*i].shape)
                     .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let input_dt = model
-            .outlet_fact(input_outlets[data_input])
-            .map_err(|e| err(ModelErrorKind::Engine(chain(&e))))?
-            .datum_type;
+        let input_dt = engine.inputs()[data_input].datum;
         let input_type = ElemType::of(input_dt).ok_or_else(|| {
             err(ModelErrorKind::Unsupported(format!(
                 "input {} has type {input_dt:?}; f32, i8 and u8 are supported",
@@ -320,7 +284,8 @@ impl Model {
             input_quant,
             graph,
             load_ms: started.elapsed().as_secs_f64() * 1e3,
-            plan,
+            placement: placed.report,
+            engine,
         })
     }
 
@@ -332,18 +297,19 @@ impl Model {
         &self.outputs[self.output_index]
     }
 
-    pub fn session(self: &Arc<Self>) -> Result<Session, ModelError> {
-        let state = self.new_state()?;
-        Ok(Session {
-            model: Arc::clone(self),
-            state,
-        })
+    /// What the model runs on: `tract-cpu`, `onnxruntime-cpu`, …
+    pub fn runs_on(&self) -> &str {
+        self.engine.runs_on()
     }
 
-    fn new_state(&self) -> Result<TypedSimpleState, ModelError> {
-        SimpleState::new(&self.plan).map_err(|e| ModelError {
+    pub fn session(self: &Arc<Self>) -> Result<Session, ModelError> {
+        let runner = self.engine.runner().map_err(|kind| ModelError {
             model: self.name.clone(),
-            kind: ModelErrorKind::Engine(chain(&e)),
+            kind,
+        })?;
+        Ok(Session {
+            model: Arc::clone(self),
+            runner,
         })
     }
 }
@@ -359,18 +325,26 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// Every model a configuration names, loaded once each (pipelines sharing a
-/// model file share the loaded model).
+/// model file and engine options share the loaded model).
 #[derive(Default)]
 pub struct Registry {
-    models: HashMap<PathBuf, Result<Arc<Model>, Arc<ModelError>>>,
+    models: HashMap<(PathBuf, EngineOptions), Result<Arc<Model>, Arc<ModelError>>>,
 }
 
 impl Registry {
-    pub fn get_or_load(&mut self, path: &Path) -> Result<Arc<Model>, Arc<ModelError>> {
+    pub fn get_or_load(
+        &mut self,
+        path: &Path,
+        options: &EngineOptions,
+    ) -> Result<Arc<Model>, Arc<ModelError>> {
         let key = path.canonicalize().unwrap_or_else(|_| path.to_owned());
         self.models
-            .entry(key)
-            .or_insert_with(|| Model::load(path).map(Arc::new).map_err(Arc::new))
+            .entry((key, options.clone()))
+            .or_insert_with(|| {
+                Model::load_with(path, options)
+                    .map(Arc::new)
+                    .map_err(Arc::new)
+            })
             .clone()
     }
 }

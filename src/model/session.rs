@@ -1,14 +1,16 @@
-//! A worker's handle on a model: the shared plan plus its own tract state.
+//! A worker's handle on a model: the shared model plus its own runner on
+//! the model's engine.
 
-use super::{chain, panic_message, Model, ModelError, ModelErrorKind, QuantParams};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use super::backend::Runner;
+use super::choice::dequantized;
+use super::{Model, ModelError, ModelErrorKind, QuantParams};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 
-/// One worker's handle on a model: the shared plan plus private state.
+/// One worker's handle on a model: the shared model plus a private runner.
 pub struct Session {
     pub(super) model: Arc<Model>,
-    pub(super) state: TypedSimpleState,
+    pub(super) runner: Box<dyn Runner>,
 }
 
 impl Session {
@@ -68,61 +70,10 @@ impl Session {
             .into_iter()
             .map(|v| v.expect("every input is data or state"))
             .collect();
-        let result = catch_unwind(AssertUnwindSafe(|| self.state.run(inputs)));
-        match result {
-            Ok(Ok(outputs)) => Ok(outputs),
-            Ok(Err(e)) => Err(self.error(ModelErrorKind::Inference(chain(&e)))),
-            Err(panic) => {
-                // The state may be half-updated: start from a fresh one.
-                self.state = self.model.new_state()?;
-                Err(self.error(ModelErrorKind::Panic {
-                    stage: "running",
-                    message: panic_message(panic),
-                }))
-            }
-        }
+        self.runner.run(inputs).map_err(|kind| self.error(kind))
     }
 }
 
 fn output_f32(value: &TValue, quant: Option<QuantParams>) -> Result<Vec<f32>, ModelErrorKind> {
-    let dt = value.datum_type();
-    let (scale, zp) = match (quant, dt.zp_scale()) {
-        (Some(q), _) => (q.scale, q.zero_point as f32),
-        (None, (z, s)) if dt.is_quantized() => (s, z as f32),
-        _ => (1.0, 0.0),
-    };
-    let tensor: &Tensor = value;
-    Ok(match dt.unquantized() {
-        DatumType::F32 => plain::<f32>(tensor)?,
-        DatumType::I8 => plain::<i8>(tensor)?
-            .into_iter()
-            .map(|q| (q as f32 - zp) * scale)
-            .collect(),
-        DatumType::U8 => plain::<u8>(tensor)?
-            .into_iter()
-            .map(|q| (q as f32 - zp) * scale)
-            .collect(),
-        _ => {
-            let cast = tensor
-                .cast_to::<f32>()
-                .map_err(|e| ModelErrorKind::Inference(chain(&e)))?;
-            plain::<f32>(&cast)?
-        }
-    })
-}
-
-/// The elements of a tensor as a vector, quantized types read as their
-/// plain integers.
-fn plain<T: Datum + Copy>(tensor: &Tensor) -> Result<Vec<T>, ModelErrorKind> {
-    let bad = |e: TractError| ModelErrorKind::Inference(chain(&e));
-    let unquantized = tensor
-        .cast_to_dt(tensor.datum_type().unquantized())
-        .map_err(bad)?;
-    let values = unquantized
-        .try_as_plain_ram()
-        .map_err(bad)?
-        .as_slice::<T>()
-        .map_err(bad)?
-        .to_vec();
-    Ok(values)
+    dequantized(value, quant)
 }

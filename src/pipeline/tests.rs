@@ -18,7 +18,7 @@ fn spec(pipeline: &str) -> PipelineSpec {
     let config = Config::parse(pipeline, repo).unwrap();
     let p = &config.pipelines[0];
     let model = Registry::default()
-        .get_or_load(&config.model_path(p))
+        .get_or_load(&config.model_path(p), &crate::model::EngineOptions::tract())
         .unwrap();
     PipelineSpec::new(&config, p, model).unwrap()
 }

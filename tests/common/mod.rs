@@ -419,6 +419,43 @@ pub fn model_zoo() -> Option<PathBuf> {
     }
 }
 
+/// A `libonnxruntime.so` from PyPI's wheels, as tests/install-deps.sh
+/// unpacks them: `cpu` (onnxruntime 1.32.0) or `openvino`
+/// (onnxruntime-openvino 1.24.1, x86-64 only). `None` (the caller says it
+/// skipped) when missing, except under CI, where that fails the test.
+pub fn onnxruntime_library(flavor: &str) -> Option<PathBuf> {
+    let dir = match std::env::var_os("EDGEINFER_ORT_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                });
+            cache.join("edgeinfer/onnxruntime")
+        }
+    };
+    let lib = match flavor {
+        "cpu" => dir.join("cpu-1.32.0/libonnxruntime.so.1.32.0"),
+        "openvino" => dir.join("openvino-1.24.1/libonnxruntime.so.1.24.1"),
+        other => panic!("no such ONNX Runtime flavour {other}"),
+    };
+    if lib.is_file() {
+        Some(lib)
+    } else if std::env::var_os("CI").is_some() {
+        panic!(
+            "{} is missing and CI is set: tests/install-deps.sh installs it",
+            lib.display()
+        );
+    } else {
+        println!(
+            "{} is missing (run tests/install-deps.sh); skipped",
+            lib.display()
+        );
+        None
+    }
+}
+
 /// A client for sending inputs larger than the observer takes (64 MiB
 /// packets), polling in the background; dropped with the handle.
 pub struct BigPublisher {

@@ -1,0 +1,224 @@
+//! tract: from ONNX bytes to an optimised plan (graph preparation in
+//! `graph.rs`, a strict load and a relaxed retry), and its runner.
+
+use super::{Engine, Fact, Runner};
+use crate::model::graph::{self, GraphFacts};
+use crate::model::manifest::Manifest;
+use crate::model::{chain, panic_message, ModelErrorKind, TensorInfo};
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::SimpleState;
+
+pub const RUNS_ON: &str = "tract-cpu";
+
+/// Reads the ONNX protobuf and applies edgeinfer's graph preparation; the
+/// facts learnt serve every backend.
+pub fn parse(bytes: &[u8]) -> Result<(tract_onnx::pb::ModelProto, GraphFacts), ModelErrorKind> {
+    if bytes.is_empty() {
+        return Err(ModelErrorKind::Corrupt("the file is empty".into()));
+    }
+    let mut proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut std::io::Cursor::new(bytes))
+        .map_err(|e| ModelErrorKind::Corrupt(chain(&e)))?;
+    let facts = graph::prepare(&mut proto);
+    Ok((proto, facts))
+}
+
+/// A model on tract: the optimised plan, shared by every worker.
+pub struct TractEngine {
+    plan: Arc<TypedRunnableModel>,
+    inputs: Vec<Fact>,
+    outputs: Vec<Fact>,
+}
+
+impl TractEngine {
+    /// Loads the prepared graph; notes of relaxed loading go to `facts`.
+    pub fn load(
+        proto: &tract_onnx::pb::ModelProto,
+        manifest: &Manifest,
+        facts: &mut GraphFacts,
+    ) -> Result<TractEngine, ModelErrorKind> {
+        let loaded = catch_unwind(AssertUnwindSafe(|| build_plan(proto, manifest, facts)))
+            .map_err(|p| ModelErrorKind::Panic {
+                stage: "loading",
+                message: panic_message(p),
+            })??;
+        let model = loaded.model();
+        let engine = |e: TractError| ModelErrorKind::Engine(chain(&e));
+        let describe = |outlets: &[OutletId]| -> Result<Vec<Fact>, ModelErrorKind> {
+            outlets
+                .iter()
+                .map(|o| {
+                    let fact = model.outlet_fact(*o).map_err(engine)?;
+                    let shape = fact.shape.as_concrete().map(|s| s.to_vec()).ok_or_else(|| {
+                        ModelErrorKind::Unsupported(format!(
+                            "{} has shape {:?} with unresolved dimensions; give input.shape in the manifest",
+                            model.node(o.node).name,
+                            fact.shape
+                        ))
+                    })?;
+                    // The ONNX tensor name is the outlet's label; the node name is tract's.
+                    let name = model.outlet_label(*o).unwrap_or(&model.node(o.node).name).to_owned();
+                    Ok(Fact {
+                        info: TensorInfo {
+                            name,
+                            shape,
+                            dtype: format!("{:?}", fact.datum_type).to_lowercase(),
+                        },
+                        datum: fact.datum_type,
+                    })
+                })
+                .collect()
+        };
+        let inputs = describe(model.input_outlets().map_err(engine)?)?;
+        let outputs = describe(model.output_outlets().map_err(engine)?)?;
+        Ok(TractEngine {
+            plan: loaded,
+            inputs,
+            outputs,
+        })
+    }
+}
+
+impl Engine for TractEngine {
+    fn runs_on(&self) -> &str {
+        RUNS_ON
+    }
+
+    fn inputs(&self) -> &[Fact] {
+        &self.inputs
+    }
+
+    fn outputs(&self) -> &[Fact] {
+        &self.outputs
+    }
+
+    fn runner(&self) -> Result<Box<dyn Runner>, ModelErrorKind> {
+        let state = SimpleState::new(&self.plan).map_err(|e| ModelErrorKind::Engine(chain(&e)))?;
+        Ok(Box::new(TractRunner {
+            plan: Arc::clone(&self.plan),
+            state,
+        }))
+    }
+}
+
+/// tract state of one worker: its buffers are reused across calls.
+struct TractRunner {
+    plan: Arc<TypedRunnableModel>,
+    state: TypedSimpleState,
+}
+
+impl Runner for TractRunner {
+    fn run(&mut self, inputs: TVec<TValue>) -> Result<TVec<TValue>, ModelErrorKind> {
+        match catch_unwind(AssertUnwindSafe(|| self.state.run(inputs))) {
+            Ok(Ok(outputs)) => Ok(outputs),
+            Ok(Err(e)) => Err(ModelErrorKind::Inference(chain(&e))),
+            Err(panic) => {
+                // The state may be half-updated: start from a fresh one.
+                self.state =
+                    SimpleState::new(&self.plan).map_err(|e| ModelErrorKind::Engine(chain(&e)))?;
+                Err(ModelErrorKind::Panic {
+                    stage: "running",
+                    message: panic_message(panic),
+                })
+            }
+        }
+    }
+}
+
+fn build_plan(
+    proto: &tract_onnx::pb::ModelProto,
+    manifest: &Manifest,
+    facts: &mut GraphFacts,
+) -> Result<Arc<TypedRunnableModel>, ModelErrorKind> {
+    let loader = tract_onnx::onnx();
+    let unknown = graph::unsupported_operators(proto, |op| loader.op_register.0.contains_key(op));
+    if !unknown.is_empty() {
+        return Err(ModelErrorKind::UnsupportedOperators(unknown.join(", ")));
+    }
+    match plan_from_proto(&loader, proto, manifest) {
+        Ok(plan) => Ok(plan),
+        Err(strict) => {
+            // Some exporters declare value info or output shapes that tract
+            // disagrees with; such models often load once those are ignored.
+            let relaxed = tract_onnx::onnx()
+                .with_ignore_value_info(true)
+                .with_ignore_output_shapes(true);
+            let plan = plan_from_proto(&relaxed, proto, manifest).map_err(|_| strict)?;
+            facts
+                .rewrites
+                .push("loaded ignoring the graph's declared value info and output shapes".into());
+            Ok(plan)
+        }
+    }
+}
+
+fn plan_from_proto(
+    loader: &tract_onnx::Onnx,
+    proto: &tract_onnx::pb::ModelProto,
+    manifest: &Manifest,
+) -> Result<Arc<TypedRunnableModel>, ModelErrorKind> {
+    let engine = |e: TractError| ModelErrorKind::Engine(chain(&e));
+    let inference = loader.model_for_proto_model(proto).map_err(engine)?;
+    let typed = inference.into_typed().map_err(engine)?;
+    // Symbolic dimensions (a batch `N`, say) become concrete: from the
+    // manifest's input.shape where it gives one, else 1.
+    let mut subs = HashMap::new();
+    let outlets = typed.input_outlets().map_err(engine)?.to_vec();
+    let label = |o: &OutletId| {
+        typed
+            .outlet_label(*o)
+            .unwrap_or(&typed.node(o.node).name)
+            .to_owned()
+    };
+    let is_state = |name: &str| manifest.state.iter().any(|s| s.input == name);
+    let data_ix = match &manifest.input.name {
+        Some(n) => outlets.iter().position(|o| &label(o) == n),
+        None => outlets.iter().position(|o| !is_state(&label(o))),
+    };
+    for (ix, outlet) in outlets.iter().enumerate() {
+        let fact = typed.outlet_fact(*outlet).map_err(engine)?;
+        let wanted = if Some(ix) == data_ix {
+            manifest.input.shape.as_deref()
+        } else {
+            None
+        };
+        if let Some(w) = wanted {
+            if w.len() != fact.rank() {
+                return Err(ModelErrorKind::Unsupported(format!(
+                    "manifest input.shape {w:?} has rank {}, the graph's input has shape {:?}",
+                    w.len(),
+                    fact.shape
+                )));
+            }
+        }
+        for (d, dim) in fact.shape.iter().enumerate() {
+            let want = wanted.map(|w| w[d]);
+            match (dim.as_i64(), want) {
+                (Some(have), Some(want)) if have as usize != want => {
+                    return Err(ModelErrorKind::Unsupported(format!(
+                        "manifest input.shape {:?} disagrees with the graph's input shape {:?}",
+                        wanted.unwrap_or_default(),
+                        fact.shape
+                    )));
+                }
+                (Some(_), _) => {}
+                (None, want) => {
+                    for sym in dim.symbols() {
+                        subs.entry(sym)
+                            .or_insert_with(|| TDim::Val(want.unwrap_or(1) as i64));
+                    }
+                }
+            }
+        }
+    }
+    let typed = if subs.is_empty() {
+        typed
+    } else {
+        typed.set_symbols(&subs).map_err(engine)?
+    };
+    let optimized = typed.into_optimized().map_err(engine)?;
+    optimized.into_runnable().map_err(engine)
+}

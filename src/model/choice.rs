@@ -1,0 +1,563 @@
+//! Which engine serves a model: the configured one, or with `backend =
+//! "auto"` every available one, probed for agreement and timed, the
+//! fastest that agrees. Decisions are cached in the state directory.
+
+use super::backend::{self, tract::TractEngine, BackendChoice, Engine, EngineOptions, Fact};
+use super::graph::{GraphFacts, QuantParams};
+use super::manifest::{Manifest, OutputKind};
+use super::ModelErrorKind;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tract_onnx::prelude::*;
+
+/// Relative tolerance for float outputs (of the output's largest |value|).
+pub const FLOAT_RTOL: f32 = 1e-3;
+/// Absolute floor under it, for outputs near zero.
+pub const FLOAT_ATOL: f32 = 1e-4;
+
+/// How a model came to run where it runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EngineReport {
+    /// `auto`, `tract` or `onnxruntime`, as configured.
+    pub requested: String,
+    /// `tract-cpu`, `onnxruntime-cpu`, `onnxruntime-openvino`, …
+    pub runs_on: String,
+    pub reason: String,
+    /// Engines and providers tried before, each with why it was passed over.
+    pub passed_over: Vec<String>,
+    /// `auto`'s figures, one per engine measured.
+    pub measured: Vec<Measurement>,
+    /// The decision came from the cache (nothing was measured this start).
+    pub from_cache: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Measurement {
+    pub runs_on: String,
+    pub p50_ms: f64,
+    pub runs: usize,
+    /// Largest |difference| from ONNX Runtime's outputs (dequantized), when
+    /// both ran.
+    pub max_abs_diff: Option<f32>,
+    pub agrees: Option<bool>,
+    pub detail: Option<String>,
+}
+
+pub struct Placement {
+    pub engine: Arc<dyn Engine>,
+    pub report: EngineReport,
+}
+
+/// What `place` needs to know about the model besides its bytes.
+pub struct ModelFacts<'a> {
+    pub bytes: &'a [u8],
+    pub proto: &'a tract_onnx::pb::ModelProto,
+    pub manifest: &'a Manifest,
+    pub sha256: &'a str,
+}
+
+pub fn place(
+    m: &ModelFacts,
+    graph: &mut GraphFacts,
+    options: &EngineOptions,
+) -> Result<Placement, ModelErrorKind> {
+    let report = |runs_on: &str, reason: String, passed_over: Vec<String>| EngineReport {
+        requested: options.backend.as_str().into(),
+        runs_on: runs_on.into(),
+        reason,
+        passed_over,
+        measured: vec![],
+        from_cache: false,
+    };
+    match options.backend {
+        BackendChoice::Tract => {
+            let engine = TractEngine::load(m.proto, m.manifest, graph)?;
+            Ok(Placement {
+                engine: Arc::new(engine),
+                report: report(backend::tract::RUNS_ON, "configured".into(), vec![]),
+            })
+        }
+        BackendChoice::OnnxRuntime => match load_ort(m, options) {
+            Ok((engine, passed, note)) => {
+                let reason = note.map_or("configured".into(), |n| format!("configured; {n}"));
+                let runs_on = engine.runs_on().to_owned();
+                Ok(Placement {
+                    engine,
+                    report: report(&runs_on, reason, passed),
+                })
+            }
+            Err(reasons) if options.fallback => {
+                let engine = TractEngine::load(m.proto, m.manifest, graph).map_err(|e| {
+                    ModelErrorKind::Engine(format!("{}; tract: {e}", reasons.join("; ")))
+                })?;
+                Ok(Placement {
+                    engine: Arc::new(engine),
+                    report: report(
+                        backend::tract::RUNS_ON,
+                        "every ONNX Runtime provider was passed over (fallback = true)".into(),
+                        reasons,
+                    ),
+                })
+            }
+            Err(reasons) => Err(ModelErrorKind::Engine(format!(
+                "backend = \"onnxruntime\" with fallback = false: {}",
+                reasons.join("; ")
+            ))),
+        },
+        BackendChoice::Auto => auto(m, graph, options),
+    }
+}
+
+type OrtLoaded = (Arc<dyn Engine>, Vec<String>, Option<String>);
+
+#[cfg(feature = "onnxruntime")]
+fn load_ort(m: &ModelFacts, options: &EngineOptions) -> Result<OrtLoaded, Vec<String>> {
+    let manifest = m.manifest;
+    let data_input = |names: &[String]| data_input_index(manifest, names);
+    let placed = backend::onnxruntime::load(
+        m.bytes,
+        manifest.input.shape.as_deref(),
+        &data_input,
+        options,
+    )?;
+    Ok((Arc::new(placed.engine), placed.passed_over, placed.note))
+}
+
+#[cfg(not(feature = "onnxruntime"))]
+fn load_ort(_: &ModelFacts, _: &EngineOptions) -> Result<OrtLoaded, Vec<String>> {
+    Err(vec![backend::runtime_status(None)
+        .reason
+        .map(|r| format!("onnxruntime: {r}"))
+        .unwrap_or_default()])
+}
+
+/// The data input among `names`: `input.name`, else the first that is not
+/// `[[state]]`.
+pub fn data_input_index(manifest: &Manifest, names: &[String]) -> Option<usize> {
+    match &manifest.input.name {
+        Some(n) => names.iter().position(|x| x == n),
+        None => names
+            .iter()
+            .position(|x| !manifest.state.iter().any(|s| &s.input == x)),
+    }
+}
+
+fn auto(
+    m: &ModelFacts,
+    graph: &mut GraphFacts,
+    options: &EngineOptions,
+) -> Result<Placement, ModelErrorKind> {
+    let status = backend::runtime_status(options.library.as_deref());
+    let key = status
+        .version
+        .as_ref()
+        .map(|v| cache_key(m.sha256, v, options));
+    let cache = cache_file(options);
+    if let (Some(key), Some(file)) = (&key, &cache) {
+        if let Some(mut cached) = read_cache(file).remove(key) {
+            let engine: Option<Arc<dyn Engine>> = if cached.runs_on == backend::tract::RUNS_ON {
+                TractEngine::load(m.proto, m.manifest, graph)
+                    .ok()
+                    .map(|e| Arc::new(e) as Arc<dyn Engine>)
+            } else {
+                load_ort(m, options)
+                    .ok()
+                    .map(|(e, _, _)| e)
+                    .filter(|e| e.runs_on() == cached.runs_on)
+            };
+            if let Some(engine) = engine {
+                cached.from_cache = true;
+                return Ok(Placement {
+                    engine,
+                    report: cached,
+                });
+            }
+        }
+    }
+
+    let mut passed_over = Vec::new();
+    let tract = TractEngine::load(m.proto, m.manifest, graph);
+    let ort = match &status.reason {
+        Some(reason) => Err(vec![format!("onnxruntime: {reason}")]),
+        None => load_ort(m, options),
+    };
+    let report = |runs_on: &str, reason: String, passed_over: Vec<String>, measured| EngineReport {
+        requested: "auto".into(),
+        runs_on: runs_on.into(),
+        reason,
+        passed_over,
+        measured,
+        from_cache: false,
+    };
+    let placement = match (tract, ort) {
+        (Ok(t), Err(reasons)) => {
+            passed_over.extend(reasons);
+            let reason = if status.available {
+                "ONNX Runtime cannot load it".to_string()
+            } else {
+                "ONNX Runtime is not available".to_string()
+            };
+            return Ok(Placement {
+                engine: Arc::new(t),
+                report: report(backend::tract::RUNS_ON, reason, passed_over, vec![]),
+            });
+        }
+        (Err(e), Ok((o, passed, _))) => {
+            passed_over.push(format!("tract: {e}"));
+            passed_over.extend(passed);
+            tracing::warn!(reason = %e, runs_on = o.runs_on(), "tract cannot load the model; ONNX Runtime serves it");
+            let runs_on = o.runs_on().to_owned();
+            Placement {
+                engine: o,
+                report: report(&runs_on, "tract cannot load it".into(), passed_over, vec![]),
+            }
+        }
+        (Err(e), Err(reasons)) => {
+            if !status.available {
+                return Err(e);
+            }
+            return Err(ModelErrorKind::Engine(format!(
+                "no engine can load it: tract: {e}; {}",
+                reasons.join("; ")
+            )));
+        }
+        (Ok(t), Ok((o, passed, _))) => {
+            passed_over.extend(passed);
+            let t: Arc<dyn Engine> = Arc::new(t);
+            let (measured, verdict) = measure(&t, &o, m.manifest, graph, options.probe_budget_ms)
+                .map_err(ModelErrorKind::Engine)?;
+            let (tm, om) = (&measured[0], &measured[1]);
+            let (engine, reason) = match verdict {
+                Some(why) => {
+                    tracing::warn!(
+                        runs_on = o.runs_on(),
+                        "tract answers differently from ONNX Runtime: {why}"
+                    );
+                    (o, format!("tract answers differently: {why}"))
+                }
+                None if tm.p50_ms <= om.p50_ms => (
+                    t,
+                    format!(
+                        "agrees and is faster ({:.3} ms against {:.3} ms)",
+                        tm.p50_ms, om.p50_ms
+                    ),
+                ),
+                None => (
+                    o,
+                    format!(
+                        "agrees and is faster ({:.3} ms against {:.3} ms)",
+                        om.p50_ms, tm.p50_ms
+                    ),
+                ),
+            };
+            let runs_on = engine.runs_on().to_owned();
+            Placement {
+                engine,
+                report: report(&runs_on, reason, passed_over, measured),
+            }
+        }
+    };
+    if let (Some(key), Some(file)) = (key, cache) {
+        let mut all = read_cache(&file);
+        all.insert(key, placement.report.clone());
+        if let Err(e) = write_cache(&file, &all) {
+            tracing::warn!(file = %file.display(), error = %e, "Cannot save the engine choice");
+        }
+    }
+    Ok(placement)
+}
+
+/// Runs the same probe through both engines, compares, and times them
+/// interleaved. Returns tract's and ONNX Runtime's figures and, when they
+/// disagree, why.
+fn measure(
+    tract: &Arc<dyn Engine>,
+    ort: &Arc<dyn Engine>,
+    manifest: &Manifest,
+    graph: &GraphFacts,
+    budget_ms: u64,
+) -> Result<(Vec<Measurement>, Option<String>), String> {
+    let names = |e: &Arc<dyn Engine>| {
+        e.inputs()
+            .iter()
+            .map(|f| f.info.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let data_t = data_input_index(manifest, &names(tract));
+    let data_o = data_input_index(manifest, &names(ort));
+    let probe_t = probe(tract.inputs(), data_t)?;
+    let probe_o = probe(ort.inputs(), data_o)?;
+    let mut rt = tract.runner().map_err(|e| format!("tract: {e}"))?;
+    let mut ro = ort.runner().map_err(|e| format!("onnxruntime: {e}"))?;
+    let out_t = rt.run(probe_t.clone()).map_err(|e| format!("tract: {e}"))?;
+    let out_o = ro
+        .run(probe_o.clone())
+        .map_err(|e| format!("onnxruntime: {e}"))?;
+    let (max_diff, verdict) = compare(
+        tract.outputs(),
+        &out_t,
+        ort.outputs(),
+        &out_o,
+        manifest,
+        graph,
+    );
+
+    // Interleaved, so both see the same machine; at least 3 runs each.
+    let (mut times_t, mut times_o) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    while times_t.len() < 3
+        || (started.elapsed().as_millis() < 2 * budget_ms as u128 && times_t.len() < 200)
+    {
+        let t0 = Instant::now();
+        rt.run(probe_t.clone()).map_err(|e| format!("tract: {e}"))?;
+        times_t.push(t0.elapsed().as_secs_f64() * 1e3);
+        let t0 = Instant::now();
+        ro.run(probe_o.clone())
+            .map_err(|e| format!("onnxruntime: {e}"))?;
+        times_o.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let row = |e: &Arc<dyn Engine>, times: &mut Vec<f64>, reference: bool| Measurement {
+        runs_on: e.runs_on().to_owned(),
+        p50_ms: median(times),
+        runs: times.len(),
+        max_abs_diff: (!reference).then_some(max_diff),
+        agrees: (!reference).then_some(verdict.is_none()),
+        detail: if reference {
+            Some("reference".into())
+        } else {
+            verdict.clone()
+        },
+    };
+    Ok((
+        vec![
+            row(tract, &mut times_t, false),
+            row(ort, &mut times_o, true),
+        ],
+        verdict,
+    ))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Deterministic inputs: the data input over its whole range (int8/uint8)
+/// or [-1, 1] (floats), every other input (recurrent state) zeros.
+pub fn probe(inputs: &[Fact], data: Option<usize>) -> Result<TVec<TValue>, String> {
+    let mut rng = fastrand::Rng::with_seed(0x0ED6E);
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let shape = &f.info.shape;
+            let n: usize = shape.iter().product();
+            let tensor = if Some(i) != data {
+                Tensor::zero_dt(f.datum.unquantized(), shape)
+            } else {
+                match f.datum.unquantized() {
+                    DatumType::F32 => Tensor::from_shape(
+                        shape,
+                        &(0..n).map(|_| rng.f32() * 2.0 - 1.0).collect::<Vec<_>>(),
+                    ),
+                    DatumType::I8 => {
+                        Tensor::from_shape(shape, &(0..n).map(|_| rng.i8(..)).collect::<Vec<_>>())
+                    }
+                    DatumType::U8 => {
+                        Tensor::from_shape(shape, &(0..n).map(|_| rng.u8(..)).collect::<Vec<_>>())
+                    }
+                    other => Tensor::zero_dt(other, shape),
+                }
+            };
+            tensor.map(|t| t.into_tvalue()).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// The largest |difference| over all outputs (dequantized) and, when an
+/// output is out of tolerance or a classifier's top-1 differs, why.
+fn compare(
+    facts_t: &[Fact],
+    out_t: &[TValue],
+    facts_o: &[Fact],
+    out_o: &[TValue],
+    manifest: &Manifest,
+    graph: &GraphFacts,
+) -> (f32, Option<String>) {
+    let mut max_diff = 0f32;
+    let mut verdict = None;
+    for (fo, vo) in facts_o.iter().zip(out_o) {
+        let Some(ix) = facts_t.iter().position(|f| f.info.name == fo.info.name) else {
+            verdict.get_or_insert(format!("tract has no output {}", fo.info.name));
+            continue;
+        };
+        let vt = &out_t[ix];
+        let quant = graph.output_quant.get(&fo.info.name).copied();
+        let (Ok(a), Ok(b)) = (dequantized(vt, quant), dequantized(vo, quant)) else {
+            continue;
+        };
+        if a.len() != b.len() {
+            verdict.get_or_insert(format!(
+                "output {} has {} values on tract, {} on ONNX Runtime",
+                fo.info.name,
+                a.len(),
+                b.len()
+            ));
+            continue;
+        }
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            // f32::max would drop a NaN: keep it, it is a disagreement.
+            .fold(0f32, |m, d| {
+                if d.is_nan() || m.is_nan() {
+                    f32::NAN
+                } else {
+                    m.max(d)
+                }
+            });
+        max_diff = if diff.is_nan() {
+            diff
+        } else {
+            max_diff.max(diff)
+        };
+        let allowed = match step(vt, quant) {
+            // One quantization step (and a hair for float rounding).
+            Some(step) => step * 1.001,
+            None => FLOAT_ATOL + FLOAT_RTOL * b.iter().fold(0f32, |m, x| m.max(x.abs())),
+        };
+        // NaN on either side is a disagreement too.
+        if diff.is_nan() || diff > allowed {
+            verdict.get_or_insert(format!(
+                "output {}: max |difference| {diff} over the {allowed} allowed",
+                fo.info.name
+            ));
+        }
+        let read = manifest
+            .output
+            .name
+            .as_deref()
+            .unwrap_or(&facts_o[0].info.name);
+        if manifest.output.kind == OutputKind::Classification && fo.info.name == read {
+            let top = |v: &[f32]| {
+                v.iter()
+                    .enumerate()
+                    .max_by(|x, y| x.1.total_cmp(y.1))
+                    .map(|(i, _)| i)
+            };
+            if top(&a) != top(&b) {
+                verdict.get_or_insert(format!(
+                    "top-1 class {:?} on tract, {:?} on ONNX Runtime",
+                    top(&a),
+                    top(&b)
+                ));
+            }
+        }
+    }
+    (max_diff, verdict)
+}
+
+/// The value of one quantization step of an int8/uint8 output.
+fn step(value: &TValue, quant: Option<QuantParams>) -> Option<f32> {
+    let dt = value.datum_type();
+    if !matches!(dt.unquantized(), DatumType::I8 | DatumType::U8) {
+        return None;
+    }
+    match (quant, dt.zp_scale()) {
+        (Some(q), _) => Some(q.scale),
+        (None, (_, s)) if dt.is_quantized() => Some(s),
+        _ => Some(1.0),
+    }
+}
+
+/// The values of an output as f32, dequantized where it is int8/uint8.
+pub fn dequantized(value: &TValue, quant: Option<QuantParams>) -> Result<Vec<f32>, ModelErrorKind> {
+    let bad = |e: TractError| ModelErrorKind::Inference(super::chain(&e));
+    let dt = value.datum_type();
+    let (scale, zp) = match (quant, dt.zp_scale()) {
+        (Some(q), _) => (q.scale, q.zero_point as f32),
+        (None, (z, s)) if dt.is_quantized() => (s, z as f32),
+        _ => (1.0, 0.0),
+    };
+    let plain = value.cast_to_dt(dt.unquantized()).map_err(bad)?;
+    Ok(match dt.unquantized() {
+        DatumType::F32 => backend::plain_slice::<f32>(&plain).map_err(bad)?.to_vec(),
+        DatumType::I8 => backend::plain_slice::<i8>(&plain)
+            .map_err(bad)?
+            .iter()
+            .map(|q| (*q as f32 - zp) * scale)
+            .collect(),
+        DatumType::U8 => backend::plain_slice::<u8>(&plain)
+            .map_err(bad)?
+            .iter()
+            .map(|q| (*q as f32 - zp) * scale)
+            .collect(),
+        _ => {
+            let cast = plain.cast_to::<f32>().map_err(bad)?;
+            backend::plain_slice::<f32>(&cast).map_err(bad)?.to_vec()
+        }
+    })
+}
+
+/// Decisions are valid for one model file, one pair of engine versions,
+/// one CPU and one set of engine options.
+fn cache_key(sha256: &str, ort_version: &str, options: &EngineOptions) -> String {
+    format!(
+        "{sha256} edgeinfer-{} onnxruntime-{ort_version} cpu={} providers={} strict={} threads={}",
+        env!("CARGO_PKG_VERSION"),
+        cpu_identity(),
+        options.providers.join(","),
+        options.strict,
+        options.threads
+    )
+}
+
+/// The CPU model (x86: `model name`; ARM: implementer and part) and the
+/// number of CPUs this process may use.
+pub fn cpu_identity() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        info.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_owned())
+    };
+    let model = field("model name")
+        .or_else(|| {
+            Some(format!(
+                "{}/{}",
+                field("CPU implementer")?,
+                field("CPU part")?
+            ))
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.into());
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{model} x{n}")
+}
+
+fn cache_file(options: &EngineOptions) -> Option<PathBuf> {
+    options
+        .cache_dir
+        .as_ref()
+        .map(|d| d.join("engine-choices.json"))
+}
+
+fn read_cache(file: &Path) -> BTreeMap<String, EngineReport> {
+    std::fs::read(file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn write_cache(file: &Path, all: &BTreeMap<String, EngineReport>) -> std::io::Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = file.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(all)?)?;
+    std::fs::rename(tmp, file)
+}

@@ -1,0 +1,406 @@
+//! The engines (issue #13): tract beside ONNX Runtime loaded at run time
+//! from PyPI's wheels (tests/install-deps.sh), execution providers with
+//! their fallback and strict policies, `backend = "auto"` and its cache.
+//!
+//! ONNX Runtime is process-global (one library per process), so every test
+//! that loads one runs the edgeinfer binary.
+
+mod common;
+
+use common::{onnxruntime_library, repo, Mosquitto, Observer};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_edgeinfer");
+
+fn edgeinfer(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("edgeinfer runs")
+}
+
+/// `edgeinfer models ... --json` as JSON rows (the exit status is not
+/// checked: a model that does not load is a row with an error).
+fn models(args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["models", "--json"];
+    all.extend_from_slice(args);
+    let out = edgeinfer(&all);
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str::<Value>(&text)
+        .unwrap_or_else(|e| {
+            panic!(
+                "models {args:?}: {e}\nstdout: {text}\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn measured<'a>(row: &'a Value, runs_on: &str) -> &'a Value {
+    row["engine"]["measured"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["runs_on"] == runs_on)
+        .unwrap_or_else(|| panic!("{} has no {runs_on} figures: {row:#}", row["name"]))
+}
+
+/// `auto`'s rule: with both engines loaded and agreeing, the faster serves;
+/// when tract disagrees, ONNX Runtime does.
+fn assert_auto_rule(row: &Value) {
+    assert!(
+        row["error"].is_null(),
+        "{} does not load: {}",
+        row["name"],
+        row["error"]
+    );
+    let engine = &row["engine"];
+    assert_eq!(engine["requested"], "auto");
+    let tract = measured(row, "tract-cpu");
+    let ort = measured(row, "onnxruntime-cpu");
+    assert!(tract["max_abs_diff"].as_f64().unwrap().is_finite());
+    let expected = if tract["agrees"] == true {
+        if tract["p50_ms"].as_f64() <= ort["p50_ms"].as_f64() {
+            "tract-cpu"
+        } else {
+            "onnxruntime-cpu"
+        }
+    } else {
+        "onnxruntime-cpu"
+    };
+    assert_eq!(row["backend"], expected, "{row:#}");
+    assert_eq!(engine["runs_on"], expected);
+}
+
+#[test]
+fn auto_measures_both_engines_and_serves_every_bundled_model_with_the_faster_agreeing_one() {
+    let Some(lib) = onnxruntime_library("cpu") else {
+        return;
+    };
+    let rows = models(&["--onnxruntime-library", lib.to_str().unwrap()]);
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        assert_auto_rule(row);
+        // The bundled models are the ones whose answers the golden tests pin:
+        // both engines agree on them.
+        assert_eq!(measured(row, "tract-cpu")["agrees"], true, "{row:#}");
+    }
+}
+
+#[test]
+fn every_shared_model_runs_through_both_engines_with_outputs_compared() {
+    let Some(lib) = onnxruntime_library("cpu") else {
+        return;
+    };
+    let Some(zoo) = common::model_zoo() else {
+        return;
+    };
+    let rows = models(&[
+        "--check",
+        zoo.to_str().unwrap(),
+        "--onnxruntime-library",
+        lib.to_str().unwrap(),
+    ]);
+    assert!(rows.len() >= 10, "{} models", rows.len());
+    println!("| model | tract p50 ms | onnxruntime p50 ms | max abs diff | auto chose | why |");
+    for row in &rows {
+        assert_auto_rule(row);
+        let (t, o) = (measured(row, "tract-cpu"), measured(row, "onnxruntime-cpu"));
+        println!(
+            "| {} | {:.3} | {:.3} | {} | {} | {} |",
+            Path::new(row["file"].as_str().unwrap())
+                .strip_prefix(&zoo)
+                .unwrap()
+                .display(),
+            t["p50_ms"].as_f64().unwrap(),
+            o["p50_ms"].as_f64().unwrap(),
+            t["max_abs_diff"],
+            row["backend"].as_str().unwrap(),
+            row["engine"]["reason"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+fn openvino_takes_the_whole_graph_with_cpu_fallback_disabled_and_answers_like_tract() {
+    let Some(lib) = onnxruntime_library("openvino") else {
+        return;
+    };
+    let lib = lib.to_str().unwrap();
+    let strict = [
+        "--backend",
+        "onnxruntime",
+        "--providers",
+        "openvino",
+        "--strict",
+        "--no-fallback",
+        "--onnxruntime-library",
+        lib,
+    ];
+    let rows = models(&strict);
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        assert_eq!(row["backend"], "onnxruntime-openvino", "{row:#}");
+        assert_eq!(row["engine"]["passed_over"].as_array().unwrap().len(), 0);
+    }
+    // One real window of the activity reference, through OpenVINO and tract.
+    let case = &common::activity_reference().cases[0];
+    let payload = serde_json::json!({ "samples": case.input }).to_string();
+    let model = repo().join("models/activity.toml");
+    let infer = |engine: &[&str]| -> Value {
+        let mut args = vec![
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            "--json",
+            &payload,
+        ];
+        args.extend_from_slice(engine);
+        let out = edgeinfer(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let on_openvino = infer(&strict);
+    let on_tract = infer(&["--backend", "tract"]);
+    let top = |r: &Value| r["output"]["top"][0].clone();
+    assert_eq!(top(&on_openvino)["label"], case.label.as_str());
+    assert_eq!(top(&on_openvino)["label"], top(&on_tract)["label"]);
+    let (a, b) = (
+        top(&on_openvino)["score"].as_f64().unwrap(),
+        top(&on_tract)["score"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-3, "score {a} on OpenVINO, {b} on tract");
+}
+
+/// A copy of the Hardmax fixture (OpenVINO lacks Hardmax) alone in a folder.
+fn partial_offload_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo().join("tests/fixtures/partial_offload.onnx"),
+        dir.path().join("partial_offload.onnx"),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn strict_refuses_a_partial_offload_and_the_policy_decides_what_serves_instead() {
+    let Some(lib) = onnxruntime_library("openvino") else {
+        return;
+    };
+    let dir = partial_offload_dir();
+    let check = |extra: &[&str]| -> Value {
+        let mut args = vec![
+            "--check",
+            dir.path().to_str().unwrap(),
+            "--backend",
+            "onnxruntime",
+            "--providers",
+            "openvino",
+            "--onnxruntime-library",
+            lib.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        models(&args).remove(0)
+    };
+
+    let refused = check(&["--strict", "--no-fallback"]);
+    let error = refused["error"]
+        .as_str()
+        .expect("strict without fallback fails the model");
+    assert!(
+        error.contains("fallback = false") && error.contains("openvino:"),
+        "{error}"
+    );
+    assert!(error.contains("CPU"), "{error}");
+
+    let to_tract = check(&["--strict"]);
+    assert_eq!(to_tract["backend"], "tract-cpu", "{to_tract:#}");
+    let passed = to_tract["engine"]["passed_over"].as_array().unwrap();
+    assert!(
+        passed[0].as_str().unwrap().starts_with("openvino: "),
+        "{passed:?}"
+    );
+
+    let partial = check(&[]);
+    assert_eq!(partial["backend"], "onnxruntime-openvino", "{partial:#}");
+    assert!(
+        partial["engine"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("CPU provider"),
+        "{partial:#}"
+    );
+}
+
+#[test]
+fn a_provider_missing_from_the_library_is_passed_over_for_the_next() {
+    let Some(lib) = onnxruntime_library("cpu") else {
+        return;
+    };
+    let rows = models(&[
+        "--backend",
+        "onnxruntime",
+        "--providers",
+        "rknpu,cpu",
+        "--no-fallback",
+        "--onnxruntime-library",
+        lib.to_str().unwrap(),
+    ]);
+    for row in &rows {
+        assert_eq!(row["backend"], "onnxruntime-cpu", "{row:#}");
+        let passed = row["engine"]["passed_over"].as_array().unwrap();
+        assert_eq!(passed.len(), 1, "{passed:?}");
+        let why = passed[0].as_str().unwrap();
+        assert!(
+            why.starts_with("rknpu: not in this ONNX Runtime build"),
+            "{why}"
+        );
+        assert!(why.contains("1.32.0"), "{why}");
+    }
+}
+
+#[test]
+fn onnxruntime_without_fallback_and_without_a_library_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edgeinfer.toml");
+    let text = common::config_text("mqtt://127.0.0.1:1", "d1", "[engine]\nbackend = \"onnxruntime\"\nfallback = false\nonnxruntime_library = \"/nonexistent/libonnxruntime.so\"\n")
+        + &common::ACTIVITY_PIPELINE.replace("models/activity.toml", repo().join("models/activity.toml").to_str().unwrap());
+    std::fs::write(&config, text).unwrap();
+    let out = edgeinfer(&["check-config", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("pipeline[0].model"), "{stderr}");
+    assert!(
+        stderr.contains("fallback = false") && stderr.contains("/nonexistent/libonnxruntime.so"),
+        "{stderr}"
+    );
+}
+
+/// A daemon (the binary) for the activity model with `engine` as its
+/// `[engine]` section; returns its first health message.
+async fn first_health(engine: &str) -> Value {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edgeinfer.toml");
+    let text = common::config_text(&broker.url(), "eng1", engine)
+        + &common::ACTIVITY_PIPELINE.replace(
+            "models/activity.toml",
+            repo().join("models/activity.toml").to_str().unwrap(),
+        );
+    std::fs::write(&config, text).unwrap();
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/eng1/health"]).await;
+    let mut daemon = Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    // The first message after the model has loaded.
+    let health = obs
+        .next_where(Duration::from_secs(60), |m| {
+            m.json()["models"]["activity"]["engine"].is_object()
+        })
+        .await;
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    health.expect("a health message within 60 s").json()
+}
+
+#[tokio::test]
+async fn without_the_library_auto_serves_with_tract_and_health_says_why() {
+    let health =
+        first_health("[engine]\nonnxruntime_library = \"/nonexistent/libonnxruntime.so\"\n").await;
+    let model = &health["models"]["activity"];
+    assert_eq!(model["backend"], "tract-cpu", "{health:#}");
+    assert_eq!(model["engine"]["requested"], "auto");
+    assert_eq!(model["engine"]["reason"], "ONNX Runtime is not available");
+    let passed = model["engine"]["passed_over"][0].as_str().unwrap();
+    assert!(
+        passed.starts_with("onnxruntime: ") && passed.contains("/nonexistent/libonnxruntime.so"),
+        "{passed}"
+    );
+    let ort = &health["onnxruntime"];
+    assert_eq!(ort["available"], false);
+    assert!(
+        ort["reason"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/libonnxruntime.so"),
+        "{ort}"
+    );
+}
+
+#[tokio::test]
+async fn with_the_library_health_names_the_engine_its_version_and_the_figures() {
+    let Some(lib) = onnxruntime_library("cpu") else {
+        return;
+    };
+    let health = first_health(&format!(
+        "[engine]\nonnxruntime_library = \"{}\"\n",
+        lib.display()
+    ))
+    .await;
+    let ort = &health["onnxruntime"];
+    assert_eq!(ort["available"], true, "{health:#}");
+    assert_eq!(ort["version"], "1.32.0");
+    assert!(ort["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p == "cpu"));
+    let engine = &health["models"]["activity"]["engine"];
+    assert_eq!(
+        engine["measured"].as_array().unwrap().len(),
+        2,
+        "{engine:#}"
+    );
+    assert_eq!(health["models"]["activity"]["backend"], engine["runs_on"]);
+}
+
+#[test]
+fn the_auto_decision_is_cached_per_model_versions_and_cpu() {
+    let Some(lib) = onnxruntime_library("cpu") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edgeinfer.toml");
+    let text = common::config_text(
+        "mqtt://127.0.0.1:1",
+        "d1",
+        &format!(
+            "[engine]\nonnxruntime_library = \"{}\"\ncache_dir = \"cache\"\n",
+            lib.display()
+        ),
+    ) + &common::ACTIVITY_PIPELINE.replace(
+        "models/activity.toml",
+        repo().join("models/activity.toml").to_str().unwrap(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let config = config.to_str().unwrap();
+    let cold = models(&["--config", config]).remove(0);
+    assert_eq!(cold["engine"]["from_cache"], false);
+    let cache: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("cache/engine-choices.json")).unwrap(),
+    )
+    .unwrap();
+    let (key, saved) = cache.as_object().unwrap().iter().next().unwrap();
+    let sha = cold["sha256"].as_str().unwrap();
+    assert!(
+        key.starts_with(sha) && key.contains("onnxruntime-1.32.0") && key.contains("cpu="),
+        "{key}"
+    );
+    assert_eq!(saved["runs_on"], cold["backend"]);
+
+    let warm = models(&["--config", config]).remove(0);
+    assert_eq!(warm["engine"]["from_cache"], true, "{warm:#}");
+    assert_eq!(warm["backend"], cold["backend"]);
+    assert_eq!(warm["engine"]["measured"], cold["engine"]["measured"]);
+}
