@@ -233,7 +233,7 @@ pub struct EngineConfig {
     /// `auto` (measure every available engine, serve with the fastest that
     /// agrees), `tract` or `onnxruntime`.
     #[serde(default)]
-    pub backend: crate::model::BackendChoice,
+    pub backend: Backend,
     /// ONNX Runtime execution providers in the order tried, e.g.
     /// `["qnn", "openvino", "cpu"]`.
     #[serde(default = "default_providers")]
@@ -269,6 +269,17 @@ impl Default for EngineConfig {
             probe_budget_ms: default_probe_budget_ms(),
         }
     }
+}
+
+/// `[engine] backend`: the model layer's choice, spelled for the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Auto,
+    Tract,
+    #[serde(rename = "onnxruntime")]
+    OnnxRuntime,
 }
 
 fn default_providers() -> Vec<String> {
@@ -362,7 +373,7 @@ pub struct Pipeline {
     /// Only report these labels.
     pub classes: Option<Vec<String>>,
     /// Overrides of `[engine]` for this pipeline's model.
-    pub backend: Option<crate::model::BackendChoice>,
+    pub backend: Option<Backend>,
     pub providers: Option<Vec<String>>,
     pub fallback: Option<bool>,
     pub strict: Option<bool>,
@@ -558,32 +569,6 @@ impl Config {
         self.base_dir.join(&pipeline.model)
     }
 
-    /// How the pipeline's model is put on an engine: `[engine]` with the
-    /// pipeline's overrides.
-    pub fn engine_options(&self, pipeline: &Pipeline) -> crate::model::EngineOptions {
-        let e = &self.engine;
-        crate::model::EngineOptions {
-            backend: pipeline.backend.unwrap_or(e.backend),
-            providers: pipeline
-                .providers
-                .clone()
-                .unwrap_or_else(|| e.providers.clone()),
-            fallback: pipeline.fallback.unwrap_or(e.fallback),
-            strict: pipeline.strict.unwrap_or(e.strict),
-            threads: pipeline.threads.unwrap_or(e.threads),
-            library: e
-                .onnxruntime_library
-                .as_ref()
-                .map(|l| self.base_dir.join(l)),
-            cache_dir: e
-                .cache_dir
-                .as_ref()
-                .map(|d| self.base_dir.join(d))
-                .or_else(state_directory),
-            probe_budget_ms: e.probe_budget_ms,
-        }
-    }
-
     /// Checks everything that can be checked without loading models or
     /// touching the network, and returns every problem found.
     pub fn validate(&self) -> Vec<Problem> {
@@ -601,34 +586,18 @@ impl Config {
     }
 
     fn check_engine(&self, out: &mut Problems) {
-        let mut check = |key: String, providers: &[String], threads: usize| {
-            #[cfg(feature = "onnxruntime")]
-            {
-                let known = crate::model::backend::onnxruntime::provider_names();
-                for p in providers {
-                    let name = p.split(':').next().unwrap_or("");
-                    if !known.contains(&name) {
-                        out.bad(
-                            &format!("{key}providers"),
-                            format!("unknown provider {p:?} (known: {})", known.join(", ")),
-                        );
-                    }
-                }
-            }
-            #[cfg(not(feature = "onnxruntime"))]
-            let _ = providers;
-            if !(1..=64).contains(&threads) {
-                out.bad(&format!("{key}threads"), "must be between 1 and 64".into());
-            }
-        };
-        check(
-            "engine.".into(),
-            &self.engine.providers,
-            self.engine.threads,
+        // Provider names are checked against the engine's list by `check`
+        // (the config does not know the engines).
+        let threads = std::iter::once(("engine.threads".to_string(), self.engine.threads)).chain(
+            self.pipelines
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| Some((format!("pipeline[{i}].threads"), p.threads?))),
         );
-        for (i, p) in self.pipelines.iter().enumerate() {
-            let providers = p.providers.as_deref().unwrap_or(&[]);
-            check(format!("pipeline[{i}]."), providers, p.threads.unwrap_or(1));
+        for (key, n) in threads {
+            if !(1..=64).contains(&n) {
+                out.bad(&key, "must be between 1 and 64".into());
+            }
         }
         if self.engine.probe_budget_ms > 10_000 {
             out.bad("engine.probe_budget_ms", "must be at most 10000".into());

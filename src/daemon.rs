@@ -4,7 +4,7 @@
 
 use crate::config::{self, Config, Problem};
 use crate::health::{self, SystemSampler, Telemetry};
-use crate::model::Registry;
+use crate::model::{BackendChoice, EngineOptions, Registry};
 use crate::mqtt::{self, Backoff, ConnectionContext, Outbox, Outgoing, Router, TopicFilter};
 use crate::{flow, pipeline, systemd};
 use rumqttc::{AsyncClient, QoS};
@@ -23,10 +23,71 @@ pub enum RunError {
     Mqtt(String),
 }
 
+/// How a pipeline's model is put on an engine: `[engine]` with the
+/// pipeline's overrides.
+pub fn engine_options(config: &Config, pipeline: &crate::config::Pipeline) -> EngineOptions {
+    use crate::config::Backend;
+    let e = &config.engine;
+    EngineOptions {
+        backend: match pipeline.backend.unwrap_or(e.backend) {
+            Backend::Auto => BackendChoice::Auto,
+            Backend::Tract => BackendChoice::Tract,
+            Backend::OnnxRuntime => BackendChoice::OnnxRuntime,
+        },
+        providers: pipeline
+            .providers
+            .clone()
+            .unwrap_or_else(|| e.providers.clone()),
+        fallback: pipeline.fallback.unwrap_or(e.fallback),
+        strict: pipeline.strict.unwrap_or(e.strict),
+        threads: pipeline.threads.unwrap_or(e.threads),
+        library: e
+            .onnxruntime_library
+            .as_ref()
+            .map(|l| config.base_dir.join(l)),
+        cache_dir: e
+            .cache_dir
+            .as_ref()
+            .map(|d| config.base_dir.join(d))
+            .or_else(crate::config::state_directory),
+        probe_budget_ms: e.probe_budget_ms,
+    }
+}
+
+/// Provider names the engine does not know, keyed like the config.
+fn check_providers(config: &Config) -> Vec<Problem> {
+    let known = crate::model::backend::provider_names();
+    let lists = std::iter::once((
+        "engine.providers".to_string(),
+        Some(&config.engine.providers),
+    ))
+    .chain(
+        config
+            .pipelines
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("pipeline[{i}].providers"), p.providers.as_ref())),
+    );
+    let mut problems = Vec::new();
+    for (key, list) in lists {
+        for p in list.into_iter().flatten() {
+            let name = p.split(':').next().unwrap_or("");
+            if !known.contains(&name) {
+                problems.push(Problem {
+                    key: key.clone(),
+                    message: format!("unknown provider {p:?} (known: {})", known.join(", ")),
+                });
+            }
+        }
+    }
+    problems
+}
+
 /// Loads every model the config names and checks each pipeline against its
 /// model. Returns every problem, keyed like the config (`pipeline[0].model`).
 pub fn check(config: &Config) -> Vec<Problem> {
     let mut problems = config.validate();
+    problems.extend(check_providers(config));
     if problems.iter().any(|p| p.key.starts_with("pipeline")) {
         return problems;
     }
@@ -41,7 +102,7 @@ pub fn check(config: &Config) -> Vec<Problem> {
     }
     let mut registry = Registry::default();
     for (i, p) in config.pipelines.iter().enumerate() {
-        match registry.get_or_load(&config.model_path(p), &config.engine_options(p)) {
+        match registry.get_or_load(&config.model_path(p), &engine_options(config, p)) {
             Ok(model) => {
                 if let Err(message) = pipeline::PipelineSpec::new(config, p, model)
                     .and_then(|_| mqtt::Route::new(config, p).map(|_| ()))
@@ -338,7 +399,7 @@ async fn start_pipelines(config: &Config, outbox: &Outbox, telemetry: &Arc<Telem
         for p in &config.pipelines {
             let stats = telemetry.pipeline(&p.name);
             let result = registry
-                .get_or_load(&config.model_path(p), &config.engine_options(p))
+                .get_or_load(&config.model_path(p), &engine_options(&config, p))
                 .map_err(|e| e.to_string())
                 .and_then(|model| {
                     let placement = &model.placement;

@@ -26,4 +26,6 @@ pub mod pipeline;
 pub mod systemd;
 pub mod topic;
 
-pub use daemon::{check, memory_budget, publish_limits, run, RunError, SHUTDOWN_GRACE};
+pub use daemon::{
+    check, engine_options, memory_budget, publish_limits, run, RunError, SHUTDOWN_GRACE,
+};

@@ -377,7 +377,7 @@ fn models(
             let mut v: Vec<_> = c
                 .pipelines
                 .iter()
-                .map(|p| (c.model_path(p), c.engine_options(p)))
+                .map(|p| (c.model_path(p), edgeinfer::engine_options(&c, p)))
                 .collect();
             v.dedup();
             v

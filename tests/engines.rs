@@ -270,6 +270,28 @@ fn a_provider_missing_from_the_library_is_passed_over_for_the_next() {
 }
 
 #[test]
+fn a_library_too_old_or_not_onnx_runtime_is_a_reason_and_tract_serves() {
+    let Some(old) = onnxruntime_library("too-old") else {
+        return;
+    };
+    for (library, expected) in [
+        (
+            old.to_str().unwrap(),
+            "expected version >= '1.24.x', but got '1.22.0'",
+        ),
+        // Found by the dynamic loader, but not ONNX Runtime.
+        ("libc.so.6", "does not export `OrtGetApiBase`"),
+    ] {
+        for row in models(&["--onnxruntime-library", library]) {
+            assert_eq!(row["backend"], "tract-cpu", "{row:#}");
+            assert_eq!(row["engine"]["reason"], "ONNX Runtime is not available");
+            let why = row["engine"]["passed_over"][0].as_str().unwrap();
+            assert!(why.contains(expected), "{why}");
+        }
+    }
+}
+
+#[test]
 fn onnxruntime_without_fallback_and_without_a_library_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("edgeinfer.toml");
@@ -284,6 +306,28 @@ fn onnxruntime_without_fallback_and_without_a_library_is_a_config_error() {
         stderr.contains("fallback = false") && stderr.contains("/nonexistent/libonnxruntime.so"),
         "{stderr}"
     );
+}
+
+#[test]
+fn unknown_providers_and_bad_thread_counts_are_config_errors_with_their_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("edgeinfer.toml");
+    let pipeline = common::ACTIVITY_PIPELINE.replace(
+        "models/activity.toml",
+        repo().join("models/activity.toml").to_str().unwrap(),
+    ) + "providers = [\"npu9000\"]\nthreads = 0\n";
+    let text = common::config_text("mqtt://127.0.0.1:1", "d1", "") + &pipeline;
+    std::fs::write(&config, text).unwrap();
+    let out = edgeinfer(&["check-config", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("pipeline[0].threads"), "{stderr}");
+    if cfg!(feature = "onnxruntime") {
+        assert!(
+            stderr.contains("pipeline[0].providers: unknown provider \"npu9000\""),
+            "{stderr}"
+        );
+    }
 }
 
 /// A daemon (the binary) for the activity model with `engine` as its

@@ -52,6 +52,8 @@ case "$(uname -m)" in
     fetch onnxruntime 1.32.0 manylinux_2_28_x86_64 cpu-1.32.0
     # OpenVINO's provider runs on a CPU-only machine: a real non-CPU provider here.
     fetch onnxruntime-openvino 1.24.1 manylinux_2_28_x86_64 openvino-1.24.1
+    # Older than the oldest API edgeinfer takes (1.24): refused with a reason.
+    fetch onnxruntime 1.22.0 manylinux_2_28_x86_64 cpu-1.22.0
     ;;
   aarch64)
     fetch onnxruntime 1.32.0 manylinux_2_28_aarch64 cpu-1.32.0

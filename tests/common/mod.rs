@@ -421,7 +421,8 @@ pub fn model_zoo() -> Option<PathBuf> {
 
 /// A `libonnxruntime.so` from PyPI's wheels, as tests/install-deps.sh
 /// unpacks them: `cpu` (onnxruntime 1.32.0) or `openvino`
-/// (onnxruntime-openvino 1.24.1, x86-64 only). `None` (the caller says it
+/// (onnxruntime-openvino 1.24.1, x86-64 only) or `too-old` (onnxruntime
+/// 1.22.0, below the API edgeinfer takes; x86-64 only). `None` (the caller says it
 /// skipped) when missing, except under CI, where that fails the test.
 pub fn onnxruntime_library(flavor: &str) -> Option<PathBuf> {
     let dir = match std::env::var_os("EDGEINFER_ORT_DIR").filter(|d| !d.is_empty()) {
@@ -438,6 +439,7 @@ pub fn onnxruntime_library(flavor: &str) -> Option<PathBuf> {
     let lib = match flavor {
         "cpu" => dir.join("cpu-1.32.0/libonnxruntime.so.1.32.0"),
         "openvino" => dir.join("openvino-1.24.1/libonnxruntime.so.1.24.1"),
+        "too-old" => dir.join("cpu-1.22.0/libonnxruntime.so.1.22.0"),
         other => panic!("no such ONNX Runtime flavour {other}"),
     };
     if lib.is_file() {

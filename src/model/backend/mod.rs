@@ -141,6 +141,19 @@ pub struct RuntimeStatus {
     pub reason: Option<String>,
 }
 
+/// The execution provider names `providers = [...]` takes (none without
+/// the onnxruntime feature).
+pub fn provider_names() -> Vec<&'static str> {
+    #[cfg(feature = "onnxruntime")]
+    {
+        onnxruntime::provider_names()
+    }
+    #[cfg(not(feature = "onnxruntime"))]
+    {
+        vec![]
+    }
+}
+
 /// ONNX Runtime as far as this process has tried it, without loading it.
 pub fn runtime_seen() -> RuntimeStatus {
     #[cfg(feature = "onnxruntime")]
