@@ -39,6 +39,7 @@ for f in models/*.onnx models/*.toml; do
 done
 DOC=$ROOT/usr/share/doc/edgeinfer
 install -D -m 0644 README.md "$DOC/README.md"
+install -D -m 0644 cross/debian/README.Debian "$DOC/README.Debian"
 gzip -9n -c cross/debian/changelog > "$DOC/changelog.Debian.gz"
 cat > "$DOC/copyright" <<COPYRIGHT
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
@@ -68,8 +69,9 @@ Priority: optional
 Homepage: https://github.com/edgeinfer/edgeinfer
 Description: on-device inference daemon for Linux gateways
  edgeinfer subscribes to MQTT sensor topics, runs quantized ONNX models on
- the CPU (tract) and publishes results, errors and device health back to
- MQTT. It runs as a hardened systemd service; the unit is enabled but not
+ the CPU (tract, built in; or ONNX Runtime and its NPU providers when a
+ libonnxruntime.so is installed: see README.Debian) and publishes results,
+ errors and device health back to MQTT. It runs as a hardened systemd service; the unit is enabled but not
  started on install: edit /etc/edgeinfer/edgeinfer.toml, then
  systemctl start edgeinfer.
 CONTROL
