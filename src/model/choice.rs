@@ -561,3 +561,124 @@ fn write_cache(file: &Path, all: &BTreeMap<String, EngineReport>) -> std::io::Re
     std::fs::write(&tmp, serde_json::to_vec_pretty(all)?)?;
     std::fs::rename(tmp, file)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::TensorInfo;
+
+    fn fact(name: &str, n: usize, datum: DatumType) -> Fact {
+        Fact {
+            info: TensorInfo {
+                name: name.into(),
+                shape: vec![1, n],
+                dtype: String::new(),
+            },
+            datum,
+        }
+    }
+
+    fn classifier() -> Manifest {
+        let mut m = Manifest::default();
+        m.output.kind = OutputKind::Classification;
+        m
+    }
+
+    fn value<T: Datum + Copy>(v: &[T]) -> TValue {
+        Tensor::from_shape(&[1, v.len()], v).unwrap().into_tvalue()
+    }
+
+    #[test]
+    fn int8_outputs_agree_within_one_quantization_step_and_not_two() {
+        let mut graph = GraphFacts::default();
+        graph.output_quant.insert(
+            "y".into(),
+            QuantParams {
+                scale: 0.5,
+                zero_point: 3,
+            },
+        );
+        let f = [fact("y", 3, DatumType::I8)];
+        let reference = value::<i8>(&[10, 20, 30]);
+        let m = Manifest::default();
+        let (d, verdict) = compare(
+            &f,
+            &[value::<i8>(&[11, 20, 29])],
+            &f,
+            &[reference.clone()],
+            &m,
+            &graph,
+        );
+        assert_eq!((d, verdict), (0.5, None));
+        let (d, verdict) = compare(
+            &f,
+            &[value::<i8>(&[12, 20, 30])],
+            &f,
+            &[reference],
+            &m,
+            &graph,
+        );
+        assert_eq!(d, 1.0);
+        assert!(verdict.unwrap().contains("output y"));
+    }
+
+    #[test]
+    fn float_outputs_are_held_to_a_tolerance_relative_to_their_size() {
+        let f = [fact("y", 2, DatumType::F32)];
+        let m = Manifest::default();
+        let g = GraphFacts::default();
+        let reference = [value::<f32>(&[100.0, -50.0])];
+        // 1e-4 + 1e-3 * 100 = 0.1001 allowed.
+        assert!(compare(
+            &f,
+            &[value::<f32>(&[100.09, -50.0])],
+            &f,
+            &reference,
+            &m,
+            &g
+        )
+        .1
+        .is_none());
+        assert!(
+            compare(&f, &[value::<f32>(&[100.2, -50.0])], &f, &reference, &m, &g)
+                .1
+                .is_some()
+        );
+        let nan = compare(
+            &f,
+            &[value::<f32>(&[f32::NAN, -50.0])],
+            &f,
+            &reference,
+            &m,
+            &g,
+        );
+        assert!(nan.0.is_nan() && nan.1.is_some());
+    }
+
+    #[test]
+    fn a_classifier_must_keep_its_top_class() {
+        let f = [fact("logits", 2, DatumType::F32)];
+        let g = GraphFacts::default();
+        // Within the float tolerance, but the top class flips.
+        let tract = [value::<f32>(&[1.0, 1.00005])];
+        let ort = [value::<f32>(&[1.00005, 1.0])];
+        let verdict = compare(&f, &tract, &f, &ort, &classifier(), &g).1.unwrap();
+        assert!(verdict.contains("top-1"), "{verdict}");
+        assert!(compare(&f, &tract, &f, &ort, &Manifest::default(), &g)
+            .1
+            .is_none());
+    }
+
+    #[test]
+    fn the_probe_is_deterministic_covers_int8_and_zeroes_state() {
+        let inputs = [fact("x", 256, DatumType::I8), fact("h", 4, DatumType::F32)];
+        let a = probe(&inputs, Some(0)).unwrap();
+        assert_eq!(a, probe(&inputs, Some(0)).unwrap());
+        let x = backend::plain_slice::<i8>(&a[0]).unwrap();
+        assert!(x.iter().any(|v| *v < -100) && x.iter().any(|v| *v > 100));
+        assert!(backend::plain_slice::<f32>(&a[1])
+            .unwrap()
+            .iter()
+            .all(|v| *v == 0.0));
+    }
+}
