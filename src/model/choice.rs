@@ -599,13 +599,13 @@ mod tests {
             },
         );
         let f = [fact("y", 3, DatumType::I8)];
-        let reference = value::<i8>(&[10, 20, 30]);
+        let reference = [value::<i8>(&[10, 20, 30])];
         let m = Manifest::default();
         let (d, verdict) = compare(
             &f,
             &[value::<i8>(&[11, 20, 29])],
             &f,
-            &[reference.clone()],
+            &reference,
             &m,
             &graph,
         );
@@ -614,7 +614,7 @@ mod tests {
             &f,
             &[value::<i8>(&[12, 20, 30])],
             &f,
-            &[reference],
+            &reference,
             &m,
             &graph,
         );
