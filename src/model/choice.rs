@@ -226,33 +226,8 @@ fn auto(
         }
         (Ok(t), Ok((o, passed, _))) => {
             passed_over.extend(passed);
-            let t: Arc<dyn Engine> = Arc::new(t);
-            let (measured, verdict) = measure(&t, &o, m.manifest, graph, options.probe_budget_ms)
-                .map_err(ModelErrorKind::Engine)?;
-            let (tm, om) = (&measured[0], &measured[1]);
-            let (engine, reason) = match verdict {
-                Some(why) => {
-                    tracing::warn!(
-                        runs_on = o.runs_on(),
-                        "tract answers differently from ONNX Runtime: {why}"
-                    );
-                    (o, format!("tract answers differently: {why}"))
-                }
-                None if tm.p50_ms <= om.p50_ms => (
-                    t,
-                    format!(
-                        "agrees and is faster ({:.3} ms against {:.3} ms)",
-                        tm.p50_ms, om.p50_ms
-                    ),
-                ),
-                None => (
-                    o,
-                    format!(
-                        "agrees and is faster ({:.3} ms against {:.3} ms)",
-                        om.p50_ms, tm.p50_ms
-                    ),
-                ),
-            };
+            let (engine, reason, measured) =
+                contest(Arc::new(t), o, m, graph, options).map_err(ModelErrorKind::Engine)?;
             let runs_on = engine.runs_on().to_owned();
             Placement {
                 engine,
@@ -270,74 +245,196 @@ fn auto(
     Ok(placement)
 }
 
-/// Runs the same probe through both engines, compares, and times them
-/// interleaved. Returns tract's and ONNX Runtime's figures and, when they
-/// disagree, why.
+/// The winner, why, and everyone's figures.
+type Contested = (Arc<dyn Engine>, String, Vec<Measurement>);
+
+/// An engine in the contest: `serves` when it may be chosen, else it is
+/// there only as the reference.
+struct Entrant {
+    engine: Arc<dyn Engine>,
+    serves: bool,
+}
+
+/// `auto` with both engines loaded: the reference is ONNX Runtime's CPU
+/// provider (an accelerator's int8 arithmetic may differ from it, and so
+/// may tract's); every engine allowed to serve must agree with it, and the
+/// fastest that does serves. Returns the engine, the reason and the figures.
+fn contest(
+    tract: Arc<dyn Engine>,
+    ort: Arc<dyn Engine>,
+    m: &ModelFacts,
+    graph: &GraphFacts,
+    options: &EngineOptions,
+) -> Result<Contested, String> {
+    const CPU: &str = "onnxruntime-cpu";
+    let mut entrants = vec![
+        Entrant {
+            engine: tract,
+            serves: true,
+        },
+        Entrant {
+            engine: Arc::clone(&ort),
+            serves: true,
+        },
+    ];
+    let mut reference = 1;
+    if ort.runs_on() != CPU {
+        let cpu_only = EngineOptions {
+            providers: vec!["cpu".into()],
+            strict: false,
+            ..options.clone()
+        };
+        match load_ort(m, &cpu_only) {
+            Ok((cpu, _, _)) => {
+                entrants.push(Entrant {
+                    engine: cpu,
+                    serves: options.providers.iter().any(|p| p == "cpu"),
+                });
+                reference = 2;
+            }
+            Err(e) => tracing::warn!(
+                "No ONNX Runtime CPU session to compare {} against ({}): it is the reference",
+                ort.runs_on(),
+                e.join("; ")
+            ),
+        }
+    }
+    let measured = measure(
+        &entrants,
+        reference,
+        m.manifest,
+        graph,
+        options.probe_budget_ms,
+    )?;
+    let eligible =
+        |i: usize| entrants[i].serves && (i == reference || measured[i].agrees == Some(true));
+    let best = (0..entrants.len())
+        .filter(|i| eligible(*i))
+        .min_by(|a, b| measured[*a].p50_ms.total_cmp(&measured[*b].p50_ms));
+    let reference_name = &measured[reference].runs_on;
+    for (i, row) in measured.iter().enumerate() {
+        if let (false, Some(why)) = (i == reference, &row.detail) {
+            tracing::warn!(runs_on = %row.runs_on, "Answers differently from {reference_name}: {why}");
+        }
+    }
+    let figures = |i: usize| {
+        measured
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, r)| format!("{} {:.3} ms", r.runs_on, r.p50_ms))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Ok(match best {
+        Some(i) => {
+            let differs: Vec<String> = measured
+                .iter()
+                .filter(|r| r.agrees == Some(false))
+                .map(|r| format!("{} answers differently: {}", r.runs_on, r.detail.as_deref().unwrap_or("")))
+                .collect();
+            let mut reason = if i == reference {
+                format!("the fastest agreeing engine ({:.3} ms; {})", measured[i].p50_ms, figures(i))
+            } else {
+                format!(
+                    "agrees with {reference_name} and is the fastest ({:.3} ms; {})",
+                    measured[i].p50_ms,
+                    figures(i)
+                )
+            };
+            if !differs.is_empty() {
+                reason = format!("{reason}; {}", differs.join("; "));
+            }
+            (Arc::clone(&entrants[i].engine), reason, measured)
+        }
+        None => (
+            ort,
+            format!(
+                "no engine allowed to serve agrees with {reference_name}; serving with the first provider configured"
+            ),
+            measured,
+        ),
+    })
+}
+
+/// Runs the same probe through every entrant, compares each with the
+/// reference, and times them all, interleaved.
 fn measure(
-    tract: &Arc<dyn Engine>,
-    ort: &Arc<dyn Engine>,
+    entrants: &[Entrant],
+    reference: usize,
     manifest: &Manifest,
     graph: &GraphFacts,
     budget_ms: u64,
-) -> Result<(Vec<Measurement>, Option<String>), String> {
-    let names = |e: &Arc<dyn Engine>| {
-        e.inputs()
+) -> Result<Vec<Measurement>, String> {
+    let label = |e: &Entrant| e.engine.runs_on().to_owned();
+    let mut runs = Vec::new();
+    for e in entrants {
+        let names: Vec<String> = e
+            .engine
+            .inputs()
             .iter()
             .map(|f| f.info.name.clone())
-            .collect::<Vec<_>>()
-    };
-    let data_t = data_input_index(manifest, &names(tract));
-    let data_o = data_input_index(manifest, &names(ort));
-    let probe_t = probe(tract.inputs(), data_t)?;
-    let probe_o = probe(ort.inputs(), data_o)?;
-    let mut rt = tract.runner().map_err(|e| format!("tract: {e}"))?;
-    let mut ro = ort.runner().map_err(|e| format!("onnxruntime: {e}"))?;
-    let out_t = rt.run(probe_t.clone()).map_err(|e| format!("tract: {e}"))?;
-    let out_o = ro
-        .run(probe_o.clone())
-        .map_err(|e| format!("onnxruntime: {e}"))?;
-    let (max_diff, verdict) = compare(
-        tract.outputs(),
-        &out_t,
-        ort.outputs(),
-        &out_o,
-        manifest,
-        graph,
-    );
-
-    // Interleaved, so both see the same machine; at least 3 runs each.
-    let (mut times_t, mut times_o) = (Vec::new(), Vec::new());
-    let started = Instant::now();
-    while times_t.len() < 3
-        || (started.elapsed().as_millis() < 2 * budget_ms as u128 && times_t.len() < 200)
-    {
-        let t0 = Instant::now();
-        rt.run(probe_t.clone()).map_err(|e| format!("tract: {e}"))?;
-        times_t.push(t0.elapsed().as_secs_f64() * 1e3);
-        let t0 = Instant::now();
-        ro.run(probe_o.clone())
-            .map_err(|e| format!("onnxruntime: {e}"))?;
-        times_o.push(t0.elapsed().as_secs_f64() * 1e3);
+            .collect();
+        let input = probe(e.engine.inputs(), data_input_index(manifest, &names))?;
+        let mut runner = e
+            .engine
+            .runner()
+            .map_err(|err| format!("{}: {err}", label(e)))?;
+        let output = runner
+            .run(input.clone())
+            .map_err(|err| format!("{}: {err}", label(e)))?;
+        runs.push((runner, input, output));
     }
-    let row = |e: &Arc<dyn Engine>, times: &mut Vec<f64>, reference: bool| Measurement {
-        runs_on: e.runs_on().to_owned(),
-        p50_ms: median(times),
-        runs: times.len(),
-        max_abs_diff: (!reference).then_some(max_diff),
-        agrees: (!reference).then_some(verdict.is_none()),
-        detail: if reference {
-            Some("reference".into())
-        } else {
-            verdict.clone()
-        },
-    };
-    Ok((
-        vec![
-            row(tract, &mut times_t, false),
-            row(ort, &mut times_o, true),
-        ],
-        verdict,
-    ))
+    let r = &entrants[reference].engine;
+    let verdicts: Vec<(f32, Option<String>)> = entrants
+        .iter()
+        .zip(&runs)
+        .map(|(e, (_, _, out))| {
+            compare(
+                e.engine.outputs(),
+                out,
+                r.outputs(),
+                &runs[reference].2,
+                manifest,
+                graph,
+            )
+        })
+        .collect();
+
+    // Interleaved, so all see the same machine; at least 3 runs each.
+    let mut times = vec![Vec::new(); entrants.len()];
+    let started = Instant::now();
+    let budget = entrants.len() as u128 * budget_ms as u128;
+    while times[0].len() < 3 || (started.elapsed().as_millis() < budget && times[0].len() < 200) {
+        for (k, (runner, input, _)) in runs.iter_mut().enumerate() {
+            let t0 = Instant::now();
+            runner
+                .run(input.clone())
+                .map_err(|err| format!("{}: {err}", label(&entrants[k])))?;
+            times[k].push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(entrants
+        .iter()
+        .zip(times.iter_mut())
+        .zip(verdicts)
+        .enumerate()
+        .map(|(k, ((e, t), (diff, verdict)))| {
+            let is_ref = k == reference;
+            Measurement {
+                runs_on: label(e),
+                p50_ms: median(t),
+                runs: t.len(),
+                max_abs_diff: (!is_ref).then_some(diff),
+                agrees: (!is_ref).then_some(verdict.is_none()),
+                detail: match (is_ref, e.serves) {
+                    (true, true) => Some("reference".into()),
+                    (true, false) => Some("reference only (cpu is not in providers)".into()),
+                    (false, _) => verdict,
+                },
+            }
+        })
+        .collect())
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -377,8 +474,9 @@ pub fn probe(inputs: &[Fact], data: Option<usize>) -> Result<TVec<TValue>, Strin
         .collect()
 }
 
-/// The largest |difference| over all outputs (dequantized) and, when an
-/// output is out of tolerance or a classifier's top-1 differs, why.
+/// The largest |difference| of one engine's outputs (`facts_t`, `out_t`)
+/// from the reference's (dequantized) and, when an output is out of
+/// tolerance or a classifier's top-1 differs, why.
 fn compare(
     facts_t: &[Fact],
     out_t: &[TValue],
@@ -391,7 +489,7 @@ fn compare(
     let mut verdict = None;
     for (fo, vo) in facts_o.iter().zip(out_o) {
         let Some(ix) = facts_t.iter().position(|f| f.info.name == fo.info.name) else {
-            verdict.get_or_insert(format!("tract has no output {}", fo.info.name));
+            verdict.get_or_insert(format!("no output {}", fo.info.name));
             continue;
         };
         let vt = &out_t[ix];
@@ -401,7 +499,7 @@ fn compare(
         };
         if a.len() != b.len() {
             verdict.get_or_insert(format!(
-                "output {} has {} values on tract, {} on ONNX Runtime",
+                "output {} has {} values, {} on the reference",
                 fo.info.name,
                 a.len(),
                 b.len()
@@ -451,7 +549,7 @@ fn compare(
             };
             if top(&a) != top(&b) {
                 verdict.get_or_insert(format!(
-                    "top-1 class {:?} on tract, {:?} on ONNX Runtime",
+                    "top-1 class {:?}, {:?} on the reference",
                     top(&a),
                     top(&b)
                 ));
