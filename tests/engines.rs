@@ -448,3 +448,55 @@ fn the_auto_decision_is_cached_per_model_versions_and_cpu() {
     assert_eq!(warm["backend"], cold["backend"]);
     assert_eq!(warm["engine"]["measured"], cold["engine"]["measured"]);
 }
+
+#[test]
+fn auto_holds_an_accelerator_to_the_cpu_provider_and_does_not_pick_it_when_it_differs() {
+    let Some(lib) = onnxruntime_library("openvino") else {
+        return;
+    };
+    let Some(zoo) = common::model_zoo() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["pretrainedResnet_quant.onnx", "vww_96_int8.onnx"] {
+        std::fs::copy(zoo.join("mlperf-tiny").join(f), dir.path().join(f)).unwrap();
+    }
+    let rows = models(&[
+        "--check",
+        dir.path().to_str().unwrap(),
+        "--providers",
+        "openvino,cpu",
+        "--strict",
+        "--onnxruntime-library",
+        lib.to_str().unwrap(),
+    ]);
+    for row in &rows {
+        let measured = row["engine"]["measured"].as_array().unwrap();
+        let names: Vec<&str> = measured
+            .iter()
+            .map(|m| m["runs_on"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["tract-cpu", "onnxruntime-openvino", "onnxruntime-cpu"],
+            "{row:#}"
+        );
+        assert_eq!(measured[2]["detail"], "reference");
+        // tract gives the CPU provider's integers exactly on both.
+        assert_eq!(measured[0]["max_abs_diff"], 0.0, "{row:#}");
+    }
+    let resnet = rows
+        .iter()
+        .find(|r| r["name"] == "pretrainedResnet_quant")
+        .unwrap();
+    let openvino = &resnet["engine"]["measured"][1];
+    assert_eq!(openvino["agrees"], false, "{resnet:#}");
+    assert_ne!(resnet["backend"], "onnxruntime-openvino");
+    let reason = resnet["engine"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("onnxruntime-openvino answers differently"),
+        "{reason}"
+    );
+    let vww = rows.iter().find(|r| r["name"] == "vww_96_int8").unwrap();
+    assert_eq!(vww["engine"]["measured"][1]["agrees"], true, "{vww:#}");
+}
