@@ -69,7 +69,7 @@ fn runtime(library: Option<&Path>) -> Result<Arc<Runtime>, String> {
                 *loaded = Some(Arc::clone(&rt));
                 return Ok(rt);
             }
-            Err(e) => failures.push(e.to_string()),
+            Err(e) => failures.push(load_error(&e)),
         }
     }
     let reason = match (library, candidates.len()) {
@@ -81,6 +81,20 @@ fn runtime(library: Option<&Path>) -> Result<Arc<Runtime>, String> {
     };
     *LAST_FAILURE.lock().expect("onnxruntime lock") = Some(reason.clone());
     Err(reason)
+}
+
+/// `ort`'s message plus the dynamic loader's own reason (libloading keeps
+/// dlerror's text as the error's source: "dlopen failed" alone says little).
+fn load_error(e: &ort::LoadDynamicError) -> String {
+    match e {
+        ort::LoadDynamicError::Dlopen { error, path } => {
+            let why = std::error::Error::source(error)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| error.to_string());
+            format!("cannot load {}: {why}", path.display())
+        }
+        other => other.to_string(),
+    }
 }
 
 /// The status without trying to load anything.
