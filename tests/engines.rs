@@ -9,7 +9,7 @@ mod common;
 
 use common::{onnxruntime_library, repo, Mosquitto, Observer};
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -291,13 +291,33 @@ fn a_library_too_old_or_not_onnx_runtime_is_a_reason_and_tract_serves() {
     }
 }
 
+/// Writes `edgeinfer.toml` for the activity model into `dir`: `extra`
+/// (an `[engine]` section, say) before the pipeline, `pipeline_keys` in it.
+fn write_config(
+    dir: &Path,
+    broker: &str,
+    device: &str,
+    extra: &str,
+    pipeline_keys: &str,
+) -> PathBuf {
+    let model = repo().join("models/activity.toml");
+    let pipeline =
+        common::ACTIVITY_PIPELINE.replace("models/activity.toml", model.to_str().unwrap());
+    let config = dir.join("edgeinfer.toml");
+    std::fs::write(
+        &config,
+        common::config_text(broker, device, extra) + &pipeline + pipeline_keys,
+    )
+    .unwrap();
+    config
+}
+
 #[test]
 fn onnxruntime_without_fallback_and_without_a_library_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("edgeinfer.toml");
-    let text = common::config_text("mqtt://127.0.0.1:1", "d1", "[engine]\nbackend = \"onnxruntime\"\nfallback = false\nonnxruntime_library = \"/nonexistent/libonnxruntime.so\"\n")
-        + &common::ACTIVITY_PIPELINE.replace("models/activity.toml", repo().join("models/activity.toml").to_str().unwrap());
-    std::fs::write(&config, text).unwrap();
+    let engine = "[engine]\nbackend = \"onnxruntime\"\nfallback = false\n\
+                  onnxruntime_library = \"/nonexistent/libonnxruntime.so\"\n";
+    let config = write_config(dir.path(), "mqtt://127.0.0.1:1", "d1", engine, "");
     let out = edgeinfer(&["check-config", "--config", config.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
@@ -311,13 +331,8 @@ fn onnxruntime_without_fallback_and_without_a_library_is_a_config_error() {
 #[test]
 fn unknown_providers_and_bad_thread_counts_are_config_errors_with_their_keys() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("edgeinfer.toml");
-    let pipeline = common::ACTIVITY_PIPELINE.replace(
-        "models/activity.toml",
-        repo().join("models/activity.toml").to_str().unwrap(),
-    ) + "providers = [\"npu9000\"]\nthreads = 0\n";
-    let text = common::config_text("mqtt://127.0.0.1:1", "d1", "") + &pipeline;
-    std::fs::write(&config, text).unwrap();
+    let keys = "providers = [\"npu9000\"]\nthreads = 0\n";
+    let config = write_config(dir.path(), "mqtt://127.0.0.1:1", "d1", "", keys);
     let out = edgeinfer(&["check-config", "--config", config.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
@@ -335,13 +350,7 @@ fn unknown_providers_and_bad_thread_counts_are_config_errors_with_their_keys() {
 async fn first_health(engine: &str) -> Value {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("edgeinfer.toml");
-    let text = common::config_text(&broker.url(), "eng1", engine)
-        + &common::ACTIVITY_PIPELINE.replace(
-            "models/activity.toml",
-            repo().join("models/activity.toml").to_str().unwrap(),
-        );
-    std::fs::write(&config, text).unwrap();
+    let config = write_config(dir.path(), &broker.url(), "eng1", engine, "");
     let mut obs = Observer::connect(broker.port, &["edgeinfer/eng1/health"]).await;
     let mut daemon = Command::new(BIN)
         .args(["run", "--config", config.to_str().unwrap()])
@@ -415,19 +424,11 @@ fn the_auto_decision_is_cached_per_model_versions_and_cpu() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("edgeinfer.toml");
-    let text = common::config_text(
-        "mqtt://127.0.0.1:1",
-        "d1",
-        &format!(
-            "[engine]\nonnxruntime_library = \"{}\"\ncache_dir = \"cache\"\n",
-            lib.display()
-        ),
-    ) + &common::ACTIVITY_PIPELINE.replace(
-        "models/activity.toml",
-        repo().join("models/activity.toml").to_str().unwrap(),
+    let engine = format!(
+        "[engine]\nonnxruntime_library = \"{}\"\ncache_dir = \"cache\"\n",
+        lib.display()
     );
-    std::fs::write(&config, text).unwrap();
+    let config = write_config(dir.path(), "mqtt://127.0.0.1:1", "d1", &engine, "");
     let config = config.to_str().unwrap();
     let cold = models(&["--config", config]).remove(0);
     assert_eq!(cold["engine"]["from_cache"], false);
@@ -499,4 +500,43 @@ fn auto_holds_an_accelerator_to_the_cpu_provider_and_does_not_pick_it_when_it_di
     );
     let vww = rows.iter().find(|r| r["name"] == "vww_96_int8").unwrap();
     assert_eq!(vww["engine"]["measured"][1]["agrees"], true, "{vww:#}");
+}
+
+#[test]
+fn onnxruntime_with_two_threads_per_worker_answers_like_tract() {
+    let Some(lib) = onnxruntime_library("cpu") else {
+        return;
+    };
+    let case = &common::activity_reference().cases[1];
+    let payload = serde_json::json!({ "samples": case.input }).to_string();
+    let model = repo().join("models/activity.toml");
+    let run = |engine: &[&str]| -> Value {
+        let mut args = vec![
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            "--json",
+            &payload,
+        ];
+        args.extend_from_slice(engine);
+        let out = edgeinfer(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["output"]["top"][0].clone()
+    };
+    let threaded = run(&[
+        "--backend",
+        "onnxruntime",
+        "--no-fallback",
+        "--threads",
+        "2",
+        "--onnxruntime-library",
+        lib.to_str().unwrap(),
+    ]);
+    let tract = run(&["--backend", "tract"]);
+    assert_eq!(threaded["label"], case.label.as_str());
+    assert_eq!(threaded["label"], tract["label"]);
 }
