@@ -17,11 +17,25 @@ enum Level {
 }
 
 impl TopicFilter {
+    /// Parses a filter. A shared subscription, `$share/{group}/{filter}`
+    /// (MQTT 5, and mosquitto, EMQX, HiveMQ, VerneMQ under 3.1.1 too), is
+    /// subscribed as written and matched against real topics as `{filter}`.
     pub fn parse(filter: &str) -> Result<TopicFilter, String> {
         if filter.is_empty() {
             return Err("an empty topic filter matches nothing".into());
         }
-        let parts: Vec<&str> = filter.split('/').collect();
+        let matched = match filter.strip_prefix("$share/") {
+            None => filter,
+            Some(shared) => match shared.split_once('/') {
+                Some((group, rest)) if !group.is_empty() && !group.contains(['+', '#']) && !rest.is_empty() => rest,
+                _ => {
+                    return Err(format!(
+                        "{filter:?}: a shared subscription is $share/GROUP/FILTER, with a group name free of '+' and '#'"
+                    ))
+                }
+            },
+        };
+        let parts: Vec<&str> = matched.split('/').collect();
         let mut levels = Vec::with_capacity(parts.len());
         for (i, part) in parts.iter().enumerate() {
             levels.push(match *part {
@@ -40,8 +54,14 @@ impl TopicFilter {
         })
     }
 
+    /// The filter as subscribed (with its `$share/{group}/` prefix).
     pub fn as_str(&self) -> &str {
         &self.raw
+    }
+
+    /// The shared-subscription group, if the filter is `$share/{group}/…`.
+    pub fn share_group(&self) -> Option<&str> {
+        self.raw.strip_prefix("$share/")?.split('/').next()
     }
 
     /// Number of wildcard levels, i.e. of `{N}` captures a match yields.
@@ -380,6 +400,26 @@ mod tests {
                     f.as_str()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn shared_subscriptions_match_the_real_topic_and_keep_their_group() {
+        let f = TopicFilter::parse("$share/edge/sensors/+/imu").unwrap();
+        assert_eq!(f.as_str(), "$share/edge/sensors/+/imu");
+        assert_eq!(f.share_group(), Some("edge"));
+        assert_eq!(f.wildcards(), 1);
+        assert_eq!(f.captures("sensors/w1/imu"), Some(vec!["w1"]));
+        assert!(!f.matches("$share/edge/sensors/w1/imu"));
+        assert!(!f.matches("sensors/w1/gps"));
+        assert_eq!(TopicFilter::parse("sensors/#").unwrap().share_group(), None);
+        for bad in [
+            "$share/edge",
+            "$share//sensors/#",
+            "$share/g+/x",
+            "$share/edge/",
+        ] {
+            assert!(TopicFilter::parse(bad).is_err(), "{bad}");
         }
     }
 

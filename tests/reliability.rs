@@ -81,9 +81,20 @@ impl Publisher {
         devices: usize,
         input: Vec<Vec<f32>>,
     ) -> tokio::task::JoinHandle<()> {
+        self.stream_from(0, n, devices, input)
+    }
+
+    /// Like `stream`, with ids (`ts`) `first..first + n`.
+    fn stream_from(
+        &self,
+        first: usize,
+        n: usize,
+        devices: usize,
+        input: Vec<Vec<f32>>,
+    ) -> tokio::task::JoinHandle<()> {
         let client = self.client.clone();
         tokio::spawn(async move {
-            for i in 0..n {
+            for i in first..first + n {
                 client
                     .publish(
                         format!("sensors/dev-{}/imu", i % devices),
@@ -160,9 +171,11 @@ impl Tally {
         }
     }
     fn report(&self, what: &str, sent: usize) -> usize {
-        let lost = (0..sent as u64)
-            .filter(|ts| !self.by_ts.contains_key(ts))
-            .count();
+        self.report_range(what, 0..sent as u64)
+    }
+    fn report_range(&self, what: &str, ids: std::ops::Range<u64>) -> usize {
+        let sent = ids.end - ids.start;
+        let lost = ids.filter(|ts| !self.by_ts.contains_key(ts)).count();
         println!(
             "{what}: sent {sent}, results {}, distinct {}, duplicates {}, lost {lost}",
             self.total(),
@@ -510,4 +523,142 @@ queue = 1000000
         peak < BUDGET_MB << 20,
         "peak RSS {peak} over the {BUDGET_MB} MiB budget"
     );
+}
+
+/// The daemon (by device id) that published a result.
+fn answered_by(m: &Seen) -> String {
+    m.topic.split('/').nth(1).unwrap_or("").to_owned()
+}
+
+/// Issue #17: two daemons share one QoS 1 stream through
+/// `$share/edge/sensors/+/imu` (one window per message). Every input is
+/// answered exactly once across both; then one daemon is SIGKILLed in the
+/// middle of a second stream and restarted, as systemd would: its persistent
+/// session kept what the broker had given it, so nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_share_a_stream_exactly_once_and_a_killed_one_loses_nothing() {
+    const N: usize = 2_000;
+    let broker = Mosquitto::start();
+    let shared = full_window_pipeline().replace(
+        "topics = [\"sensors/+/imu\"]",
+        "topics = [\"$share/edge/sensors/+/imu\"]",
+    );
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let configs: Vec<_> = ["gw-a", "gw-b"]
+        .iter()
+        .zip(&dirs)
+        .map(|(device, dir)| {
+            let extra = format!(
+                "[outbox]\ndir = \"{}\"\n{shared}",
+                dir.path().join("outbox").display()
+            );
+            write_config(dir.path(), broker.port, device, &extra)
+        })
+        .collect();
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/+/results/#", "edgeinfer/+/status"],
+    )
+    .await;
+    let mut daemons = Vec::new();
+    for (device, (config, dir)) in ["gw-a", "gw-b"].iter().zip(configs.iter().zip(&dirs)) {
+        let child = spawn_daemon(config, &dir.path().join("first.log"));
+        let status = format!("edgeinfer/{device}/status");
+        assert!(
+            obs.next_where(Duration::from_secs(30), |m| m.topic == status
+                && m.text() == "online")
+                .await
+                .is_some(),
+            "{device} came online"
+        );
+        daemons.push(child);
+    }
+    let input = activity_reference().cases[1].input.clone();
+    let publisher = Publisher::connect(broker.port, "publisher-share");
+
+    // Both running: exactly once.
+    let sender = publisher.stream(N, 7, input.clone());
+    let mut tally = Tally::new();
+    let mut by_daemon: HashMap<String, u64> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tally.distinct() < N {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = obs
+            .next_where(left, |m| m.topic.contains("/results/"))
+            .await
+        else {
+            break;
+        };
+        *by_daemon.entry(answered_by(&m)).or_default() += 1;
+        tally.add(&m);
+    }
+    sender.await.unwrap();
+    while let Some(m) = obs
+        .next_where(Duration::from_millis(500), |m| {
+            m.topic.contains("/results/")
+        })
+        .await
+    {
+        *by_daemon.entry(answered_by(&m)).or_default() += 1;
+        tally.add(&m);
+    }
+    let lost = tally.report("$share, both running", N);
+    println!("$share, both running: answered by {by_daemon:?}");
+    assert_eq!(lost, 0);
+    assert_eq!(
+        tally.total(),
+        N as u64,
+        "every input answered exactly once across both"
+    );
+    for device in ["gw-a", "gw-b"] {
+        assert!(
+            by_daemon.get(device).copied().unwrap_or(0) > N as u64 / 10,
+            "{device} took a share: {by_daemon:?}"
+        );
+    }
+
+    // One SIGKILLed mid-stream, restarted: nothing lost.
+    let mut tally = Tally::new();
+    let sender = publisher.stream_from(N, N, 7, input);
+    while tally.distinct() < N / 5 {
+        let m = obs
+            .next_where(Duration::from_secs(60), |m| m.topic.contains("/results/"))
+            .await
+            .expect("results flow before the kill");
+        tally.add(&m);
+    }
+    daemons[0].kill().unwrap(); // SIGKILL
+    daemons[0].wait().unwrap();
+    sender.await.unwrap();
+    daemons[0] = spawn_daemon(&configs[0], &dirs[0].path().join("second.log"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while (N as u64..2 * N as u64).any(|ts| !tally.by_ts.contains_key(&ts)) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = obs
+            .next_where(left, |m| m.topic.contains("/results/"))
+            .await
+        else {
+            break;
+        };
+        tally.add(&m);
+    }
+    while let Some(m) = obs
+        .next_where(Duration::from_millis(500), |m| {
+            m.topic.contains("/results/")
+        })
+        .await
+    {
+        tally.add(&m);
+    }
+    let lost = tally.report_range(
+        "$share, gw-a SIGKILLed and restarted",
+        N as u64..2 * N as u64,
+    );
+    for child in &daemons {
+        signal(child, "TERM");
+    }
+    for child in &mut daemons {
+        child.wait().unwrap();
+    }
+    assert_eq!(lost, 0, "no input lost across the kill");
 }
