@@ -29,6 +29,7 @@ ROOT=$OUT/deb/edgeinfer_${VERSION}-1_$ARCH
 rm -rf "$ROOT"
 install -D -m 0755 "$BIN" "$ROOT/usr/bin/edgeinfer"
 install -D -m 0644 systemd/edgeinfer.service "$ROOT/lib/systemd/system/edgeinfer.service"
+install -D -m 0644 systemd/edgeinfer@.service "$ROOT/lib/systemd/system/edgeinfer@.service"
 mkdir -p "$ROOT/etc/edgeinfer"
 # The example config, with the bundled models where the package puts them.
 sed 's|^model = "models/|model = "/usr/share/edgeinfer/models/|' src/example.toml \

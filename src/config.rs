@@ -550,8 +550,18 @@ impl Config {
         Ok(config)
     }
 
+    /// `device.id`, else the host name; under the template unit
+    /// (`edgeinfer@NAME`, which sets `EDGEINFER_INSTANCE=NAME`) the host
+    /// name plus `-NAME`, so that instances get their own client id and
+    /// topics without saying so.
     pub fn device_id(&self) -> String {
-        self.device.id.clone().unwrap_or_else(hostname)
+        self.device
+            .id
+            .clone()
+            .unwrap_or_else(|| match std::env::var("EDGEINFER_INSTANCE") {
+                Ok(instance) if !instance.is_empty() => format!("{}-{instance}", hostname()),
+                _ => hostname(),
+            })
     }
 
     pub fn prefix(&self) -> String {

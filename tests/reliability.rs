@@ -662,3 +662,42 @@ async fn two_daemons_share_a_stream_exactly_once_and_a_killed_one_loses_nothing(
     }
     assert_eq!(lost, 0, "no input lost across the kill");
 }
+
+/// Under the template unit (`edgeinfer@line1`, which sets
+/// `EDGEINFER_INSTANCE=line1`) a config without `device.id` gets
+/// "<hostname>-line1": its own client id and topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_instance_without_a_device_id_gets_its_own_topics() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("line1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nurl = \"mqtt://127.0.0.1:{}\"\n{}",
+            broker.port,
+            full_window_pipeline()
+        ),
+    )
+    .unwrap();
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/+/status"]).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("EDGEINFER_INSTANCE", "line1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let online = obs
+        .next_where(Duration::from_secs(30), |m| m.text() == "online")
+        .await
+        .expect("the instance came online");
+    signal(&child, "TERM");
+    child.wait().unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(
+        online.topic,
+        format!("edgeinfer/{}-line1/status", host.trim())
+    );
+}
