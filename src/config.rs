@@ -26,6 +26,8 @@ pub struct Config {
     pub outbox: OutboxConfig,
     #[serde(default)]
     pub engine: EngineConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     #[serde(default, rename = "pipeline")]
     pub pipelines: Vec<Pipeline>,
     /// Directory that relative model paths are resolved against: the config
@@ -269,6 +271,31 @@ impl Default for EngineConfig {
             probe_budget_ms: default_probe_budget_ms(),
         }
     }
+}
+
+/// Prometheus/OpenMetrics at `GET /metrics` (README "Operating it").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Address to listen on. Default loopback only: put a reverse proxy or
+    /// the scraper on the gateway itself, or widen it knowingly.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".into()
 }
 
 /// `[engine] backend`: the model layer's choice, spelled for the config.
@@ -608,6 +635,15 @@ impl Config {
             if !(1..=64).contains(&n) {
                 out.bad(&key, "must be between 1 and 64".into());
             }
+        }
+        if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            out.bad(
+                "metrics.listen",
+                format!(
+                    "{:?} is not an address:port (e.g. 127.0.0.1:9464)",
+                    self.metrics.listen
+                ),
+            );
         }
         if self.engine.probe_budget_ms > 10_000 {
             out.bad("engine.probe_budget_ms", "must be at most 10000".into());

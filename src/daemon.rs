@@ -205,6 +205,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         config.health.thermal_dir.clone(),
         stop_health.clone(),
     ));
+    if config.metrics.enabled {
+        start_metrics(&config, &telemetry, &tasks, stop_health.clone()).await;
+    }
     tasks.spawn(command_loop(
         cmd_rx,
         outbox.clone(),
@@ -444,6 +447,25 @@ struct Started(
     Vec<(Arc<mqtt::Route>, Arc<dyn flow::Inlet>)>,
     Vec<std::thread::JoinHandle<()>>,
 );
+
+/// Binds `metrics.listen` and serves /metrics until `stop`. A port that
+/// cannot be bound is logged; the daemon runs on without metrics.
+async fn start_metrics(
+    config: &Config,
+    telemetry: &Arc<Telemetry>,
+    tasks: &tokio_util::task::TaskTracker,
+    stop: CancellationToken,
+) {
+    let listen = &config.metrics.listen;
+    match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => {
+            tracing::info!(listen = %listen, "Serving /metrics");
+            let registry = Arc::new(crate::metrics::registry(Arc::clone(telemetry)));
+            tasks.spawn(crate::metrics::serve(listener, registry, stop));
+        }
+        Err(e) => tracing::error!(listen = %listen, error = %e, "Cannot serve /metrics"),
+    }
+}
 
 async fn health_loop(
     telemetry: Arc<Telemetry>,

@@ -24,14 +24,40 @@ impl Counter {
     }
 }
 
+/// Upper bounds (seconds) of the latency histograms' buckets, Prometheus
+/// style; the last bucket, +Inf, is implicit.
+pub const LATENCY_BUCKETS_S: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
 /// The most recent latencies (fixed capacity, no allocation after start),
-/// from which p50/p99 are read.
-pub struct Latencies(Mutex<HistoryBuf<f32, 1024>>);
+/// from which p50/p99 are read, and a histogram of all of them since start
+/// (for /metrics).
+pub struct Latencies {
+    recent: Mutex<HistoryBuf<f32, 1024>>,
+    /// Per bucket of [`LATENCY_BUCKETS_S`], then +Inf; not cumulative.
+    buckets: [AtomicU64; 17],
+    sum_ns: AtomicU64,
+}
 
 impl Default for Latencies {
     fn default() -> Self {
-        Latencies(Mutex::new(HistoryBuf::new()))
+        Latencies {
+            recent: Mutex::new(HistoryBuf::new()),
+            buckets: Default::default(),
+            sum_ns: AtomicU64::new(0),
+        }
     }
+}
+
+/// A histogram: sum (s), count, and the count in each bucket by its upper
+/// bound (+Inf last; not cumulative: the exposition cumulates).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Histogram {
+    pub sum_s: f64,
+    pub count: u64,
+    pub buckets: Vec<(f64, u64)>,
 }
 
 impl std::fmt::Debug for Latencies {
@@ -48,13 +74,38 @@ pub struct Percentiles {
 
 impl Latencies {
     pub fn record(&self, ms: f64) {
-        if let Ok(mut h) = self.0.lock() {
+        if let Ok(mut h) = self.recent.lock() {
             h.write(ms as f32);
+        }
+        let s = ms / 1e3;
+        let at = LATENCY_BUCKETS_S
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(LATENCY_BUCKETS_S.len());
+        self.buckets[at].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add((ms.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Every latency recorded since start, as a histogram.
+    pub fn histogram(&self) -> Histogram {
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_S
+            .iter()
+            .chain(std::iter::once(&f64::INFINITY))
+            .zip(&self.buckets)
+            .map(|(bound, n)| (*bound, n.load(Ordering::Relaxed)))
+            .collect();
+        // Recorded concurrently, the count may differ from the buckets'
+        // sum for a moment: the sum is the count, so a scrape is consistent.
+        Histogram {
+            sum_s: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            count: buckets.iter().map(|(_, n)| n).sum(),
+            buckets,
         }
     }
 
     pub fn percentiles(&self) -> Percentiles {
-        let mut v: Vec<f32> = match self.0.lock() {
+        let mut v: Vec<f32> = match self.recent.lock() {
             Ok(h) => h.as_slice().to_vec(),
             Err(_) => return Percentiles::default(),
         };
@@ -207,6 +258,21 @@ impl Telemetry {
         let s = Arc::new(PipelineStats::default());
         p.push((name.to_owned(), Arc::clone(&s)));
         s
+    }
+
+    /// Every pipeline's counters, in start order.
+    pub fn pipeline_stats(&self) -> Vec<(String, Arc<PipelineStats>)> {
+        self.pipelines.lock().expect("telemetry lock").clone()
+    }
+
+    /// Every model's counters, by name.
+    pub fn model_stats(&self) -> Vec<(String, Arc<ModelStats>)> {
+        self.models
+            .lock()
+            .expect("telemetry lock")
+            .iter()
+            .map(|(n, m)| (n.clone(), Arc::clone(m)))
+            .collect()
     }
 
     pub fn model(&self, name: &str) -> Arc<ModelStats> {
@@ -591,5 +657,22 @@ mod tests {
         assert!(peak_rss_bytes().unwrap() >= rss_bytes().unwrap() / 2);
         assert!(mem_available() > 0);
         assert!(cpu_ticks().is_some());
+    }
+
+    #[test]
+    fn latencies_fill_their_buckets() {
+        let l = Latencies::default();
+        for ms in [0.05, 0.3, 0.3, 7.0, 20_000.0] {
+            l.record(ms);
+        }
+        let h = l.histogram();
+        assert_eq!(h.count, 5);
+        assert!((h.sum_s - 20.00765).abs() < 1e-6, "{}", h.sum_s);
+        let at = |bound: f64| h.buckets.iter().find(|(b, _)| *b == bound).unwrap().1;
+        assert_eq!(at(0.0001), 1);
+        assert_eq!(at(0.0005), 2);
+        assert_eq!(at(0.01), 1);
+        assert_eq!(at(f64::INFINITY), 1);
+        assert_eq!(h.buckets.len(), LATENCY_BUCKETS_S.len() + 1);
     }
 }

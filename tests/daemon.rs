@@ -614,3 +614,113 @@ async fn sources_beyond_the_limit_evict_the_least_recently_seen_window() {
     assert_eq!(health["pipelines"]["activity"]["evicted_sources"], 2);
     daemon.stop().await;
 }
+
+/// A raw HTTP/1.1 exchange with the metrics endpoint: (status line, headers, body).
+async fn http(port: u16, request: &str) -> (String, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    let (status, headers) = head.split_once("\r\n").unwrap();
+    (status.to_owned(), headers.to_owned(), body.to_owned())
+}
+
+/// The value of the sample `name{labels}` in an exposition.
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn metrics_are_scraped_over_http_in_openmetrics_form() {
+    let broker = Mosquitto::start();
+    let port = free_port();
+    let extra =
+        format!("[metrics]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n{ACTIVITY_PIPELINE}");
+    let config = parse(&config_text(&broker.url(), "m1", &extra));
+    let mut obs = Observer::connect(broker.port, &["edgeinfer/m1/results/#"]).await;
+    let daemon = Daemon::start_online(config, broker.port).await;
+    let case = &activity_reference().cases[0];
+    for ts in 0..3 {
+        obs.publish("sensors/w1/imu", batch(ts, &case.input)).await;
+    }
+    let results = obs
+        .collect(3, Duration::from_secs(20), |m| {
+            m.topic.contains("/results/")
+        })
+        .await;
+    assert_eq!(results.len(), 3);
+
+    let (status, headers, body) = http(port, "GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        headers.contains("application/openmetrics-text; version=1.0.0"),
+        "{headers}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    assert_eq!(
+        sample(
+            &body,
+            "edgeinfer_pipeline_received_total{pipeline=\"activity\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "edgeinfer_pipeline_results_total{pipeline=\"activity\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "edgeinfer_pipeline_errors_total{pipeline=\"activity\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(&body, "edgeinfer_pipeline_up{pipeline=\"activity\"}"),
+        1.0
+    );
+    assert_eq!(sample(&body, "edgeinfer_broker_connected"), 1.0);
+    assert_eq!(
+        sample(
+            &body,
+            "edgeinfer_pipeline_latency_seconds_count{pipeline=\"activity\"}"
+        ),
+        3.0
+    );
+    // Cumulative buckets, ending at the count.
+    let buckets: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with("edgeinfer_pipeline_latency_seconds_bucket{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(buckets.len(), 17);
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    assert_eq!(*buckets.last().unwrap(), 3.0);
+    assert_eq!(
+        sample(
+            &body,
+            "edgeinfer_model_inference_seconds_count{model=\"activity\",backend=\"tract-cpu\"}"
+        ),
+        3.0
+    );
+    assert!(sample(&body, "edgeinfer_resident_memory_bytes") > 1e6);
+
+    let (status, _, _) = http(port, "GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    let (status, _, _) = http(port, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n").await;
+    assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+    daemon.stop().await;
+    // Stopped with the daemon: the port is free again.
+    assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+}

@@ -1,0 +1,343 @@
+//! Prometheus/OpenMetrics: the health message's counters, gauges and
+//! latency histograms at `GET /metrics` (off by default, loopback by
+//! default). The exposition is prometheus-client's; the HTTP side is a
+//! minimal HTTP/1.1 responder on tokio (one request per connection), which
+//! is all a scraper needs.
+
+use crate::health::{rss_bytes, Histogram, Telemetry};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::fmt::Error;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// OpenMetrics' content type (Prometheus negotiates it, and reads it).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Reads the daemon's telemetry on every scrape.
+struct TelemetryCollector {
+    telemetry: Arc<Telemetry>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for TelemetryCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TelemetryCollector")
+    }
+}
+
+/// One metric family: a descriptor, then a value per label set.
+fn family<'a>(
+    encoder: &'a mut DescriptorEncoder,
+    name: &'a str,
+    help: &str,
+    kind: MetricType,
+) -> Result<MetricEncoder<'a>, Error> {
+    encoder.encode_descriptor(name, help, None, kind)
+}
+
+fn counter(m: &mut MetricEncoder, labels: &[(&str, &str)], v: u64) -> Result<(), Error> {
+    ConstCounter::new(v).encode(m.encode_family(&labels.to_vec())?)
+}
+
+fn gauge(m: &mut MetricEncoder, labels: &[(&str, &str)], v: f64) -> Result<(), Error> {
+    ConstGauge::new(v).encode(m.encode_family(&labels.to_vec())?)
+}
+
+fn histogram(m: &mut MetricEncoder, labels: &[(&str, &str)], h: &Histogram) -> Result<(), Error> {
+    m.encode_family(&labels.to_vec())?
+        .encode_histogram::<NoLabelSet>(h.sum_s, h.count, &h.buckets, None)
+}
+
+impl Collector for TelemetryCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), Error> {
+        let t = &self.telemetry;
+        let pipelines = t.pipeline_stats();
+        type Read = fn(&crate::health::PipelineStats) -> u64;
+        let counters: [(&str, &str, Read); 7] = [
+            ("edgeinfer_pipeline_received", "Inputs received", |s| {
+                s.received.get()
+            }),
+            (
+                "edgeinfer_pipeline_processed",
+                "Inputs decoded and windowed",
+                |s| s.processed.get(),
+            ),
+            (
+                "edgeinfer_pipeline_dropped",
+                "Inputs dropped: the pipeline's queue was full",
+                |s| s.dropped.get(),
+            ),
+            (
+                "edgeinfer_pipeline_errors",
+                "Inputs rejected and failed inferences",
+                |s| s.errors.get(),
+            ),
+            ("edgeinfer_pipeline_results", "Results published", |s| {
+                s.results.get()
+            }),
+            (
+                "edgeinfer_pipeline_evicted_sources",
+                "Source windows evicted (limits.max_sources)",
+                |s| s.evicted.get(),
+            ),
+            (
+                "edgeinfer_pipeline_replaced",
+                "Camera frames replaced by a newer frame before processing",
+                |s| s.replaced.get(),
+            ),
+        ];
+        for (name, help, read) in counters {
+            let mut m = family(&mut encoder, name, help, MetricType::Counter)?;
+            for (p, s) in &pipelines {
+                counter(&mut m, &[("pipeline", p)], read(s))?;
+            }
+        }
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_pipeline_queue_depth",
+            "Inputs waiting in the pipeline's queues",
+            MetricType::Gauge,
+        )?;
+        for (p, s) in &pipelines {
+            gauge(
+                &mut m,
+                &[("pipeline", p)],
+                s.queued.load(Ordering::Relaxed) as f64,
+            )?;
+        }
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_pipeline_up",
+            "1 while the pipeline runs, 0 when it could not start",
+            MetricType::Gauge,
+        )?;
+        for (p, s) in &pipelines {
+            let failed = s.failed.lock().map(|f| f.is_some()).unwrap_or(true);
+            gauge(&mut m, &[("pipeline", p)], if failed { 0.0 } else { 1.0 })?;
+        }
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_pipeline_latency_seconds",
+            "Input received to result handed to the outbox",
+            MetricType::Histogram,
+        )?;
+        for (p, s) in &pipelines {
+            histogram(&mut m, &[("pipeline", p)], &s.latency.histogram())?;
+        }
+        let models = t.model_stats();
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_model_inference_seconds",
+            "Time in the inference engine per run",
+            MetricType::Histogram,
+        )?;
+        for (name, s) in &models {
+            let backend = s
+                .placement
+                .lock()
+                .ok()
+                .and_then(|p| p.as_ref().map(|p| p.runs_on.clone()))
+                .unwrap_or_default();
+            histogram(
+                &mut m,
+                &[("model", name), ("backend", &backend)],
+                &s.inference.histogram(),
+            )?;
+        }
+
+        let b = &t.broker;
+        let o = &t.outbox;
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_broker_connected",
+            "1 while connected to the broker",
+            MetricType::Gauge,
+        )?;
+        gauge(
+            &mut m,
+            &[],
+            if b.connected.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            },
+        )?;
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_broker_reconnects",
+            "Connections to the broker lost",
+            MetricType::Counter,
+        )?;
+        counter(&mut m, &[], b.reconnects.get())?;
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_broker_oversize_packets",
+            "Incoming packets too large to read",
+            MetricType::Counter,
+        )?;
+        counter(&mut m, &[], b.oversize_packets.get())?;
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_broker_in_flight",
+            "Publishes not acknowledged by the broker yet",
+            MetricType::Gauge,
+        )?;
+        gauge(&mut m, &[], b.in_flight.load(Ordering::Relaxed) as f64)?;
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_outbox_queued_messages",
+            "Results and errors waiting for the broker",
+            MetricType::Gauge,
+        )?;
+        gauge(
+            &mut m,
+            &[],
+            o.queued_messages.load(Ordering::Relaxed) as f64,
+        )?;
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_outbox_queued_bytes",
+            "Bytes waiting for the broker",
+            MetricType::Gauge,
+        )?;
+        gauge(&mut m, &[], o.queued_bytes.load(Ordering::Relaxed) as f64)?;
+        let outbox_counters: [(&str, &str, u64); 5] = [
+            (
+                "edgeinfer_outbox_dropped",
+                "Dropped by the outbox's cap",
+                o.dropped.get(),
+            ),
+            (
+                "edgeinfer_outbox_expired",
+                "Dropped unsent after outbox.ttl_s",
+                o.expired.get(),
+            ),
+            (
+                "edgeinfer_outbox_corrupt",
+                "Torn or corrupt spool records skipped",
+                o.corrupt.get(),
+            ),
+            (
+                "edgeinfer_outbox_unpublishable",
+                "Refused: topic or packet over the broker's limits",
+                o.unpublishable.get(),
+            ),
+            (
+                "edgeinfer_outbox_quarantined",
+                "Dropped after repeatedly ending connections unacknowledged",
+                o.quarantined.get(),
+            ),
+        ];
+        for (name, help, v) in outbox_counters {
+            let mut m = family(&mut encoder, name, help, MetricType::Counter)?;
+            counter(&mut m, &[], v)?;
+        }
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_resident_memory_bytes",
+            "Resident set size of the process",
+            MetricType::Gauge,
+        )?;
+        gauge(&mut m, &[], rss_bytes().unwrap_or(0) as f64)?;
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_memory_budget_bytes",
+            "The memory budget in force",
+            MetricType::Gauge,
+        )?;
+        gauge(&mut m, &[], t.memory_budget.load(Ordering::Relaxed) as f64)?;
+        let mut m = family(
+            &mut encoder,
+            "edgeinfer_uptime_seconds",
+            "Seconds since this run started",
+            MetricType::Gauge,
+        )?;
+        gauge(&mut m, &[], self.started.elapsed().as_secs_f64())?;
+        Ok(())
+    }
+}
+
+/// The exposition, as one scrape returns it.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)
+        .expect("writing to a String does not fail");
+    out
+}
+
+/// A registry reading `telemetry` on every scrape.
+pub fn registry(telemetry: Arc<Telemetry>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(TelemetryCollector {
+        telemetry,
+        started: Instant::now(),
+    }));
+    registry
+}
+
+/// Serves `GET /metrics` on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let registry = Arc::clone(&registry);
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(10), respond(stream, &registry)).await;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Reads one request (its head, at most 8 KiB) and answers it.
+async fn respond(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() + n > 8192 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, kind, body) = match (method, path) {
+        ("GET", "/metrics") => ("200 OK", CONTENT_TYPE, render(registry)),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "only /metrics is here\n".to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET /metrics\n".to_owned(),
+        ),
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(reply.as_bytes()).await?;
+    stream.shutdown().await
+}
