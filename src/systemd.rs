@@ -2,40 +2,67 @@
 //! to the journal when systemd started us.
 //!
 //! One log backend is chosen at start. Under systemd (`JOURNAL_STREAM` set
-//! and the journal reachable) tracing events go through the `log` facade to
-//! systemd-journal-logger (structured fields are flattened into the message
-//! text); otherwise tracing-subscriber writes to stderr.
+//! and the journal reachable) tracing-journald writes each event with its
+//! fields, and those of the spans it is in, as journal fields (a pipeline's
+//! worker threads run in a span with `pipeline` and `model`, so their
+//! events carry `PIPELINE=` and `MODEL=`); otherwise tracing-subscriber
+//! writes text to stderr. Dependencies' `log` records join either way.
 
 use std::time::Duration;
 
 /// Installs the process's one logger. `RUST_LOG` overrides the default level.
+/// Under systemd (stderr is the journal's stream, `JOURNAL_STREAM`), or
+/// with `EDGEINFER_LOG=journal`, events go to the journal with their fields
+/// as journal fields, upper-cased (`pipeline` → `PIPELINE=`); otherwise to
+/// stderr as text.
 pub fn init_logging(verbose: bool) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let default = if verbose { "debug" } else { "info" };
-    if systemd_journal_logger::connected_to_journal() {
-        if let Ok(journal) = systemd_journal_logger::JournalLog::new() {
-            if journal.install().is_ok() {
-                let level = std::env::var("RUST_LOG")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(if verbose {
-                        log::LevelFilter::Debug
-                    } else {
-                        log::LevelFilter::Info
-                    });
-                log::set_max_level(level);
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("{default},rumqttd=off,tract=warn"))
+        })
+    };
+    if journal_wanted() {
+        if let Ok(journal) = tracing_journald::layer() {
+            let journal = journal
+                .with_field_prefix(None)
+                .with_syslog_identifier("edgeinfer".into());
+            if tracing_subscriber::registry()
+                .with(filter())
+                .with(journal)
+                .try_init()
+                .is_ok()
+            {
                 return;
             }
         }
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{default},rumqttd=off,tract=warn"))
-    });
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter())
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Whether logs belong in the journal: `EDGEINFER_LOG=journal`, or stderr
+/// is the stream systemd names in `JOURNAL_STREAM` (`device:inode`).
+fn journal_wanted() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match std::env::var("EDGEINFER_LOG").as_deref() {
+        Ok("journal") => return true,
+        Ok("stderr") => return false,
+        _ => {}
+    }
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(stderr) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    stream == format!("{}:{}", stderr.dev(), stderr.ino())
 }
 
 pub fn notify_ready() {

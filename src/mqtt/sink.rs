@@ -67,13 +67,18 @@ impl Sink for PipelineSink {
                 qos: self.route.qos,
                 retain: false,
             }),
-            Verdict::Rejected { source, rejection } => self.outbox.send(error_message(
-                &self.errors_topic,
-                &self.route.pipeline,
-                source,
-                rejection.kind(),
-                &rejection.to_string(),
-            )),
+            Verdict::Rejected { source, rejection } => {
+                // Debug: bad traffic must not flood the journal; the errors
+                // topic has every one.
+                tracing::debug!(topic = %source, kind = rejection.kind(), "Input rejected: {rejection}");
+                self.outbox.send(error_message(
+                    &self.errors_topic,
+                    &self.route.pipeline,
+                    source,
+                    rejection.kind(),
+                    &rejection.to_string(),
+                ))
+            }
             Verdict::Snapshot { source, jpeg } => match &self.route.snapshot {
                 Some(t) => self.outbox.offer(Outgoing {
                     topic: t.render(&self.route.captures(source)),

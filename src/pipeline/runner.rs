@@ -179,10 +179,14 @@ pub fn start(
     };
     let budget = Arc::clone(&telemetry.input_budget);
     let mut threads = Vec::with_capacity(workers);
+    // Every event on a worker thread carries the pipeline and model (as
+    // journal fields PIPELINE= and MODEL=).
+    let span = tracing::info_span!("pipeline", pipeline = %spec.name, model = %spec.model.name);
     let thread = |name: String, body: Box<dyn FnOnce() + Send>| {
+        let span = span.clone();
         std::thread::Builder::new()
             .name(name)
-            .spawn(body)
+            .spawn(move || span.in_scope(body))
             .map_err(|e| format!("cannot start worker thread: {e}"))
     };
     // Takes an input off a queue: counted out, its bytes given back.
