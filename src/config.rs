@@ -28,6 +28,8 @@ pub struct Config {
     pub engine: EngineConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub home_assistant: HomeAssistantConfig,
     #[serde(default, rename = "pipeline")]
     pub pipelines: Vec<Pipeline>,
     /// Directory that relative model paths are resolved against: the config
@@ -271,6 +273,30 @@ impl Default for EngineConfig {
             probe_budget_ms: default_probe_budget_ms(),
         }
     }
+}
+
+/// Home Assistant MQTT discovery (README "Operating it").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeAssistantConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Home Assistant's discovery prefix (its MQTT integration's setting).
+    #[serde(default = "default_discovery_prefix")]
+    pub discovery_prefix: String,
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            discovery_prefix: default_discovery_prefix(),
+        }
+    }
+}
+
+fn default_discovery_prefix() -> String {
+    "homeassistant".into()
 }
 
 /// Prometheus/OpenMetrics at `GET /metrics` (README "Operating it").
@@ -635,6 +661,17 @@ impl Config {
             if !(1..=64).contains(&n) {
                 out.bad(&key, "must be between 1 and 64".into());
             }
+        }
+        let disc = &self.home_assistant.discovery_prefix;
+        if disc.is_empty()
+            || disc.contains(['+', '#'])
+            || disc.starts_with('/')
+            || disc.ends_with('/')
+        {
+            out.bad(
+                "home_assistant.discovery_prefix",
+                format!("{disc:?} must be a topic prefix without wildcards or a leading or trailing '/'"),
+            );
         }
         if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             out.bad(

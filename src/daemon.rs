@@ -157,7 +157,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         Arc::clone(&telemetry.broker),
     );
 
-    let Started(pipelines, threads) = start_pipelines(&config, &outbox, &telemetry).await;
+    let latest = config
+        .home_assistant
+        .enabled
+        .then(|| Arc::new(mqtt::LatestResults::default()));
+    let Started(pipelines, threads, kinds) =
+        start_pipelines(&config, &outbox, &telemetry, latest.clone()).await;
     let queue_share = apply_memory_budget(&config, &telemetry, &outbox_rx);
     // Input over broker.max_packet_bytes (and the pipelines' own limits) is
     // still read, up to what the input queues may hold, so that it can be
@@ -175,6 +180,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let cmd_filter = format!("{}/cmd/+", config.prefix());
     subscriptions.push((cmd_filter.clone(), QoS::AtLeastOnce));
     let (cmd_tx, cmd_rx) = flume::bounded(16);
+    let discovery = latest.as_ref().map(|_| crate::homeassistant::Discovery {
+        discovery_prefix: config.home_assistant.discovery_prefix.clone(),
+        device: config.device_id(),
+        prefix: config.prefix(),
+        pipelines: kinds,
+    });
+    let (side_tx, side_rx) = flume::bounded(16);
+    let (connected_tx, connected_rx) = flume::bounded(4);
+    let mut side = Vec::new();
+    if let Some(d) = &discovery {
+        for topic in [d.ha_status_topic(), d.topic()] {
+            subscriptions.push((topic.clone(), QoS::AtMostOnce));
+            side.push((topic, side_tx.clone()));
+        }
+    }
 
     // Room for a full window of publishes plus the acks of incoming messages.
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
@@ -208,6 +228,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     if config.metrics.enabled {
         start_metrics(&config, &telemetry, &tasks, stop_health.clone()).await;
     }
+    if let (Some(d), Some(latest)) = (discovery, latest) {
+        tasks.spawn(crate::homeassistant::run(
+            d,
+            outbox.clone(),
+            latest,
+            connected_rx,
+            side_rx,
+            stop_health.clone(),
+        ));
+    }
     tasks.spawn(command_loop(
         cmd_rx,
         outbox.clone(),
@@ -224,6 +254,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             TopicFilter::parse(&cmd_filter).map_err(RunError::Mqtt)?,
             cmd_tx,
         )),
+        side,
     };
     let ctx = ConnectionContext {
         subscriptions,
@@ -234,7 +265,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         ),
         stats: Arc::clone(&telemetry.broker),
         tracker,
-        on_connect: Box::new(|| {}),
+        on_connect: Box::new(move || {
+            let _ = connected_tx.try_send(());
+        }),
         reporter: Some(reporter),
         acks_done,
     };
@@ -394,13 +427,21 @@ fn subscriptions<'a>(filters: impl IntoIterator<Item = (&'a str, QoS)>) -> Vec<(
 /// Loads every model and starts each pipeline's workers. Model loading is
 /// blocking work (milliseconds to seconds): it runs on the blocking pool, so
 /// `run` works on any tokio runtime, current-thread included.
-async fn start_pipelines(config: &Config, outbox: &Outbox, telemetry: &Arc<Telemetry>) -> Started {
+async fn start_pipelines(
+    config: &Config,
+    outbox: &Outbox,
+    telemetry: &Arc<Telemetry>,
+    latest: Option<Arc<mqtt::LatestResults>>,
+) -> Started {
     let (config, outbox, telemetry) = (config.clone(), outbox.clone(), Arc::clone(telemetry));
     tokio::task::spawn_blocking(move || {
         let mut registry = Registry::default();
         let mut started = Started::default();
         for p in &config.pipelines {
             let stats = telemetry.pipeline(&p.name);
+            // What Home Assistant shows as the pipeline's result; a pipeline
+            // whose model fails keeps its entities (running: off).
+            let mut kind = String::from("classification");
             let result = registry
                 .get_or_load(&config.model_path(p), &engine_options(&config, p))
                 .map_err(|e| e.to_string())
@@ -411,17 +452,20 @@ async fn start_pipelines(config: &Config, outbox: &Outbox, telemetry: &Arc<Telem
                         tracing::info!(pipeline = %p.name, model = %model.name, "Engine passed over: {passed}");
                     }
                     *telemetry.model(&model.name).placement.lock().expect("telemetry lock") = Some(placement.clone());
+                    kind = format!("{:?}", model.manifest.output.kind).to_lowercase();
                     let spec = pipeline::PipelineSpec::new(&config, p, model)?;
                     let route = Arc::new(mqtt::Route::new(&config, p)?);
                     let sink = Arc::new(mqtt::PipelineSink {
                         route: Arc::clone(&route),
                         errors_topic: format!("{}/errors", config.prefix()),
                         outbox: outbox.clone(),
+                        latest: latest.clone(),
                     });
                     let (handle, threads) =
                         pipeline::start(spec, p.queue, p.workers, sink, &telemetry)?;
                     Ok((route, handle, threads))
                 });
+            started.2.push((p.name.clone(), kind));
             match result {
                 Ok((route, handle, threads)) => {
                     let inlet: Arc<dyn flow::Inlet> = Arc::new(handle);
@@ -446,6 +490,8 @@ async fn start_pipelines(config: &Config, outbox: &Outbox, telemetry: &Arc<Telem
 struct Started(
     Vec<(Arc<mqtt::Route>, Arc<dyn flow::Inlet>)>,
     Vec<std::thread::JoinHandle<()>>,
+    /// Every configured pipeline and its output kind, for Home Assistant.
+    Vec<(String, String)>,
 );
 
 /// Binds `metrics.listen` and serves /metrics until `stop`. A port that

@@ -20,6 +20,7 @@ mod daemon;
 pub mod demo;
 pub mod flow;
 pub mod health;
+pub mod homeassistant;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;

@@ -724,3 +724,207 @@ async fn metrics_are_scraped_over_http_in_openmetrics_form() {
     // Stopped with the daemon: the port is free again.
     assert!(std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
 }
+
+/// Resolves every `value_json…` path in a Home Assistant template against
+/// `json` (`.key`, `[0]`, `["key"]`; a trailing `.method(` is a call, not a
+/// key): each must name a value that exists.
+fn template_paths_resolve(template: &str, json: &serde_json::Value) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(at) = rest.find("value_json") {
+        let path = &rest[at + "value_json".len()..];
+        let mut v = json;
+        let mut chars = path;
+        loop {
+            if let Some(r) = chars.strip_prefix('.') {
+                let end = r
+                    .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .unwrap_or(r.len());
+                if r[end..].starts_with('(') {
+                    break; // a method call such as .values()
+                }
+                v = &v[&r[..end]];
+                chars = &r[end..];
+            } else if let Some(r) = chars.strip_prefix('[') {
+                let end = r.find(']').unwrap();
+                let key = &r[..end];
+                v = match key.parse::<usize>() {
+                    Ok(i) => &v[i],
+                    Err(_) => &v[key.trim_matches('"').trim_matches('\'')],
+                };
+                chars = &r[end + 1..];
+            } else {
+                break;
+            }
+            if v.is_null() {
+                return Err(format!("{template}: {path} is not in {json}"));
+            }
+        }
+        rest = chars;
+    }
+    Ok(())
+}
+
+/// Keys Home Assistant documents for MQTT sensors and binary sensors (and
+/// the shared keys of a device-based discovery payload).
+const HA_KEYS: &[&str] = &[
+    "p",
+    "name",
+    "unique_id",
+    "state_topic",
+    "value_template",
+    "json_attributes_topic",
+    "json_attributes_template",
+    "unit_of_measurement",
+    "device_class",
+    "state_class",
+    "entity_category",
+    "icon",
+    "payload_on",
+    "payload_off",
+    "expire_after",
+    "force_update",
+    "availability_topic",
+    "payload_available",
+    "payload_not_available",
+    "qos",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn home_assistant_discovery_is_published_kept_current_and_cleans_up() {
+    let broker = Mosquitto::start();
+    let config_topic = "homeassistant/device/edgeinfer_ha1/config";
+    // A config from an earlier run, with a pipeline that is gone now.
+    let publisher = Observer::connect(broker.port, &["unused/for-publishing"]).await;
+    let stale = serde_json::json!({
+        "dev": {"ids": ["edgeinfer_ha1"]}, "o": {"name": "edgeinfer"},
+        "cmps": {"old_result": {"p": "sensor", "unique_id": "edgeinfer_ha1_old_result"},
+                 "old_running": {"p": "binary_sensor", "unique_id": "edgeinfer_ha1_old_running"}}
+    });
+    publisher
+        .client
+        .publish(
+            config_topic,
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            stale.to_string(),
+        )
+        .await
+        .unwrap();
+    let mut obs = Observer::connect(
+        broker.port,
+        &[
+            config_topic,
+            "edgeinfer/ha1/state/#",
+            "edgeinfer/ha1/health",
+        ],
+    )
+    .await;
+    // The stale retained config reaches the observer first.
+    obs.next_where(T, |m| m.topic == config_topic)
+        .await
+        .unwrap();
+    let extra = format!("[home_assistant]\nenabled = true\n{ACTIVITY_PIPELINE}");
+    let config = parse(&config_text(&broker.url(), "ha1", &extra));
+    let daemon = Daemon::start_online(config, broker.port).await;
+
+    // Published within the jitter (2 s), retained; the stale pipeline's
+    // components come back reduced to their platform.
+    let mut published = Vec::new();
+    let removed = loop {
+        let m = obs
+            .next_where(T, |m| m.topic == config_topic)
+            .await
+            .expect("a discovery config from the daemon");
+        let json = m.json();
+        published.push(json.clone());
+        if json["cmps"]["old_result"] == serde_json::json!({"p": "sensor"}) {
+            break json;
+        }
+    };
+    println!(
+        "discovery: {}",
+        serde_json::to_string_pretty(&removed).unwrap()
+    );
+    assert_eq!(
+        removed["cmps"]["old_running"],
+        serde_json::json!({"p": "binary_sensor"})
+    );
+    assert_eq!(removed["dev"]["ids"][0], "edgeinfer_ha1");
+    assert_eq!(removed["o"]["name"], "edgeinfer");
+    assert_eq!(removed["availability_topic"], "edgeinfer/ha1/status");
+    let cmps = removed["cmps"].as_object().unwrap();
+    for key in [
+        "activity_result",
+        "activity_latency",
+        "activity_running",
+        "cpu",
+        "rss",
+        "temperature",
+        "outbox",
+    ] {
+        let c = cmps
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key} in {removed}"));
+        assert!(["sensor", "binary_sensor"].contains(&c["p"].as_str().unwrap()));
+        assert_eq!(c["unique_id"], format!("edgeinfer_ha1_{key}"));
+        for k in c.as_object().unwrap().keys() {
+            assert!(
+                HA_KEYS.contains(&k.as_str()),
+                "{key}: {k} is not a documented option"
+            );
+        }
+    }
+    for k in removed.as_object().unwrap().keys() {
+        assert!(
+            ["dev", "o", "cmps"].contains(&k.as_str()) || HA_KEYS.contains(&k.as_str()),
+            "{k}"
+        );
+    }
+
+    // The latest result on its fixed state topic, which the result sensor reads.
+    let case = &activity_reference().cases[0];
+    obs.publish("sensors/w1/imu", batch(1, &case.input)).await;
+    let state = obs
+        .next_where(T, |m| m.topic == "edgeinfer/ha1/state/activity")
+        .await
+        .expect("the latest result on the state topic");
+    let state = state.json();
+    // Retained, for Home Assistant's restarts.
+    let mut late = Observer::connect(broker.port, &["edgeinfer/ha1/state/activity"]).await;
+    let kept = late.next_where(T, |_| true).await.unwrap();
+    assert!(kept.retain);
+    assert_eq!(kept.json(), state);
+    assert_eq!(state["output"]["top"][0]["label"], case.label.as_str());
+    let result = &cmps["activity_result"];
+    assert_eq!(result["state_topic"], "edgeinfer/ha1/state/activity");
+    template_paths_resolve(result["value_template"].as_str().unwrap(), &state).unwrap();
+    template_paths_resolve(result["json_attributes_template"].as_str().unwrap(), &state).unwrap();
+    // The other entities read the health message.
+    let health = obs
+        .next_where(T, |m| m.topic == "edgeinfer/ha1/health")
+        .await
+        .unwrap()
+        .json();
+    for key in [
+        "activity_latency",
+        "activity_running",
+        "cpu",
+        "rss",
+        "temperature",
+        "outbox",
+    ] {
+        assert_eq!(cmps[key]["state_topic"], "edgeinfer/ha1/health");
+        template_paths_resolve(cmps[key]["value_template"].as_str().unwrap(), &health).unwrap();
+    }
+
+    // Home Assistant's birth message: discovery again.
+    publisher.publish("homeassistant/status", "online").await;
+    let again = obs
+        .next_where(Duration::from_secs(5), |m| m.topic == config_topic)
+        .await;
+    assert!(
+        again.is_some(),
+        "republished after Home Assistant's birth message"
+    );
+    daemon.stop().await;
+}

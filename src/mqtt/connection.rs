@@ -112,6 +112,9 @@ pub fn status_topic(config: &Config) -> String {
 pub struct Router {
     pub pipelines: Vec<(std::sync::Arc<Route>, Arc<dyn Inlet>)>,
     pub commands: Option<(TopicFilter, flume::Sender<(String, Bytes)>)>,
+    /// Other exact topics the daemon listens to (Home Assistant's birth
+    /// message, say): (topic, payload) to the channel, never to pipelines.
+    pub side: Vec<(String, flume::Sender<(String, Bytes)>)>,
 }
 
 impl Router {
@@ -121,6 +124,10 @@ impl Router {
                 let _ = tx.try_send((caps[0].to_owned(), payload));
                 return;
             }
+        }
+        if let Some((_, tx)) = self.side.iter().find(|(t, _)| t == topic) {
+            let _ = tx.try_send((topic.to_owned(), payload));
+            return;
         }
         let received = Instant::now();
         for (_, inlet) in self.pipelines.iter().filter(|(r, _)| r.matches(topic)) {

@@ -18,7 +18,7 @@ pub use outbox::{
     outbox, publish_loop, Outbox, OutboxReceiver, OutboxSettings, Outgoing, Reporter, Tracker,
     Unpublishable,
 };
-pub use sink::{PipelineSink, Route};
+pub use sink::{LatestResults, PipelineSink, Route};
 
 pub use rumqttc::QoS;
 

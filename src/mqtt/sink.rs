@@ -56,17 +56,70 @@ pub struct PipelineSink {
     pub route: std::sync::Arc<Route>,
     pub errors_topic: String,
     pub outbox: Outbox,
+    /// Where the latest result is kept for Home Assistant, when enabled.
+    pub latest: Option<std::sync::Arc<LatestResults>>,
+}
+
+/// The latest result of each pipeline, for publishers that want a fixed
+/// topic per pipeline (Home Assistant's state topics) at their own pace.
+#[derive(Debug, Default)]
+pub struct LatestResults {
+    /// Pipeline → (result JSON, changed since last taken).
+    slots: std::sync::Mutex<std::collections::BTreeMap<String, (Vec<u8>, bool)>>,
+}
+
+impl LatestResults {
+    pub fn set(&self, pipeline: &str, json: &[u8]) {
+        let mut slots = self.slots.lock().expect("latest lock");
+        match slots.get_mut(pipeline) {
+            Some((v, changed)) => {
+                v.clear();
+                v.extend_from_slice(json);
+                *changed = true;
+            }
+            None => {
+                slots.insert(pipeline.to_owned(), (json.to_vec(), true));
+            }
+        }
+    }
+
+    /// The results that changed since the last call.
+    pub fn take_changed(&self) -> Vec<(String, Vec<u8>)> {
+        let mut slots = self.slots.lock().expect("latest lock");
+        slots
+            .iter_mut()
+            .filter(|(_, (_, changed))| *changed)
+            .map(|(p, (v, changed))| {
+                *changed = false;
+                (p.clone(), v.clone())
+            })
+            .collect()
+    }
+
+    /// Every pipeline's latest result.
+    pub fn all(&self) -> Vec<(String, Vec<u8>)> {
+        let slots = self.slots.lock().expect("latest lock");
+        slots
+            .iter()
+            .map(|(p, (v, _))| (p.clone(), v.clone()))
+            .collect()
+    }
 }
 
 impl Sink for PipelineSink {
     fn emit(&self, verdict: Verdict) -> Result<(), String> {
         let sent = match verdict {
-            Verdict::Result { source, json } => self.outbox.send(Outgoing {
-                topic: self.route.results.render(&self.route.captures(source)),
-                payload: json,
-                qos: self.route.qos,
-                retain: false,
-            }),
+            Verdict::Result { source, json } => {
+                if let Some(latest) = &self.latest {
+                    latest.set(&self.route.pipeline, &json);
+                }
+                self.outbox.send(Outgoing {
+                    topic: self.route.results.render(&self.route.captures(source)),
+                    payload: json,
+                    qos: self.route.qos,
+                    retain: false,
+                })
+            }
             Verdict::Rejected { source, rejection } => {
                 // Debug: bad traffic must not flood the journal; the errors
                 // topic has every one.
