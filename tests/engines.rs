@@ -41,6 +41,29 @@ fn models(args: &[&str]) -> Vec<Value> {
         .clone()
 }
 
+/// `edgeinfer infer` on activity reference case `case` with `engine`'s
+/// flags: the result JSON.
+fn infer_activity(case: usize, engine: &[&str]) -> Value {
+    let input = &common::activity_reference().cases[case].input;
+    let payload = serde_json::json!({ "samples": input }).to_string();
+    let model = repo().join("models/activity.toml");
+    let mut args = vec![
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--json",
+        &payload,
+    ];
+    args.extend_from_slice(engine);
+    let out = edgeinfer(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn measured<'a>(row: &'a Value, runs_on: &str) -> &'a Value {
     row["engine"]["measured"]
         .as_array()
@@ -150,25 +173,7 @@ fn openvino_takes_the_whole_graph_with_cpu_fallback_disabled_and_answers_like_tr
     }
     // One real window of the activity reference, through OpenVINO and tract.
     let case = &common::activity_reference().cases[0];
-    let payload = serde_json::json!({ "samples": case.input }).to_string();
-    let model = repo().join("models/activity.toml");
-    let infer = |engine: &[&str]| -> Value {
-        let mut args = vec![
-            "infer",
-            "--model",
-            model.to_str().unwrap(),
-            "--json",
-            &payload,
-        ];
-        args.extend_from_slice(engine);
-        let out = edgeinfer(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
+    let infer = |engine: &[&str]| infer_activity(0, engine);
     let on_openvino = infer(&strict);
     let on_tract = infer(&["--backend", "tract"]);
     let top = |r: &Value| r["output"]["top"][0].clone();
@@ -508,25 +513,7 @@ fn onnxruntime_with_two_threads_per_worker_answers_like_tract() {
         return;
     };
     let case = &common::activity_reference().cases[1];
-    let payload = serde_json::json!({ "samples": case.input }).to_string();
-    let model = repo().join("models/activity.toml");
-    let run = |engine: &[&str]| -> Value {
-        let mut args = vec![
-            "infer",
-            "--model",
-            model.to_str().unwrap(),
-            "--json",
-            &payload,
-        ];
-        args.extend_from_slice(engine);
-        let out = edgeinfer(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()["output"]["top"][0].clone()
-    };
+    let run = |engine: &[&str]| infer_activity(1, engine)["output"]["top"][0].clone();
     let threaded = run(&[
         "--backend",
         "onnxruntime",
