@@ -115,20 +115,25 @@ impl Drop for Publisher {
     }
 }
 
-/// Results by input id (the `ts` each input carried).
+/// Results by input id (the `ts` each input carried), and by the device
+/// (daemon) that published them.
 struct Tally {
     by_ts: HashMap<u64, u32>,
+    by_device: HashMap<String, u64>,
 }
 
 impl Tally {
     fn new() -> Tally {
         Tally {
             by_ts: HashMap::new(),
+            by_device: HashMap::new(),
         }
     }
     fn add(&mut self, m: &Seen) {
         let ts = m.json()["ts"].as_u64().expect("result has ts");
         *self.by_ts.entry(ts).or_default() += 1;
+        let device = m.topic.split('/').nth(1).unwrap_or("").to_owned();
+        *self.by_device.entry(device).or_default() += 1;
     }
     /// Collects results until `n` distinct inputs have one (`what` in the
     /// panic if they stop coming).
@@ -525,11 +530,6 @@ queue = 1000000
     );
 }
 
-/// The daemon (by device id) that published a result.
-fn answered_by(m: &Seen) -> String {
-    m.topic.split('/').nth(1).unwrap_or("").to_owned()
-}
-
 /// Issue #17: two daemons share one QoS 1 stream through
 /// `$share/edge/sensors/+/imu` (one window per message). Every input is
 /// answered exactly once across both; then one daemon is SIGKILLed in the
@@ -579,29 +579,9 @@ async fn two_daemons_share_a_stream_exactly_once_and_a_killed_one_loses_nothing(
     // Both running: exactly once.
     let sender = publisher.stream(N, 7, input.clone());
     let mut tally = Tally::new();
-    let mut by_daemon: HashMap<String, u64> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while tally.distinct() < N {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let Some(m) = obs
-            .next_where(left, |m| m.topic.contains("/results/"))
-            .await
-        else {
-            break;
-        };
-        *by_daemon.entry(answered_by(&m)).or_default() += 1;
-        tally.add(&m);
-    }
+    tally.fill(&mut obs, N, Duration::from_secs(120)).await;
     sender.await.unwrap();
-    while let Some(m) = obs
-        .next_where(Duration::from_millis(500), |m| {
-            m.topic.contains("/results/")
-        })
-        .await
-    {
-        *by_daemon.entry(answered_by(&m)).or_default() += 1;
-        tally.add(&m);
-    }
+    let by_daemon = tally.by_device.clone();
     let lost = tally.report("$share, both running", N);
     println!("$share, both running: answered by {by_daemon:?}");
     assert_eq!(lost, 0);
@@ -620,36 +600,13 @@ async fn two_daemons_share_a_stream_exactly_once_and_a_killed_one_loses_nothing(
     // One SIGKILLed mid-stream, restarted: nothing lost.
     let mut tally = Tally::new();
     let sender = publisher.stream_from(N, N, 7, input);
-    while tally.distinct() < N / 5 {
-        let m = obs
-            .next_where(Duration::from_secs(60), |m| m.topic.contains("/results/"))
-            .await
-            .expect("results flow before the kill");
-        tally.add(&m);
-    }
+    tally.wait_for(&mut obs, N / 5, "before the kill").await;
     daemons[0].kill().unwrap(); // SIGKILL
     daemons[0].wait().unwrap();
     sender.await.unwrap();
     daemons[0] = spawn_daemon(&configs[0], &dirs[0].path().join("second.log"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while (N as u64..2 * N as u64).any(|ts| !tally.by_ts.contains_key(&ts)) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let Some(m) = obs
-            .next_where(left, |m| m.topic.contains("/results/"))
-            .await
-        else {
-            break;
-        };
-        tally.add(&m);
-    }
-    while let Some(m) = obs
-        .next_where(Duration::from_millis(500), |m| {
-            m.topic.contains("/results/")
-        })
-        .await
-    {
-        tally.add(&m);
-    }
+    // A fresh tally: its ids are N..2N.
+    tally.fill(&mut obs, N, Duration::from_secs(120)).await;
     let lost = tally.report_range(
         "$share, gw-a SIGKILLed and restarted",
         N as u64..2 * N as u64,
