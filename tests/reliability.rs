@@ -191,8 +191,14 @@ impl Tally {
     }
 }
 
+/// The stream tests run one at a time: each runs daemons, a broker and a
+/// load generator, and on CI's 2 cores several at once starved each other
+/// past their timeouts (a reload's daemon not online within 30 s).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_stream_loses_no_input() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const N: usize = 10_000;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_default())
@@ -289,6 +295,7 @@ async fn spawn_online(config: &Path, log: &Path, obs: &mut Observer) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_acknowledged_input() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const N: usize = 3_000;
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
@@ -349,6 +356,7 @@ fn signal(child: &Child, name: &str) {
 /// handling it, and the broker forgot it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_and_clean_stop_mid_stream_lose_no_input() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const N: usize = 3_000;
     let broker = Mosquitto::start();
     let proxy = AckHoldingProxy::start(broker.port).await;
@@ -429,6 +437,7 @@ qos = 1
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_against_a_slow_model_stays_within_the_memory_budget() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const N: usize = 100_000;
     const BUDGET_MB: u64 = 96;
     let broker = Mosquitto::start();
@@ -537,6 +546,7 @@ queue = 1000000
 /// session kept what the broker had given it, so nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_share_a_stream_exactly_once_and_a_killed_one_loses_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const N: usize = 2_000;
     let broker = Mosquitto::start();
     let shared = full_window_pipeline().replace(
