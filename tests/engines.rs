@@ -527,3 +527,44 @@ fn onnxruntime_with_two_threads_per_worker_answers_like_tract() {
     assert_eq!(threaded["label"], case.label.as_str());
     assert_eq!(threaded["label"], tract["label"]);
 }
+
+/// Issue #14, class 1: input dimensions with neither a value nor a name
+/// take the manifest's `input.shape` on both engines (tract refused such
+/// a source: "Source node without a determined fact").
+#[test]
+fn open_input_dimensions_take_the_manifest_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["open_dims.onnx", "open_dims.toml"] {
+        std::fs::copy(repo().join("tests/fixtures").join(f), dir.path().join(f)).unwrap();
+    }
+    let check = |args: &[&str]| {
+        let mut all = vec!["--check", dir.path().to_str().unwrap()];
+        all.extend_from_slice(args);
+        models(&all).remove(0)
+    };
+    let tract = check(&["--backend", "tract"]);
+    assert!(tract["error"].is_null(), "{tract:#}");
+    assert_eq!(tract["inputs"][0]["shape"], serde_json::json!([1, 4]));
+    assert_eq!(tract["outputs"][0]["shape"], serde_json::json!([1, 2]));
+    // Without the manifest the graph says nothing about the shape: refused.
+    std::fs::remove_file(dir.path().join("open_dims.toml")).unwrap();
+    let bare = check(&["--backend", "tract"]);
+    let error = bare["error"].as_str().expect("no shape, no load");
+    assert!(error.contains("determined fact"), "{error}");
+    std::fs::copy(
+        repo().join("tests/fixtures/open_dims.toml"),
+        dir.path().join("open_dims.toml"),
+    )
+    .unwrap();
+
+    let Some(lib) = onnxruntime_library("cpu") else {
+        return;
+    };
+    let auto = check(&["--onnxruntime-library", lib.to_str().unwrap()]);
+    assert_auto_rule(&auto);
+    assert_eq!(
+        measured(&auto, "tract-cpu")["max_abs_diff"],
+        0.0,
+        "{auto:#}"
+    );
+}

@@ -10,6 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::SimpleState;
+use tract_onnx::tract_hir::infer::Factoid;
 
 pub const RUNS_ON: &str = "tract-cpu";
 
@@ -155,13 +156,57 @@ fn build_plan(
     }
 }
 
+/// Dimensions the graph leaves open — neither a value nor a name, as
+/// PaddleOCR and SCRFD exports have — take the manifest's `input.shape`:
+/// tract cannot analyse a source without a determined fact. Dimensions the
+/// graph does give (values or names) are kept, so the checks after typing
+/// still report a manifest that disagrees with the graph.
+fn fill_open_dims(model: &mut InferenceModel, manifest: &Manifest) -> TractResult<()> {
+    let Some(wanted) = &manifest.input.shape else {
+        return Ok(());
+    };
+    let outlets = model.input_outlets()?.to_vec();
+    let names: Vec<String> = outlets
+        .iter()
+        .map(|o| {
+            model
+                .outlet_label(*o)
+                .unwrap_or(&model.node(o.node).name)
+                .to_owned()
+        })
+        .collect();
+    let Some(ix) = crate::model::choice::data_input_index(manifest, &names) else {
+        return Ok(());
+    };
+    let fact = model.input_fact(ix)?.clone();
+    let Some(dt) = fact.datum_type.concretize() else {
+        return Ok(());
+    };
+    let dims: Vec<_> = fact.shape.dims().cloned().collect();
+    let open = fact.shape.is_open() || dims.iter().any(|d| d.concretize().is_none());
+    if !open || (!fact.shape.is_open() && dims.len() != wanted.len()) {
+        return Ok(());
+    }
+    let shape: TVec<TDim> = wanted
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            dims.get(i)
+                .and_then(|d| d.concretize())
+                .unwrap_or(TDim::Val(*w as i64))
+        })
+        .collect();
+    model.set_input_fact(ix, InferenceFact::dt_shape(dt, shape))
+}
+
 fn plan_from_proto(
     loader: &tract_onnx::Onnx,
     proto: &tract_onnx::pb::ModelProto,
     manifest: &Manifest,
 ) -> Result<Arc<TypedRunnableModel>, ModelErrorKind> {
     let engine = |e: TractError| ModelErrorKind::Engine(chain(&e));
-    let inference = loader.model_for_proto_model(proto).map_err(engine)?;
+    let mut inference = loader.model_for_proto_model(proto).map_err(engine)?;
+    fill_open_dims(&mut inference, manifest).map_err(engine)?;
     let typed = inference.into_typed().map_err(engine)?;
     // Symbolic dimensions (a batch `N`, say) become concrete: from the
     // manifest's input.shape where it gives one, else 1.
