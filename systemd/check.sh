@@ -7,13 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="$(realpath "${1:-target/debug/edgeinfer}")"
-if ! command -v systemd-analyze >/dev/null 2>&1; then
-  echo "systemd/check.sh: installing systemd (for systemd-analyze)"
-  sudo_cmd=""
-  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends systemd >/dev/null
-fi
+command -v systemd-analyze >/dev/null 2>&1 || tests/apt-install.sh systemd
 dir="$(mktemp -d)"
 trap 'rm -rf "$dir"' EXIT
 for unit in edgeinfer.service edgeinfer@.service; do

@@ -10,11 +10,7 @@
 set -euo pipefail
 
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  echo "tests/install-deps.sh: installing mosquitto"
-  sudo_cmd=""
-  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+  "$(dirname "$0")/apt-install.sh" mosquitto
 fi
 
 ORT_DIR="${EDGEINFER_ORT_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/edgeinfer/onnxruntime}"

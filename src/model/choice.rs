@@ -487,6 +487,12 @@ fn compare(
 ) -> (f32, Option<String>) {
     let mut max_diff = 0f32;
     let mut verdict = None;
+    // The output a classifier's top-1 is read from.
+    let read = manifest
+        .output
+        .name
+        .as_deref()
+        .or(facts_o.first().map(|f| f.info.name.as_str()));
     for (fo, vo) in facts_o.iter().zip(out_o) {
         let Some(ix) = facts_t.iter().position(|f| f.info.name == fo.info.name) else {
             verdict.get_or_insert(format!("no output {}", fo.info.name));
@@ -535,12 +541,9 @@ fn compare(
                 fo.info.name
             ));
         }
-        let read = manifest
-            .output
-            .name
-            .as_deref()
-            .unwrap_or(&facts_o[0].info.name);
-        if manifest.output.kind == OutputKind::Classification && fo.info.name == read {
+
+        if manifest.output.kind == OutputKind::Classification && Some(fo.info.name.as_str()) == read
+        {
             let top = |v: &[f32]| {
                 v.iter()
                     .enumerate()

@@ -65,7 +65,6 @@ pub enum BackendChoice {
     #[default]
     Auto,
     Tract,
-    #[serde(rename = "onnxruntime")]
     OnnxRuntime,
 }
 

@@ -44,6 +44,13 @@ const USUAL_PLACES: &[&str] = &[
 fn runtime(library: Option<&Path>) -> Result<Arc<Runtime>, String> {
     let mut loaded = RUNTIME.lock().expect("onnxruntime lock");
     if let Some(rt) = loaded.as_ref() {
+        if let Some(wanted) = library.filter(|w| *w != rt.library) {
+            tracing::warn!(
+                wanted = %wanted.display(),
+                loaded = %rt.library.display(),
+                "ONNX Runtime is already loaded from another library; restart to switch"
+            );
+        }
         return Ok(Arc::clone(rt));
     }
     let candidates: Vec<PathBuf> = match (library, std::env::var_os("ORT_DYLIB_PATH")) {
@@ -143,11 +150,6 @@ fn version_of(name: &str) -> Option<String> {
             .iter()
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())))
     .then(|| rest.to_owned())
-}
-
-/// The version of the loaded library, for the decision cache.
-pub fn loaded_version() -> Option<String> {
-    RUNTIME.lock().ok()?.as_ref().map(|rt| rt.version.clone())
 }
 
 pub fn status(library: Option<&Path>) -> RuntimeStatus {
@@ -262,8 +264,10 @@ pub struct OrtEngine {
     provider: &'static Provider,
     option: Option<String>,
     options: EngineOptions,
-    /// The session made at load, handed to the first worker.
-    first: Mutex<Option<OrtSession>>,
+    /// Sessions not in use: the one made at load, and those given back by
+    /// runners that ended (auto's measuring runner, a stopped worker), so
+    /// the next runner takes one instead of building another.
+    idle: Arc<Mutex<Vec<OrtSession>>>,
 }
 
 /// An ONNX Runtime engine, or why each provider was passed over.
@@ -335,7 +339,7 @@ pub fn load(
                         provider,
                         option: option.map(str::to_owned),
                         options: options.clone(),
-                        first: Mutex::new(Some(session)),
+                        idle: Arc::new(Mutex::new(vec![session])),
                     },
                     passed_over,
                     note,
@@ -501,7 +505,8 @@ impl super::Engine for OrtEngine {
     }
 
     fn runner(&self) -> Result<Box<dyn Runner>, ModelErrorKind> {
-        let session = match self.first.lock().expect("session lock").take() {
+        let idle = self.idle.lock().expect("session lock").pop();
+        let session = match idle {
             Some(s) => s,
             None => {
                 let rt =
@@ -515,7 +520,8 @@ impl super::Engine for OrtEngine {
             }
         };
         Ok(Box::new(OrtRunner {
-            session,
+            session: Some(session),
+            idle: Arc::clone(&self.idle),
             inputs: self.inputs.clone(),
             outputs: self.outputs.iter().map(|o| o.info.name.clone()).collect(),
         }))
@@ -523,15 +529,27 @@ impl super::Engine for OrtEngine {
 }
 
 struct OrtRunner {
-    session: OrtSession,
+    /// Always `Some` until dropped.
+    session: Option<OrtSession>,
+    /// Where the session goes back to when the runner ends.
+    idle: Arc<Mutex<Vec<OrtSession>>>,
     inputs: Vec<Fact>,
     outputs: Vec<String>,
 }
 
 impl Runner for OrtRunner {
     fn run(&mut self, inputs: TVec<TValue>) -> Result<TVec<TValue>, ModelErrorKind> {
-        run_session(&mut self.session, &self.inputs, &self.outputs, inputs)
+        let session = self.session.as_mut().expect("a runner holds its session");
+        run_session(session, &self.inputs, &self.outputs, inputs)
             .map_err(|e| ModelErrorKind::Inference(e.to_string()))
+    }
+}
+
+impl Drop for OrtRunner {
+    fn drop(&mut self) {
+        if let (Some(session), Ok(mut idle)) = (self.session.take(), self.idle.lock()) {
+            idle.push(session);
+        }
     }
 }
 
