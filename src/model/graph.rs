@@ -98,6 +98,9 @@ pub fn prepare(model: &mut ModelProto) -> GraphFacts {
     let Some(graph) = model.graph.as_mut() else {
         return facts;
     };
+    // Lowered first, so the facts below read the standard ops that replace
+    // the com.microsoft ones.
+    facts.rewrites.extend(super::lower::lower(graph));
 
     {
         let init: HashMap<&str, &TensorProto> = graph

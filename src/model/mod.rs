@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod choice;
 pub mod graph;
+mod lower;
 pub mod manifest;
 mod session;
 
