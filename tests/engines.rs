@@ -568,3 +568,36 @@ fn open_input_dimensions_take_the_manifest_shape() {
         "{auto:#}"
     );
 }
+
+/// Issue #14, classes 3 and 4 on both engines: the `[[constant]]` sample
+/// rate is bound into the graph ONNX Runtime gets too (it has no `sr`
+/// input left), tract folds the If on it, and `auto` finds the two agree.
+#[test]
+fn a_constant_input_is_bound_for_both_engines_and_they_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["vad_like.onnx", "vad_like.toml"] {
+        std::fs::copy(repo().join("tests/fixtures").join(f), dir.path().join(f)).unwrap();
+    }
+    let Some(lib) = onnxruntime_library("cpu") else {
+        return;
+    };
+    let row = models(&[
+        "--check",
+        dir.path().to_str().unwrap(),
+        "--onnxruntime-library",
+        lib.to_str().unwrap(),
+    ])
+    .remove(0);
+    assert!(row["error"].is_null(), "{row:#}");
+    let inputs: Vec<&str> = row["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(inputs, ["input", "h", "c"], "{row:#}");
+    assert_auto_rule(&row);
+    let tract = measured(&row, "tract-cpu");
+    assert_eq!(tract["agrees"], true, "{row:#}");
+    assert!(tract["max_abs_diff"].as_f64().unwrap() <= 1e-5, "{row:#}");
+}

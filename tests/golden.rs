@@ -389,3 +389,134 @@ fn dynamic_int8_runs_as_float_ops_with_onnxruntime_answers() {
         );
     }
 }
+
+fn tract_only() -> edgeinfer::model::backend::EngineOptions {
+    edgeinfer::model::backend::EngineOptions {
+        backend: edgeinfer::model::backend::BackendChoice::Tract,
+        ..Default::default()
+    }
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Class 2 of issue #14: symbolic input dimensions take the manifest's
+/// input.shape before tract's analysis, so the float shape arithmetic in
+/// front of a Resize (Shape → Cast → Mul → Floor → Cast → Concat) folds to
+/// constants; with the symbols tract refused it ("Neither sizes nor scales
+/// makes sense").
+#[test]
+fn symbolic_dimensions_take_the_manifest_shape_and_shape_arithmetic_folds() {
+    #[derive(Deserialize)]
+    struct Ref {
+        input: Vec<f32>,
+        shape: Vec<usize>,
+        output: Vec<f32>,
+    }
+    let reference: Ref = serde_json::from_str(
+        &std::fs::read_to_string(fixture("shape_arith.reference.json")).unwrap(),
+    )
+    .unwrap();
+    let model = Arc::new(
+        Model::load_with(&fixture("shape_arith.toml"), &tract_only())
+            .unwrap_or_else(|e| panic!("loads on tract: {e}")),
+    );
+    assert_eq!(model.output().shape, reference.shape);
+    let input =
+        tract_onnx::prelude::Tensor::from_shape(&model.input().shape, &reference.input).unwrap();
+    let out = model.session().unwrap().run(input).unwrap();
+    let d = max_abs_diff(&out, &reference.output);
+    assert!(d <= 1e-5, "max |tract - onnxruntime| = {d}");
+}
+
+#[derive(Deserialize)]
+struct VadReference {
+    chunks: Vec<Vec<f32>>,
+    prob: Vec<f32>,
+}
+
+/// Classes 3 and 4 of issue #14: a Silero-VAD-shaped model branches on a
+/// sample-rate input whose two branches differ in shape. The manifest
+/// feeds the rate with [[constant]], the If folds at load, and the model
+/// streams with two [[state]] pairs, matching onnxruntime chunk by chunk.
+#[test]
+fn a_constant_sample_rate_folds_the_branch_and_two_state_pairs_stream() {
+    let reference: VadReference =
+        serde_json::from_str(&std::fs::read_to_string(fixture("vad_like.reference.json")).unwrap())
+            .unwrap();
+    let model = Arc::new(
+        Model::load_with(&fixture("vad_like.toml"), &tract_only())
+            .unwrap_or_else(|e| panic!("loads on tract: {e}")),
+    );
+    assert!(
+        model
+            .graph
+            .rewrites
+            .iter()
+            .any(|n| n.starts_with("If \"by_rate\" folded")),
+        "{:?}",
+        model.graph.rewrites
+    );
+    let names: Vec<&str> = model.inputs.iter().map(|i| i.name.as_str()).collect();
+    assert!(!names.contains(&"sr"), "sr is a constant now: {names:?}");
+    assert_eq!(model.state_io.len(), 2, "h and c are state");
+    let mut session = model.session().unwrap();
+    let mut state = model.initial_state.clone();
+    let mut cold = Vec::new();
+    for (chunk, want) in reference.chunks.iter().zip(&reference.prob) {
+        let input = tract_onnx::prelude::Tensor::from_shape(&[1, 512], chunk).unwrap();
+        let out = session.run_with_state(input.clone(), &mut state).unwrap();
+        assert!((out[0] - want).abs() <= 1e-5, "{} against {want}", out[0]);
+        cold.push(session.run(input).unwrap()[0]);
+    }
+    // The state matters: fed from zeros every time, later chunks answer
+    // differently.
+    assert!(
+        cold.iter()
+            .zip(&reference.prob)
+            .skip(1)
+            .any(|(c, w)| (c - w).abs() > 1e-3),
+        "{cold:?} vs {:?}",
+        reference.prob
+    );
+}
+
+/// Without the [[constant]], the graph's If stays on data: tract cannot
+/// analyse its differently-shaped branches and says so, naming the node and
+/// the fix; a constant naming no input is a manifest error listing the
+/// inputs.
+#[test]
+fn a_branch_on_an_unfed_input_and_a_wrong_constant_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("vad_like.onnx"), dir.path().join("vad_like.onnx")).unwrap();
+    let manifest = std::fs::read_to_string(fixture("vad_like.toml")).unwrap();
+    let without = manifest.replace("[[constant]]\ninput = \"sr\"\nvalue = 16000\n", "");
+    assert_ne!(without, manifest);
+    let path = dir.path().join("vad_like.toml");
+    std::fs::write(&path, &without).unwrap();
+    let e = Model::load_with(&path, &tract_only())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("branches on data at If node(s) \"by_rate\"") && e.contains("[[constant]]"),
+        "{e}"
+    );
+
+    std::fs::write(
+        &path,
+        manifest.replace("input = \"sr\"", "input = \"rate\""),
+    )
+    .unwrap();
+    let e = Model::load_with(&path, &tract_only())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("constant \"rate\": the graph has no such input (inputs: input, sr, h, c)"),
+        "{e}"
+    );
+}

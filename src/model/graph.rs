@@ -22,6 +22,8 @@ pub struct GraphFacts {
     pub output_quant: HashMap<String, QuantParams>,
     /// Human-readable notes of each rewrite, for logs and `models --check`.
     pub rewrites: Vec<String>,
+    /// `If` nodes whose condition depends on data (not folded).
+    pub data_branches: Vec<String>,
 }
 
 /// Ops that move or reshape data without changing values: the walk from an
@@ -101,6 +103,9 @@ pub fn prepare(model: &mut ModelProto) -> GraphFacts {
     // Lowered first, so the facts below read the standard ops that replace
     // the com.microsoft ones.
     facts.rewrites.extend(super::lower::lower(graph));
+    let (folded, on_data) = super::fold::fold_ifs(graph);
+    facts.rewrites.extend(folded);
+    facts.data_branches = on_data;
 
     {
         let init: HashMap<&str, &TensorProto> = graph

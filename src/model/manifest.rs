@@ -24,6 +24,34 @@ pub struct Manifest {
     /// back, on the next call for the same source, into the named input.
     #[serde(default)]
     pub state: Vec<StateSpec>,
+    /// Configuration inputs (a sample rate, say) fed one fixed value: they
+    /// become constants of the graph, so branches on them fold at load.
+    #[serde(default)]
+    pub constant: Vec<ConstantSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstantSpec {
+    pub input: String,
+    /// A number, or the input's elements in row-major order.
+    pub value: ConstantValue,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ConstantValue {
+    One(f64),
+    Many(Vec<f64>),
+}
+
+impl ConstantValue {
+    pub fn values(&self) -> Vec<f64> {
+        match self {
+            ConstantValue::One(v) => vec![*v],
+            ConstantValue::Many(v) => v.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod choice;
+mod fold;
 pub mod graph;
 mod lower;
 pub mod manifest;
@@ -209,6 +210,12 @@ impl Model {
             }
         }
 
+        // `[[constant]]` inputs become initializers, for both engines.
+        let bytes = if manifest.constant.is_empty() {
+            bytes
+        } else {
+            bind_constants(&bytes, &manifest, path).map_err(err)?
+        };
         let (proto, mut graph) = backend::tract::parse(&bytes).map_err(err)?;
         let facts = choice::ModelFacts {
             bytes: &bytes,
@@ -421,6 +428,25 @@ fn locate(path: &Path) -> Result<(Manifest, PathBuf, String), ModelError> {
     Ok((manifest, onnx_path, name))
 }
 
+/// The graph with the manifest's `[[constant]]` inputs bound, re-encoded.
+fn bind_constants(
+    bytes: &[u8],
+    manifest: &Manifest,
+    path: &Path,
+) -> Result<Vec<u8>, ModelErrorKind> {
+    use prost::Message;
+    let mut proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut std::io::Cursor::new(bytes))
+        .map_err(|e| ModelErrorKind::Corrupt(chain(&e)))?;
+    fold::bind_constants(&mut proto, &manifest.constant).map_err(|message| {
+        ModelErrorKind::Manifest {
+            path: path.to_owned(),
+            message,
+        }
+    })?;
+    Ok(proto.encode_to_vec())
+}
+
 /// Which inputs and outputs are recurrent state (`[[state]]` pairs) and
 /// which input is the data input.
 fn bind_inputs(
@@ -482,6 +508,19 @@ fn bind_inputs(
             }
         }
     };
+    let unfed: Vec<&str> = (0..inputs.len())
+        .filter(|i| *i != data_input && !is_state_input(*i))
+        .map(|i| inputs[i].name.as_str())
+        .collect();
+    if !unfed.is_empty() {
+        return Err(ModelErrorKind::Unsupported(format!(
+            "input(s) {} are neither the data input ({}) nor [[state]]: edgeinfer feeds one data \
+             input per model; give a configuration input (a sample rate, say) its value with \
+             [[constant]] in the manifest",
+            unfed.join(", "),
+            inputs[data_input].name
+        )));
+    }
     Ok((state_io, data_input))
 }
 

@@ -147,7 +147,8 @@ fn build_plan(
             let relaxed = tract_onnx::onnx()
                 .with_ignore_value_info(true)
                 .with_ignore_output_shapes(true);
-            let plan = plan_from_proto(&relaxed, proto, manifest).map_err(|_| strict)?;
+            let plan = plan_from_proto(&relaxed, proto, manifest)
+                .map_err(|_| with_branch_hint(strict, facts))?;
             facts
                 .rewrites
                 .push("loaded ignoring the graph's declared value info and output shapes".into());
@@ -156,11 +157,33 @@ fn build_plan(
     }
 }
 
-/// Dimensions the graph leaves open — neither a value nor a name, as
-/// PaddleOCR and SCRFD exports have — take the manifest's `input.shape`:
-/// tract cannot analyse a source without a determined fact. Dimensions the
-/// graph does give (values or names) are kept, so the checks after typing
-/// still report a manifest that disagrees with the graph.
+/// A load failure in a graph that branches on data says so: tract analyses
+/// both branches of an `If` together and refuses them when their shapes
+/// differ, which is the usual reason such a graph does not load.
+fn with_branch_hint(e: ModelErrorKind, facts: &GraphFacts) -> ModelErrorKind {
+    match e {
+        ModelErrorKind::Engine(msg) if !facts.data_branches.is_empty() => {
+            ModelErrorKind::Engine(format!(
+                "{msg} — the graph branches on data at If node(s) {}: tract analyses both branches \
+                 together; if the condition is a configuration input (a sample rate, say), feed it \
+                 with [[constant]] in the manifest so the branch folds at load, else ONNX Runtime \
+                 runs the graph (backend = \"auto\")",
+                facts.data_branches.join(", ")
+            ))
+        }
+        other => other,
+    }
+}
+
+/// The data input's shape from the manifest's `input.shape`, before tract
+/// analyses the graph: dimensions the graph leaves open (neither a value
+/// nor a name, as PaddleOCR and SCRFD exports have) and symbolic ones
+/// (`height`, `N`). tract cannot analyse a source without a determined fact,
+/// and with symbols it cannot always fold the shape arithmetic exporters
+/// write (Shape → Cast → Mul → Floor → Cast → Resize sizes, say); with
+/// values it folds them to constants. Values the graph gives are kept, so
+/// the checks after typing still report a manifest that disagrees; a symbol
+/// the manifest would give two values stays a symbol for the same reason.
 fn fill_open_dims(model: &mut InferenceModel, manifest: &Manifest) -> TractResult<()> {
     let Some(wanted) = &manifest.input.shape else {
         return Ok(());
@@ -182,18 +205,25 @@ fn fill_open_dims(model: &mut InferenceModel, manifest: &Manifest) -> TractResul
     let Some(dt) = fact.datum_type.concretize() else {
         return Ok(());
     };
-    let dims: Vec<_> = fact.shape.dims().cloned().collect();
-    let open = fact.shape.is_open() || dims.iter().any(|d| d.concretize().is_none());
-    if !open || (!fact.shape.is_open() && dims.len() != wanted.len()) {
+    let dims: Vec<Option<TDim>> = fact.shape.dims().map(|d| d.concretize()).collect();
+    let is_value = |d: &Option<TDim>| matches!(d, Some(TDim::Val(_)));
+    if !fact.shape.is_open() && (dims.len() != wanted.len() || dims.iter().all(is_value)) {
         return Ok(());
+    }
+    let mut symbols: HashMap<TDim, usize> = HashMap::new();
+    for (d, w) in dims.iter().zip(wanted) {
+        if let Some(sym) = d.as_ref().filter(|d| !matches!(d, TDim::Val(_))) {
+            if *symbols.entry(sym.clone()).or_insert(*w) != *w {
+                return Ok(());
+            }
+        }
     }
     let shape: TVec<TDim> = wanted
         .iter()
         .enumerate()
-        .map(|(i, w)| {
-            dims.get(i)
-                .and_then(|d| d.concretize())
-                .unwrap_or(TDim::Val(*w as i64))
+        .map(|(i, w)| match dims.get(i) {
+            Some(Some(TDim::Val(v))) => TDim::Val(*v),
+            _ => TDim::Val(*w as i64),
         })
         .collect();
     model.set_input_fact(ix, InferenceFact::dt_shape(dt, shape))
