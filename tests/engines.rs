@@ -601,3 +601,67 @@ fn a_constant_input_is_bound_for_both_engines_and_they_agree() {
     assert_eq!(tract["agrees"], true, "{row:#}");
     assert!(tract["max_abs_diff"].as_f64().unwrap() <= 1e-5, "{row:#}");
 }
+
+/// Issue #14, class 11: symbolic dimensions defaulted to 1 are named, and
+/// an input or output left with no elements is a warning, in `models
+/// --check` and on `bench`'s stderr; a load that fails so says the
+/// dimensions were defaulted.
+#[test]
+fn defaulted_dimensions_and_empty_outputs_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["empty_default.onnx", "pnet_dynamic.onnx"] {
+        std::fs::copy(repo().join("tests/fixtures").join(f), dir.path().join(f)).unwrap();
+    }
+    let rows = models(&[
+        "--check",
+        dir.path().to_str().unwrap(),
+        "--backend",
+        "tract",
+    ]);
+    let row = |file: &str| {
+        rows.iter()
+            .find(|r| r["file"].as_str().unwrap().ends_with(file))
+            .unwrap_or_else(|| panic!("{file} in {rows:#?}"))
+            .clone()
+    };
+    let empty = row("empty_default.onnx");
+    let notes: Vec<&str> = empty["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(
+        notes.contains(&"warning: input x dimension(s) 1 (frames) defaulted to 1, so it runs as [1, 1]; give input.shape in the manifest"),
+        "{notes:?}"
+    );
+    assert!(
+        notes.contains(
+            &"warning: output y has shape [1, 0]: no elements, the model computes nothing"
+        ),
+        "{notes:?}"
+    );
+    let pnet = row("pnet_dynamic.onnx");
+    let error = pnet["error"].as_str().expect("1 x 1 does not load");
+    assert!(
+        error.contains("with input dimensions defaulted to 1: x 2 (H), 3 (W)"),
+        "{error}"
+    );
+
+    let model = dir.path().join("empty_default.onnx");
+    let out = edgeinfer(&[
+        "bench",
+        "-m",
+        model.to_str().unwrap(),
+        "--runs",
+        "3",
+        "--backend",
+        "tract",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("output y has shape [1, 0]: no elements"),
+        "{stderr}"
+    );
+}

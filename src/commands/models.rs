@@ -47,7 +47,12 @@ pub fn describe(paths: &[(std::path::PathBuf, EngineOptions)]) -> Vec<ModelRow> 
                 inputs: m.inputs.clone(),
                 outputs: m.outputs.clone(),
                 kind: format!("{:?}", m.manifest.output.kind).to_lowercase(),
-                notes: m.graph.rewrites.clone(),
+                notes: m
+                    .warnings
+                    .iter()
+                    .map(|w| format!("warning: {w}"))
+                    .chain(m.graph.rewrites.iter().cloned())
+                    .collect(),
                 error: None,
             },
             Err(e) => ModelRow {

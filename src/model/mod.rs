@@ -143,6 +143,9 @@ pub struct Model {
     pub output_quant: Vec<Option<QuantParams>>,
     /// What was learnt from the graph and rewritten in it at load.
     pub graph: GraphFacts,
+    /// Dimensions defaulted to 1 and inputs or outputs with no elements: a
+    /// model loaded so may "run" in microseconds on nothing.
+    pub warnings: Vec<String>,
     pub load_ms: f64,
     /// Where the model runs and why there.
     pub placement: EngineReport,
@@ -223,7 +226,8 @@ impl Model {
             manifest: &manifest,
             sha256: &sha256,
         };
-        let placed = choice::place(&facts, &mut graph, options).map_err(err)?;
+        let placed = choice::place(&facts, &mut graph, options)
+            .map_err(|e| err(with_defaults_hint(e, &proto, &manifest)))?;
         let engine = placed.engine;
         let inputs: Vec<TensorInfo> = engine.inputs().iter().map(|f| f.info.clone()).collect();
         let outputs: Vec<TensorInfo> = engine.outputs().iter().map(|f| f.info.clone()).collect();
@@ -262,6 +266,16 @@ impl Model {
         }
         let output_index =
             check_output(&manifest, &inputs, &outputs, data_input, &state_io, path).map_err(err)?;
+        let warnings = degenerate(
+            &proto,
+            &manifest,
+            &inputs[data_input].name,
+            &inputs,
+            &outputs,
+        );
+        for w in &warnings {
+            tracing::warn!(model = %name, "{w}");
+        }
 
         let output_quant = outputs
             .iter()
@@ -291,6 +305,7 @@ impl Model {
             initial_state,
             input_quant,
             graph,
+            warnings,
             load_ms: started.elapsed().as_secs_f64() * 1e3,
             placement: placed.report,
             engine,
@@ -426,6 +441,113 @@ fn locate(path: &Path) -> Result<(Manifest, PathBuf, String), ModelError> {
         });
     }
     Ok((manifest, onnx_path, name))
+}
+
+/// Graph inputs' dimensions that are symbolic or open, as `d (name)`.
+fn open_dims(proto: &tract_onnx::pb::ModelProto) -> Vec<(String, Vec<String>)> {
+    use tract_onnx::pb::{tensor_shape_proto::dimension, type_proto};
+    let Some(graph) = &proto.graph else {
+        return vec![];
+    };
+    let inits: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    graph
+        .input
+        .iter()
+        .filter(|i| !inits.contains(i.name.as_str()))
+        .filter_map(|i| {
+            let Some(type_proto::Value::TensorType(t)) = i.r#type.as_ref()?.value.as_ref() else {
+                return None;
+            };
+            let open: Vec<String> = t
+                .shape
+                .as_ref()?
+                .dim
+                .iter()
+                .enumerate()
+                .filter_map(|(d, dim)| match &dim.value {
+                    Some(dimension::Value::DimValue(_)) => None,
+                    Some(dimension::Value::DimParam(p)) if !p.is_empty() => {
+                        Some(format!("{d} ({p})"))
+                    }
+                    _ => Some(format!("{d} (unnamed)")),
+                })
+                .collect();
+            (!open.is_empty()).then(|| (i.name.clone(), open))
+        })
+        .collect()
+}
+
+/// A model that fails to load with dimensions defaulted to 1 says so: a
+/// 1 × 1 image is often what makes the engine fail.
+fn with_defaults_hint(
+    e: ModelErrorKind,
+    proto: &tract_onnx::pb::ModelProto,
+    manifest: &Manifest,
+) -> ModelErrorKind {
+    let open = open_dims(proto);
+    if manifest.input.shape.is_some() || open.is_empty() {
+        return e;
+    }
+    let hint = format!(
+        " (with input dimensions defaulted to 1: {}; give input.shape in the manifest)",
+        open.iter()
+            .map(|(n, d)| format!("{n} {}", d.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    match e {
+        ModelErrorKind::Panic { stage, message } => ModelErrorKind::Panic {
+            stage,
+            message: message + &hint,
+        },
+        ModelErrorKind::Engine(message) => ModelErrorKind::Engine(message + &hint),
+        other => other,
+    }
+}
+
+/// Which input dimensions were defaulted to 1 (symbolic or open in the
+/// graph, and not given by the manifest's input.shape), and which inputs or
+/// outputs have no elements at all.
+fn degenerate(
+    proto: &tract_onnx::pb::ModelProto,
+    manifest: &Manifest,
+    data_input: &str,
+    inputs: &[TensorInfo],
+    outputs: &[TensorInfo],
+) -> Vec<String> {
+    let mut warnings = vec![];
+    for (name, open) in open_dims(proto) {
+        if name == data_input && manifest.input.shape.is_some() {
+            continue;
+        }
+        let Some(input) = inputs.iter().find(|i| i.name == name) else {
+            continue;
+        };
+        let hint = if name == data_input {
+            "; give input.shape in the manifest"
+        } else {
+            ""
+        };
+        warnings.push(format!(
+            "input {name} dimension(s) {} defaulted to 1, so it runs as {:?}{hint}",
+            open.join(", "),
+            input.shape
+        ));
+    }
+    for (what, t) in inputs
+        .iter()
+        .map(|t| ("input", t))
+        .chain(outputs.iter().map(|t| ("output", t)))
+    {
+        if t.is_empty() {
+            warnings.push(format!(
+                "{what} {} has shape {:?}: no elements, the model computes nothing",
+                t.name, t.shape
+            ));
+        }
+    }
+    warnings
 }
 
 /// The graph with the manifest's `[[constant]]` inputs bound, re-encoded.
