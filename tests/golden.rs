@@ -520,3 +520,82 @@ fn a_branch_on_an_unfed_input_and_a_wrong_constant_are_clear_errors() {
         "{e}"
     );
 }
+
+/// Class 8 of issue #14: sensor models laid out channel-first (a PyTorch
+/// 1-D CNN, `[1, 3, 64]`) or flat (a dense autoencoder, `[1, 60]` of 20
+/// samples × 3 channels) take windows of samples as they arrive, through
+/// `edgeinfer infer`, and answer as onnxruntime does on real wrist
+/// accelerometer windows laid out by hand.
+#[test]
+fn channel_first_and_flat_sensor_models_take_sample_windows() {
+    #[derive(Deserialize)]
+    struct Case {
+        cnn_samples: Vec<Vec<f32>>,
+        cnn_output: Vec<f32>,
+        ae_samples: Vec<Vec<f32>>,
+        ae_output: Vec<f32>,
+    }
+    #[derive(Deserialize)]
+    struct Ref {
+        cases: Vec<Case>,
+    }
+    let reference: Ref = serde_json::from_str(
+        &std::fs::read_to_string(fixture("sensor_layouts.reference.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(reference.cases.len(), 4);
+    let infer = |manifest: &str, samples: &[Vec<f32>]| -> Vec<f32> {
+        let payload = serde_json::json!({ "samples": samples }).to_string();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+            .args(["infer", "--backend", "tract", "-m"])
+            .arg(fixture(manifest))
+            .args(["--json", &payload])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{manifest}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["output"]["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    for case in &reference.cases {
+        let cnn = infer("accel_cnn.toml", &case.cnn_samples);
+        assert!(
+            max_abs_diff(&cnn, &case.cnn_output) <= 1e-4,
+            "{cnn:?} vs {:?}",
+            case.cnn_output
+        );
+        let ae = infer("flat_ae.toml", &case.ae_samples);
+        assert!(
+            max_abs_diff(&ae, &case.ae_output) <= 1e-4,
+            "{ae:?} vs {:?}",
+            case.ae_output
+        );
+    }
+    // Read as [samples, channels] (the old reading), the CNN would take 3
+    // samples of 64 channels: a window of 64 three-axis samples is refused.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("accel_cnn.onnx"), dir.path().join("accel_cnn.onnx")).unwrap();
+    std::fs::write(
+        dir.path().join("accel_cnn.toml"),
+        "file = \"accel_cnn.onnx\"\n[output]\nkind = \"raw\"\n",
+    )
+    .unwrap();
+    let payload = serde_json::json!({ "samples": reference.cases[0].cnn_samples }).to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
+        .args(["infer", "--backend", "tract", "-m"])
+        .arg(dir.path().join("accel_cnn.toml"))
+        .args(["--json", &payload])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("64 channels"), "{stderr}");
+}

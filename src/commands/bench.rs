@@ -33,8 +33,11 @@ pub fn bench(
     options: &EngineOptions,
 ) -> Result<BenchReport, OneShotError> {
     let model = Arc::new(Model::load_with(model_path, options)?);
-    let channels = *model.input().shape.last().unwrap_or(&1);
-    let mut pre = Preprocessor::new(&model, channels).map_err(OneShotError::Other)?;
+    // Sensor models as their layout says; image models take the random
+    // values as they are (their layout does not matter to the timing).
+    let mut pre = Preprocessor::sensor(&model)
+        .or_else(|_| Preprocessor::new(&model, *model.input().shape.last().unwrap_or(&1)))
+        .map_err(OneShotError::Other)?;
     let mut rng = fastrand::Rng::with_seed(42);
     let raw: Vec<f32> = (0..model.input().len())
         .map(|_| rng.f32() * 2.0 - 1.0)

@@ -4,7 +4,7 @@ use super::OneShotError;
 use crate::flow::unix_ms;
 use crate::model::{EngineOptions, Model};
 use crate::pipeline::post;
-use crate::pipeline::pre::Preprocessor;
+use crate::pipeline::pre::{Preprocessor, SensorLayout};
 use crate::pipeline::result::{ms, LatencyMs, ResultFields};
 use crate::pipeline::sensor;
 use std::path::Path;
@@ -25,7 +25,8 @@ pub fn infer(
     options: &EngineOptions,
 ) -> Result<serde_json::Value, OneShotError> {
     let model = Arc::new(Model::load_with(model_path, options)?);
-    let channels = *model.input().shape.last().unwrap_or(&1);
+    let layout = SensorLayout::of(&model).map_err(OneShotError::Other)?;
+    let channels = layout.channels;
     let samples_needed = model.input().len() / channels.max(1);
     let started = Instant::now();
     let (source, samples) = match input {
@@ -56,7 +57,7 @@ pub fn infer(
             model.input()
         )));
     }
-    let mut pre = Preprocessor::new(&model, channels).map_err(OneShotError::Other)?;
+    let mut pre = Preprocessor::sensor(&model).map_err(OneShotError::Other)?;
     let mut session = model.session()?;
     let mut normalised = Vec::new();
     let t0 = Instant::now();

@@ -72,7 +72,8 @@ pub struct InputSpec {
     /// Names of the channels of one sample, for documentation and `models`.
     pub channels: Option<Vec<String>>,
     /// Image models: where the colour channel is (default: `nchw` when the
-    /// second dimension is 1 or 3, else `nhwc`).
+    /// second dimension is 1 or 3, else `nhwc`). Sensor models: where the
+    /// channels are (default `samples_channels`); see [`Layout`].
     pub layout: Option<Layout>,
     /// Image models: channel order the model expects (default `rgb`; `gray`
     /// for one channel).
@@ -82,11 +83,19 @@ pub struct InputSpec {
     pub resize: ResizeMode,
 }
 
+/// Where the input's channels are. Image models: `nchw` / `nhwc`. Sensor
+/// models: `samples_channels` (`[…, samples, channels]`, the default),
+/// `channels_samples` (`[…, channels, samples]`, PyTorch 1-D CNNs) or
+/// `flat` (`[1, n]`: the window's values in arrival order, `input.channels`
+/// names giving the channel count, default 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Layout {
     Nchw,
     Nhwc,
+    SamplesChannels,
+    ChannelsSamples,
+    Flat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

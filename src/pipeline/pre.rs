@@ -1,8 +1,66 @@
 //! Preprocessing: a raw window (or a fitted frame) → the model's input
 //! tensor, driven by the manifest (scale, mean/std, int8/uint8 quantization).
 
+use crate::model::manifest::Layout;
 use crate::model::{ElemType, Model};
 use tract_onnx::prelude::Tensor;
+
+/// How a sensor model's input holds a window of `samples` samples of
+/// `channels` values each (they arrive sample by sample).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SensorLayout {
+    pub channels: usize,
+    pub samples: usize,
+    /// `[…, channels, samples]`: the window is transposed.
+    pub channel_first: bool,
+}
+
+impl SensorLayout {
+    /// From the manifest's `input.layout` (default `samples_channels`) and
+    /// the input's shape.
+    pub fn of(model: &Model) -> Result<SensorLayout, String> {
+        let input = model.input();
+        let shape = &input.shape;
+        let layout = model
+            .manifest
+            .input
+            .layout
+            .unwrap_or(Layout::SamplesChannels);
+        let (channels, channel_first) = match layout {
+            Layout::SamplesChannels => (shape.last().copied(), false),
+            Layout::ChannelsSamples if shape.len() >= 2 => (Some(shape[shape.len() - 2]), true),
+            Layout::ChannelsSamples => {
+                return Err(format!(
+                    "input.layout = channels_samples needs [.., channels, samples]; {input} has rank {}",
+                    shape.len()
+                ))
+            }
+            Layout::Flat => (
+                Some(model.manifest.input.channels.as_ref().map_or(1, Vec::len)),
+                false,
+            ),
+            image => {
+                return Err(format!(
+                    "input.layout = {image:?} is for image models; sensor models take samples_channels, channels_samples or flat"
+                ))
+            }
+        };
+        let channels = channels
+            .filter(|c| *c > 0)
+            .ok_or_else(|| format!("model input {input} has no channel dimension"))?;
+        if !input.len().is_multiple_of(channels) {
+            return Err(format!(
+                "model input {input} ({} values) does not hold whole samples of {channels} channels",
+                input.len()
+            ));
+        }
+        Ok(SensorLayout {
+            channels,
+            samples: input.len() / channels,
+            channel_first,
+        })
+    }
+}
 
 /// Turns a window of raw samples into the model's input tensor:
 /// `(x * scale - mean[c]) / std[c]`, then quantized for int8/uint8 inputs.
@@ -60,6 +118,17 @@ impl Preprocessor {
             quant,
             chw: false,
             scratch: Vec::new(),
+        })
+    }
+
+    /// A sensor model's preprocessor, laid out as its input wants.
+    pub fn sensor(model: &Model) -> Result<Preprocessor, String> {
+        let layout = SensorLayout::of(model)?;
+        let pre = Preprocessor::new(model, layout.channels)?;
+        Ok(if layout.channel_first {
+            pre.channel_first()
+        } else {
+            pre
         })
     }
 

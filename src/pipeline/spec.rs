@@ -2,7 +2,7 @@
 //! checked against its loaded model.
 
 use super::camera::{self, DetectionSpec, FrameFormat, ImageInput};
-use super::pre::Preprocessor;
+use super::pre::{Preprocessor, SensorLayout};
 use crate::config::{Config, PayloadFormat, Pipeline as PipelineConfig, PipelineKind};
 use crate::model::Model;
 use std::sync::Arc;
@@ -91,14 +91,9 @@ impl PipelineSpec {
 impl SensorSpec {
     fn new(p: &PipelineConfig, model: &Model) -> Result<SensorSpec, String> {
         let input = model.input();
-        // A sensor model's input is [.., samples, channels]: the last
-        // dimension is the channel count, the rest hold the samples.
-        let channels = *input
-            .shape
-            .last()
-            .filter(|c| **c > 0)
-            .ok_or_else(|| format!("model input {input} has no channel dimension"))?;
-        let samples = input.len() / channels;
+        let SensorLayout {
+            channels, samples, ..
+        } = SensorLayout::of(model)?;
         let size = p.window.and_then(|w| w.size).unwrap_or(samples);
         if size != samples {
             return Err(format!(
@@ -107,7 +102,7 @@ impl SensorSpec {
             ));
         }
         let stride = p.window.and_then(|w| w.stride).unwrap_or(size);
-        Preprocessor::new(model, channels)?;
+        Preprocessor::sensor(model)?;
         let payload = match p.payload() {
             PayloadFormat::Json => SensorPayload::Json,
             PayloadFormat::F32le => SensorPayload::F32le,

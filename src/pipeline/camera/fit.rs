@@ -93,6 +93,11 @@ impl ImageInput {
         let (c, h, w) = match layout {
             Layout::Nchw => (shape[1], shape[2], shape[3]),
             Layout::Nhwc => (shape[3], shape[1], shape[2]),
+            sensor => {
+                return Err(format!(
+                    "input.layout = {sensor:?} is for sensor models; images take nchw or nhwc"
+                ))
+            }
         };
         if !matches!(c, 1 | 3) || h == 0 || w == 0 {
             return Err(format!(

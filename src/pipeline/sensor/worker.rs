@@ -45,7 +45,7 @@ impl SensorWorker {
     ) -> Result<SensorWorker, String> {
         Ok(SensorWorker {
             session: spec.model.session().map_err(|e| e.to_string())?,
-            pre: Preprocessor::new(&spec.model, sensor.channels)?,
+            pre: Preprocessor::sensor(&spec.model)?,
             sources: HashMap::new(),
             clock: 0,
             emit,
