@@ -599,3 +599,41 @@ fn channel_first_and_flat_sensor_models_take_sample_windows() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("64 channels"), "{stderr}");
 }
+
+/// Class 9 of issue #14: a model with two data inputs (a signal and its
+/// spectrogram) is refused with what is supported — one data input,
+/// [[state]] and [[constant]] — whether or not input.name picks one.
+#[test]
+fn two_data_inputs_are_refused_with_what_is_supported() {
+    let e = Model::load_with(&fixture("two_inputs.onnx"), &tract_only())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("2 inputs not declared as [[state]] (signal, spectrogram)")
+            && e.contains("[[constant]]")
+            && e.contains("several data inputs are not supported"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("two_inputs.onnx"),
+        dir.path().join("two_inputs.onnx"),
+    )
+    .unwrap();
+    let manifest = dir.path().join("two_inputs.toml");
+    std::fs::write(
+        &manifest,
+        "[input]\nname = \"signal\"\n[output]\nkind = \"raw\"\n",
+    )
+    .unwrap();
+    let e = Model::load_with(&manifest, &tract_only())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("input(s) spectrogram are neither the data input (signal) nor [[state]]")
+            && e.contains("several data inputs are not supported"),
+        "{e}"
+    );
+}

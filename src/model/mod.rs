@@ -621,8 +621,9 @@ fn bind_inputs(
                 }
                 _ => {
                     return Err(ModelErrorKind::Unsupported(format!(
-                        "{} inputs not declared as [[state]] ({}); edgeinfer feeds one data input: \
-                         name it with input.name and declare recurrent ones as [[state]]",
+                        "{} inputs not declared as [[state]] ({}); edgeinfer feeds one data input per \
+                         model: name it with input.name, declare recurrent inputs as [[state]] and \
+                         configuration inputs as [[constant]] (several data inputs are not supported)",
                         data.len(),
                         data.iter().map(|i| inputs[*i].name.as_str()).collect::<Vec<_>>().join(", ")
                     )))
@@ -638,7 +639,7 @@ fn bind_inputs(
         return Err(ModelErrorKind::Unsupported(format!(
             "input(s) {} are neither the data input ({}) nor [[state]]: edgeinfer feeds one data \
              input per model; give a configuration input (a sample rate, say) its value with \
-             [[constant]] in the manifest",
+             [[constant]] in the manifest (several data inputs are not supported)",
             unfed.join(", "),
             inputs[data_input].name
         )));
