@@ -2,6 +2,9 @@
 //!
 //! - `[[constant]]` inputs (a sample rate, say) become initializers, for
 //!   both engines (ONNX Runtime gets the re-encoded graph);
+//! - scikit-learn's ZipMap (probabilities as a sequence of maps, which
+//!   neither engine hands over as a tensor) is dropped, for both engines:
+//!   the probabilities tensor it wraps becomes the output;
 //! - an `If` whose condition is computable from initializers is replaced by
 //!   the branch it takes (Silero VAD branches on its sample rate, and its
 //!   two branches give outputs of different shapes, which tract cannot
@@ -104,6 +107,37 @@ pub fn bind_constants(model: &mut ModelProto, constants: &[ConstantSpec]) -> Res
         graph.initializer.push(tensor);
     }
     Ok(())
+}
+
+/// Replaces each ZipMap by an Identity of the probabilities it wraps, and
+/// declares the output a float tensor. Returns a note per ZipMap.
+pub fn drop_zipmaps(model: &mut ModelProto) -> Vec<String> {
+    let Some(graph) = model.graph.as_mut() else {
+        return vec![];
+    };
+    let mut notes = vec![];
+    for node in graph.node.iter_mut().filter(|n| n.op_type == "ZipMap") {
+        let Some(out) = node.output.first().cloned() else {
+            continue;
+        };
+        notes.push(format!(
+            "ZipMap {:?} dropped: output {out:?} is the probabilities tensor, one column per class label in the order the model lists them",
+            node.name
+        ));
+        node.op_type = "Identity".into();
+        node.domain.clear();
+        node.attribute.clear();
+        for o in graph.output.iter_mut().filter(|o| o.name == out) {
+            o.r#type = Some(tract_onnx::pb::TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: DataType::Float as i32,
+                    shape: None,
+                })),
+                ..Default::default()
+            });
+        }
+    }
+    notes
 }
 
 /// A small constant: its values (as f64; ints up to 2^53 are exact) and

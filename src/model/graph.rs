@@ -24,6 +24,8 @@ pub struct GraphFacts {
     pub rewrites: Vec<String>,
     /// `If` nodes whose condition depends on data (not folded).
     pub data_branches: Vec<String>,
+    /// Nodes of operators tract lacks that were not written out, and why.
+    pub not_lowered: Vec<String>,
 }
 
 /// Ops that move or reshape data without changing values: the walk from an
@@ -102,7 +104,9 @@ pub fn prepare(model: &mut ModelProto) -> GraphFacts {
     };
     // Lowered first, so the facts below read the standard ops that replace
     // the com.microsoft ones.
-    facts.rewrites.extend(super::lower::lower(graph));
+    let lowered = super::lower::lower(graph);
+    facts.rewrites.extend(lowered.notes);
+    facts.not_lowered = lowered.declined;
     let (folded, on_data) = super::fold::fold_ifs(graph);
     facts.rewrites.extend(folded);
     facts.data_branches = on_data;

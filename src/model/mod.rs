@@ -213,13 +213,11 @@ impl Model {
             }
         }
 
-        // `[[constant]]` inputs become initializers, for both engines.
-        let bytes = if manifest.constant.is_empty() {
-            bytes
-        } else {
-            bind_constants(&bytes, &manifest, path).map_err(err)?
-        };
+        // Edits both engines need: `[[constant]]` inputs become
+        // initializers, ZipMaps are dropped.
+        let (bytes, neutral) = engine_neutral(bytes, &manifest, path).map_err(err)?;
         let (proto, mut graph) = backend::tract::parse(&bytes).map_err(err)?;
+        graph.rewrites.splice(0..0, neutral);
         let facts = choice::ModelFacts {
             bytes: &bytes,
             proto: &proto,
@@ -550,15 +548,21 @@ fn degenerate(
     warnings
 }
 
-/// The graph with the manifest's `[[constant]]` inputs bound, re-encoded.
-fn bind_constants(
-    bytes: &[u8],
+/// The graph with the manifest's `[[constant]]` inputs bound and ZipMaps
+/// dropped, re-encoded (the bytes as they are when there is neither), and
+/// notes of what changed.
+fn engine_neutral(
+    bytes: Vec<u8>,
     manifest: &Manifest,
     path: &Path,
-) -> Result<Vec<u8>, ModelErrorKind> {
+) -> Result<(Vec<u8>, Vec<String>), ModelErrorKind> {
     use prost::Message;
+    let zipmap = bytes.windows(6).any(|w| w == b"ZipMap");
+    if manifest.constant.is_empty() && !zipmap {
+        return Ok((bytes, vec![]));
+    }
     let mut proto = tract_onnx::onnx()
-        .proto_model_for_read(&mut std::io::Cursor::new(bytes))
+        .proto_model_for_read(&mut std::io::Cursor::new(&bytes))
         .map_err(|e| ModelErrorKind::Corrupt(chain(&e)))?;
     fold::bind_constants(&mut proto, &manifest.constant).map_err(|message| {
         ModelErrorKind::Manifest {
@@ -566,7 +570,19 @@ fn bind_constants(
             message,
         }
     })?;
-    Ok(proto.encode_to_vec())
+    let mut notes: Vec<String> = manifest
+        .constant
+        .iter()
+        .map(|c| {
+            format!(
+                "input {:?} bound to the constant {:?}",
+                c.input,
+                c.value.values()
+            )
+        })
+        .collect();
+    notes.extend(fold::drop_zipmaps(&mut proto));
+    Ok((proto.encode_to_vec(), notes))
 }
 
 /// Which inputs and outputs are recurrent state (`[[state]]` pairs) and

@@ -60,8 +60,15 @@ impl TractEngine {
                             fact.shape
                         ))
                     })?;
-                    // The ONNX tensor name is the outlet's label; the node name is tract's.
-                    let name = model.outlet_label(*o).unwrap_or(&model.node(o.node).name).to_owned();
+                    // The ONNX tensor name is the outlet's label; the node name is
+                    // tract's. A source node is named as the graph's input (its
+                    // label may be a folded-away node's, a no-op Cast's say).
+                    let node = model.node(o.node);
+                    let name = if node.inputs.is_empty() {
+                        node.name.clone()
+                    } else {
+                        model.outlet_label(*o).unwrap_or(&node.name).to_owned()
+                    };
                     Ok(Fact {
                         info: TensorInfo {
                             name,
@@ -137,7 +144,11 @@ fn build_plan(
     let loader = tract_onnx::onnx();
     let unknown = graph::unsupported_operators(proto, |op| loader.op_register.0.contains_key(op));
     if !unknown.is_empty() {
-        return Err(ModelErrorKind::UnsupportedOperators(unknown.join(", ")));
+        let mut message = unknown.join(", ");
+        if !facts.not_lowered.is_empty() {
+            message = format!("{message} ({})", facts.not_lowered.join("; "));
+        }
+        return Err(ModelErrorKind::UnsupportedOperators(message));
     }
     match plan_from_proto(&loader, proto, manifest) {
         Ok(plan) => Ok(plan),

@@ -14,20 +14,45 @@
 //!   2^24, so the int32 result is the same; tract's f32 kernels are many
 //!   times faster than its i32 path (measured in the README).
 
+mod sklearn;
+
 use std::collections::HashMap;
 use tract_onnx::pb::attribute_proto::AttributeType;
 use tract_onnx::pb::{tensor_proto::DataType, AttributeProto, GraphProto, NodeProto, TensorProto};
 use tract_onnx::prelude::*;
 
-/// Lowers every node it knows in `graph`; returns one note per lowered
-/// operator type with its count (for logs and `models --check`). A node it
-/// cannot lower (a missing input, weights it cannot read) stays as it is.
-pub fn lower(graph: &mut GraphProto) -> Vec<String> {
+/// What [`lower`] did: one note per lowered operator type with its count
+/// (for logs and `models --check`), and why a node it knows was left.
+#[derive(Debug, Default)]
+pub struct Lowered {
+    pub notes: Vec<String>,
+    pub declined: Vec<String>,
+}
+
+/// Lowers every node it knows in `graph`. A node it cannot lower (a missing
+/// input, weights it cannot read, a form not written out) stays as it is.
+pub fn lower(graph: &mut GraphProto) -> Lowered {
     let mut edit = Edit::new(graph);
     let mut counts: Vec<(String, usize)> = Vec::new();
+    let mut declined = vec![];
     let mut out = Vec::with_capacity(graph.node.len());
     for node in std::mem::take(&mut graph.node) {
+        let mut or_declined = |r: Result<Vec<NodeProto>, String>| match r {
+            Ok(nodes) => Some(nodes),
+            Err(why) => {
+                declined.push(format!(
+                    "{} {:?} not written out for tract: {why}",
+                    node.op_type, node.name
+                ));
+                None
+            }
+        };
         let lowered = match (node.domain.as_str(), node.op_type.as_str()) {
+            ("ai.onnx.ml", "Scaler") => edit.ml_scaler(&node),
+            ("ai.onnx.ml", "ArrayFeatureExtractor") => edit.ml_feature_extractor(&node),
+            ("ai.onnx.ml", "SVMRegressor") => or_declined(edit.ml_svm_regressor(&node)),
+            ("ai.onnx.ml", "SVMClassifier") => or_declined(edit.ml_svm_classifier(&node)),
+            ("ai.onnx.ml", "TreeEnsembleRegressor") => or_declined(edit.ml_tree_regressor(&node)),
             ("com.microsoft", "QLinearAdd") => edit.qlinear_binary(&node, "Add"),
             ("com.microsoft", "QLinearMul") => edit.qlinear_binary(&node, "Mul"),
             ("com.microsoft", "QLinearSigmoid") => edit.qlinear_unary(&node, "Sigmoid", &[]),
@@ -68,10 +93,13 @@ pub fn lower(graph: &mut GraphProto) -> Vec<String> {
             n.op_type = "Identity".into();
             n.attribute.clear();
         });
-    counts
-        .into_iter()
-        .map(|(what, n)| lowering_note(&what, n))
-        .collect()
+    Lowered {
+        notes: counts
+            .into_iter()
+            .map(|(what, n)| lowering_note(&what, n))
+            .collect(),
+        declined,
+    }
 }
 
 fn lowering_note(what: &str, n: usize) -> String {
@@ -82,6 +110,12 @@ fn lowering_note(what: &str, n: usize) -> String {
         format!(" ×{n}")
     };
     match op {
+        "ArrayFeatureExtractor" => format!(
+            "ArrayFeatureExtractor{times}: scalar index given as [1] (tract drops the axis onnxruntime keeps)"
+        ),
+        "Scaler" | "SVMRegressor" | "SVMClassifier" | "TreeEnsembleRegressor" => format!(
+            "{op} (ai.onnx.ml){times} written out in standard operators (tract has no {op})"
+        ),
         "DynamicQuantizeLinear" => format!(
             "DynamicQuantizeLinear{times} computed in float ops (tract's own is slow)"
         ),
@@ -107,6 +141,8 @@ struct Edit {
     /// Per lowered DynamicQuantizeLinear, by its quantized output: its zero
     /// point output and the float tensor holding `q − zero_point`.
     dynamic: HashMap<String, (String, String)>,
+    /// Tensors known to be f32 (float graph inputs, lowered outputs).
+    known_float: std::collections::HashSet<String>,
 }
 
 fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
@@ -150,6 +186,18 @@ impl Edit {
             new_inits: vec![],
             float_casts: Default::default(),
             dynamic: HashMap::new(),
+            known_float: graph
+                .input
+                .iter()
+                .filter(|i| {
+                    matches!(
+                        i.r#type.as_ref().and_then(|t| t.value.as_ref()),
+                        Some(tract_onnx::pb::type_proto::Value::TensorType(t))
+                            if t.elem_type == DataType::Float as i32
+                    )
+                })
+                .map(|i| i.name.clone())
+                .collect(),
         }
     }
 
@@ -616,6 +664,18 @@ impl Edit {
             }
         };
         Some(self.float_init(base, "weights_f32", shifted))
+    }
+
+    fn int_init(&mut self, base: &str, what: &str, dims: Vec<i64>, values: Vec<i64>) -> String {
+        let name = self.fresh(base, what);
+        self.new_inits.push(TensorProto {
+            name: name.clone(),
+            data_type: DataType::Int64 as i32,
+            dims,
+            int64_data: values,
+            ..Default::default()
+        });
+        name
     }
 
     fn float_init(&mut self, base: &str, what: &str, t: Tensor) -> String {
