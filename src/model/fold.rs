@@ -224,12 +224,46 @@ fn eval(node: &NodeProto, known: &HashMap<String, Small>) -> Option<Small> {
 /// small constant nodes computing it) into the branch it takes. Returns a
 /// note per fold, and the names of the `If` nodes left (on data).
 pub fn fold_ifs(graph: &mut GraphProto) -> (Vec<String>, Vec<String>) {
+    fold_ifs_given(graph, &HashMap::new())
+}
+
+/// Like [`fold_ifs`], with conditions known from elsewhere (tract's
+/// analysis), by tensor name. A branch inlined may hold Ifs of its own:
+/// passes repeat while one folds.
+pub fn fold_ifs_given(
+    graph: &mut GraphProto,
+    given: &HashMap<String, f64>,
+) -> (Vec<String>, Vec<String>) {
+    let mut notes = vec![];
+    for _ in 0..16 {
+        let (folded, left) = fold_pass(graph, given);
+        let done = folded.is_empty();
+        notes.extend(folded);
+        if done {
+            return (notes, left);
+        }
+    }
+    let left = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "If")
+        .map(|n| format!("{:?}", n.name))
+        .collect();
+    (notes, left)
+}
+
+fn fold_pass(graph: &mut GraphProto, given: &HashMap<String, f64>) -> (Vec<String>, Vec<String>) {
     let mut notes = vec![];
     let mut left = vec![];
     let mut known: HashMap<String, Small> = graph
         .initializer
         .iter()
         .filter_map(|t| Some((t.name.clone(), small_of(t)?)))
+        .chain(
+            given
+                .iter()
+                .map(|(k, v)| (k.clone(), Small { values: vec![*v] })),
+        )
         .collect();
     let mut taken: HashSet<String> = graph
         .node
@@ -334,7 +368,7 @@ pub fn fold_ifs(graph: &mut GraphProto) -> (Vec<String>, Vec<String>) {
             }
         }
         notes.push(format!(
-            "If {:?} folded: its condition is constant ({take}), the {} is inlined",
+            "If {:?} folded: its condition is constant ({take}) once the inputs are known, the {} is inlined",
             node.name,
             branch.replace('_', " ")
         ));

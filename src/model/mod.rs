@@ -7,7 +7,7 @@
 
 pub mod backend;
 pub mod choice;
-mod fold;
+pub(crate) mod fold;
 pub mod graph;
 mod lower;
 pub mod manifest;

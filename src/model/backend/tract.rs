@@ -48,10 +48,30 @@ impl TractEngine {
             })??;
         let model = loaded.model();
         let engine = |e: TractError| ModelErrorKind::Engine(chain(&e));
-        let describe = |outlets: &[OutletId]| -> Result<Vec<Fact>, ModelErrorKind> {
+        // Names are the ONNX graph's, by position: tract keeps inputs and
+        // outputs in the graph's order, while its outlet labels may be a
+        // folded-away node's (a no-op Cast into an input, an LSTM output).
+        let graph = proto.graph.as_ref();
+        let initializers: std::collections::HashSet<&str> = graph
+            .map(|g| g.initializer.iter().map(|t| t.name.as_str()).collect())
+            .unwrap_or_default();
+        let onnx_inputs: Vec<&str> = graph
+            .map(|g| {
+                g.input
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .filter(|n| !initializers.contains(n))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let onnx_outputs: Vec<&str> = graph
+            .map(|g| g.output.iter().map(|o| o.name.as_str()).collect())
+            .unwrap_or_default();
+        let describe = |outlets: &[OutletId], names: &[&str]| -> Result<Vec<Fact>, ModelErrorKind> {
             outlets
                 .iter()
-                .map(|o| {
+                .enumerate()
+                .map(|(ix, o)| {
                     let fact = model.outlet_fact(*o).map_err(engine)?;
                     let shape = fact.shape.as_concrete().map(|s| s.to_vec()).ok_or_else(|| {
                         ModelErrorKind::Unsupported(format!(
@@ -60,14 +80,12 @@ impl TractEngine {
                             fact.shape
                         ))
                     })?;
-                    // The ONNX tensor name is the outlet's label; the node name is
-                    // tract's. A source node is named as the graph's input (its
-                    // label may be a folded-away node's, a no-op Cast's say).
-                    let node = model.node(o.node);
-                    let name = if node.inputs.is_empty() {
-                        node.name.clone()
-                    } else {
-                        model.outlet_label(*o).unwrap_or(&node.name).to_owned()
+                    let name = match names.get(ix) {
+                        Some(n) if names.len() == outlets.len() => n.to_string(),
+                        _ => model
+                            .outlet_label(*o)
+                            .unwrap_or(&model.node(o.node).name)
+                            .to_owned(),
                     };
                     Ok(Fact {
                         info: TensorInfo {
@@ -80,8 +98,8 @@ impl TractEngine {
                 })
                 .collect()
         };
-        let inputs = describe(model.input_outlets().map_err(engine)?)?;
-        let outputs = describe(model.output_outlets().map_err(engine)?)?;
+        let inputs = describe(model.input_outlets().map_err(engine)?, &onnx_inputs)?;
+        let outputs = describe(model.output_outlets().map_err(engine)?, &onnx_outputs)?;
         Ok(TractEngine {
             plan: loaded,
             inputs,
@@ -150,6 +168,12 @@ fn build_plan(
         }
         return Err(ModelErrorKind::UnsupportedOperators(message));
     }
+    let folded = if facts.data_branches.is_empty() {
+        None
+    } else {
+        fold_shape_branches(&loader, proto, manifest, facts)
+    };
+    let proto = folded.as_ref().unwrap_or(proto);
     match plan_from_proto(&loader, proto, manifest) {
         Ok(plan) => Ok(plan),
         Err(strict) => {
@@ -237,7 +261,90 @@ fn fill_open_dims(model: &mut InferenceModel, manifest: &Manifest) -> TractResul
             _ => TDim::Val(*w as i64),
         })
         .collect();
-    model.set_input_fact(ix, InferenceFact::dt_shape(dt, shape))
+    model.set_input_fact(ix, InferenceFact::dt_shape(dt, shape))?;
+    // The other inputs (recurrent state) share the data input's symbols (a
+    // batch, say): the same values; their other open or symbolic
+    // dimensions are 1, as they would be after typing.
+    for other in (0..outlets.len()).filter(|i| *i != ix) {
+        let fact = model.input_fact(other)?.clone();
+        let Some(dt) = fact.datum_type.concretize() else {
+            continue;
+        };
+        if fact.shape.is_open() {
+            continue;
+        }
+        let dims: Vec<Option<TDim>> = fact.shape.dims().map(|d| d.concretize()).collect();
+        if dims.iter().all(is_value) {
+            continue;
+        }
+        let shape: TVec<TDim> = dims
+            .iter()
+            .map(|d| match d {
+                Some(TDim::Val(v)) => TDim::Val(*v),
+                Some(sym) => TDim::Val(symbols.get(sym).map_or(1, |w| *w as i64)),
+                None => TDim::Val(1),
+            })
+            .collect();
+        model.set_input_fact(other, InferenceFact::dt_shape(dt, shape))?;
+    }
+    Ok(())
+}
+
+/// `If` nodes whose condition tract's analysis finds constant once the
+/// input shapes are set (Silero VAD branches on `x.shape[0] == 1` and on
+/// the state's batch dimension) are folded on the ONNX graph, over as many
+/// rounds as folding one makes another's condition known.
+fn fold_shape_branches(
+    loader: &tract_onnx::Onnx,
+    proto: &tract_onnx::pb::ModelProto,
+    manifest: &Manifest,
+    facts: &mut GraphFacts,
+) -> Option<tract_onnx::pb::ModelProto> {
+    let mut folded: Option<tract_onnx::pb::ModelProto> = None;
+    for _ in 0..8 {
+        let current = folded.as_ref().unwrap_or(proto);
+        let graph = current.graph.as_ref()?;
+        let conditions: Vec<String> = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "If")
+            .filter_map(|n| n.input.first().cloned())
+            .collect();
+        if conditions.is_empty() {
+            break;
+        }
+        let mut inference = loader.model_for_proto_model(current).ok()?;
+        fill_open_dims(&mut inference, manifest).ok()?;
+        let _ = inference.analyse(true);
+        let mut known = HashMap::new();
+        for c in &conditions {
+            let Some(outlet) = inference.find_outlet_label(c) else {
+                continue;
+            };
+            let Ok(fact) = inference.outlet_fact(outlet) else {
+                continue;
+            };
+            let value = fact.value.concretize().and_then(|t| {
+                let t = t.cast_to::<f64>().ok()?.into_owned();
+                t.try_as_plain_ram().ok()?.as_slice::<f64>().ok()?.first().copied()
+            });
+            if let Some(v) = value {
+                known.insert(c.clone(), v);
+            }
+        }
+        if known.is_empty() {
+            break;
+        }
+        let mut next = current.clone();
+        let (notes, left) = crate::model::fold::fold_ifs_given(next.graph.as_mut()?, &known);
+        if notes.is_empty() {
+            break;
+        }
+        facts.rewrites.extend(notes);
+        facts.data_branches = left;
+        folded = Some(next);
+    }
+    folded
 }
 
 fn plan_from_proto(
