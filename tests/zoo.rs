@@ -218,3 +218,187 @@ fn tract_alone_saturates_a_quantized_softmax_tail() {
         "tract no longer saturates: {values:?}"
     );
 }
+
+#[derive(Deserialize)]
+struct PypiIndex {
+    models: Vec<PypiModel>,
+}
+
+#[derive(Deserialize)]
+struct PypiModel {
+    package: String,
+    model: std::path::PathBuf,
+    manifest: std::path::PathBuf,
+    /// How an answer is read: `threshold` (probability > 0.5), `mask`
+    /// (each element > 0.3, a text map) or `argmax`.
+    decision: String,
+    input: std::path::PathBuf,
+    shape: Vec<usize>,
+    steps: usize,
+    outputs: Vec<Vec<f32>>,
+    #[serde(default)]
+    speaking: Vec<bool>,
+    #[serde(default)]
+    characters: Vec<String>,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+/// tests/zoo/pypi.py's cache (${EDGEINFER_PYPI_ZOO:-~/.cache/edgeinfer/zoo-pypi}),
+/// made by tests/install-deps.sh; its absence fails under CI.
+fn pypi_zoo() -> Option<PypiIndex> {
+    let root = std::env::var_os("EDGEINFER_PYPI_ZOO")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/edgeinfer/zoo-pypi")
+        });
+    match std::fs::read_to_string(root.join("index.json")) {
+        Ok(text) => Some(serde_json::from_str(&text).unwrap()),
+        Err(e) if std::env::var_os("CI").is_some() => panic!(
+            "{}: {e}, and CI is set: tests/install-deps.sh runs tests/zoo/pypi.py",
+            root.display()
+        ),
+        Err(_) => {
+            println!(
+                "pypi zoo: {} has no index.json (run tests/zoo/pypi.py); skipped",
+                root.display()
+            );
+            None
+        }
+    }
+}
+
+/// Greedy CTC over [columns, classes]: the best class per column, repeats
+/// merged, blank (0) dropped.
+fn ctc_text(probs: &[f32], characters: &[String]) -> String {
+    let mut out = String::new();
+    let mut last = 0;
+    for column in probs.chunks_exact(characters.len().max(1)) {
+        let k = argmax(column);
+        if k != last && k != 0 {
+            out.push_str(characters.get(k).map_or("?", String::as_str));
+        }
+        last = k;
+    }
+    out
+}
+
+/// Issue #14: real public models shipped inside PyPI wheels (silero-vad,
+/// faster-whisper's VAD, rapidocr's PaddleOCR models) on tract alone, on
+/// real inputs (espeak-ng speech window by window with the state carried;
+/// rendered text), against onnxruntime's outputs on the same inputs.
+#[test]
+fn pypi_models_load_on_tract_and_match_onnxruntime_on_real_inputs() {
+    let Some(index) = pypi_zoo() else {
+        return;
+    };
+    let options = edgeinfer::model::backend::EngineOptions {
+        backend: edgeinfer::model::backend::BackendChoice::Tract,
+        ..Default::default()
+    };
+    let mut failures = Vec::new();
+    println!(
+        "| package | model | loads on tract | steps | max abs diff | agrees on | graph rewrites |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for entry in &index.models {
+        let file = entry
+            .model
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let model = match Model::load_with(&entry.manifest, &options) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                println!("| {} | {file} | no: {e} | | | | |", entry.package);
+                failures.push(format!("{file}: {e}"));
+                continue;
+            }
+        };
+        let bytes = std::fs::read(&entry.input).unwrap();
+        let values: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let per_step: usize = entry.shape.iter().product();
+        assert_eq!(values.len(), per_step * entry.steps, "{file}: input size");
+        let mut session = model.session().unwrap();
+        let mut state = model.initial_state.clone();
+        let (mut worst, mut same) = (0.0f32, 0usize);
+        let mut text = None;
+        for (step, want) in entry.outputs.iter().enumerate() {
+            let chunk = &values[step * per_step..(step + 1) * per_step];
+            let input = Tensor::from_shape(&entry.shape, chunk).unwrap();
+            let got = match session.run_with_state(input, &mut state) {
+                Ok(v) => v,
+                Err(e) => {
+                    failures.push(format!("{file}: step {step}: {e}"));
+                    break;
+                }
+            };
+            assert_eq!(got.len(), want.len(), "{file}: output length");
+            worst = worst.max(
+                got.iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max),
+            );
+            same += usize::from(match entry.decision.as_str() {
+                // Voice activity: the same decision (> 0.5) as onnxruntime.
+                "threshold" => (got[0] > 0.5) == (want[0] > 0.5),
+                // A text map: the same pixels above DBNet's 0.3.
+                "mask" => got.iter().zip(want).all(|(a, b)| (*a > 0.3) == (*b > 0.3)),
+                _ => argmax(&got) == argmax(want),
+            });
+            if !entry.characters.is_empty() {
+                text = Some(ctc_text(&got, &entry.characters));
+            }
+        }
+        // Probabilities and maps in 0..1: float summation order only.
+        if worst > 1e-3 {
+            failures.push(format!("{file}: differs from onnxruntime by {worst}"));
+        }
+        if same != entry.steps {
+            failures.push(format!(
+                "{file}: {same}/{} decisions as onnxruntime's",
+                entry.steps
+            ));
+        }
+        if let (Some(ours), Some(theirs)) = (&text, &entry.text) {
+            if ours != theirs {
+                failures.push(format!("{file}: reads {ours:?}, onnxruntime {theirs:?}"));
+            }
+        }
+        if !entry.speaking.is_empty() {
+            // The input is real speech between silences: the reference
+            // itself must tell them apart, or the check above means little.
+            let speech: Vec<f32> = entry
+                .outputs
+                .iter()
+                .zip(&entry.speaking)
+                .filter(|(_, s)| **s)
+                .map(|(o, _)| o[0])
+                .collect();
+            let mean = speech.iter().sum::<f32>() / speech.len().max(1) as f32;
+            assert!(
+                mean > 0.5,
+                "{file}: onnxruntime's mean speech probability {mean}"
+            );
+        }
+        println!(
+            "| {} | {file} | yes | {} | {worst:.2e} | {same}/{}{} | {} |",
+            entry.package,
+            entry.steps,
+            entry.steps,
+            text.map(|t| format!(" (reads {t:?})")).unwrap_or_default(),
+            model.graph.rewrites.len()
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "PyPI zoo failures:\n{}",
+        failures.join("\n")
+    );
+}
