@@ -544,20 +544,18 @@ fn channel_first_and_flat_sensor_models_take_sample_windows() {
     )
     .unwrap();
     assert_eq!(reference.cases.len(), 4);
-    let infer = |manifest: &str, samples: &[Vec<f32>]| -> Vec<f32> {
+    // In process (this suite also runs under qemu for ARM): the same path
+    // as `edgeinfer infer --json`.
+    let run = |manifest: &Path, samples: &[Vec<f32>]| {
         let payload = serde_json::json!({ "samples": samples }).to_string();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
-            .args(["infer", "--backend", "tract", "-m"])
-            .arg(fixture(manifest))
-            .args(["--json", &payload])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{manifest}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        edgeinfer::commands::infer(
+            manifest,
+            edgeinfer::commands::InferInput::Json(&payload),
+            &tract_only(),
+        )
+    };
+    let infer = |manifest: &str, samples: &[Vec<f32>]| -> Vec<f32> {
+        let v = run(&fixture(manifest), samples).unwrap_or_else(|e| panic!("{manifest}: {e}"));
         v["output"]["values"]
             .as_array()
             .unwrap()
@@ -588,16 +586,14 @@ fn channel_first_and_flat_sensor_models_take_sample_windows() {
         "file = \"accel_cnn.onnx\"\n[output]\nkind = \"raw\"\n",
     )
     .unwrap();
-    let payload = serde_json::json!({ "samples": reference.cases[0].cnn_samples }).to_string();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgeinfer"))
-        .args(["infer", "--backend", "tract", "-m"])
-        .arg(dir.path().join("accel_cnn.toml"))
-        .args(["--json", &payload])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("64 channels"), "{stderr}");
+    let e = run(
+        &dir.path().join("accel_cnn.toml"),
+        &reference.cases[0].cnn_samples,
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(e.contains("64 channels"), "{e}");
 }
 
 /// Class 9 of issue #14: a model with two data inputs (a signal and its

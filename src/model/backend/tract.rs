@@ -67,7 +67,9 @@ impl TractEngine {
         let onnx_outputs: Vec<&str> = graph
             .map(|g| g.output.iter().map(|o| o.name.as_str()).collect())
             .unwrap_or_default();
-        let describe = |outlets: &[OutletId], names: &[&str]| -> Result<Vec<Fact>, ModelErrorKind> {
+        let describe = |outlets: &[OutletId],
+                        names: &[&str]|
+         -> Result<Vec<Fact>, ModelErrorKind> {
             outlets
                 .iter()
                 .enumerate()
@@ -326,7 +328,12 @@ fn fold_shape_branches(
             };
             let value = fact.value.concretize().and_then(|t| {
                 let t = t.cast_to::<f64>().ok()?.into_owned();
-                t.try_as_plain_ram().ok()?.as_slice::<f64>().ok()?.first().copied()
+                t.try_as_plain_ram()
+                    .ok()?
+                    .as_slice::<f64>()
+                    .ok()?
+                    .first()
+                    .copied()
             });
             if let Some(v) = value {
                 known.insert(c.clone(), v);
