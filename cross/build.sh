@@ -9,5 +9,6 @@ cd "$(dirname "$0")/.."
 TARGET=${1:-aarch64-unknown-linux-gnu}
 [ $# -gt 0 ] && shift
 cross/install.sh "$TARGET"
-cargo --config cross/config.toml build --locked --release --target "$TARGET" "$@"
-ls -l "target/$TARGET/release/edgeinfer"
+# The dist profile (fat LTO, one codegen unit): what ships.
+cargo --config cross/config.toml build --locked --profile dist --target "$TARGET" "$@"
+ls -l "${CARGO_TARGET_DIR:-target}/$TARGET/dist/edgeinfer"

@@ -18,11 +18,11 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 OUT=${CARGO_TARGET_DIR:-target}
 HOST=$(rustc -vV | sed -n 's/^host: //p')
 if [ "$TARGET" = "$HOST" ]; then
-    cargo build --locked --release
-    BIN=$OUT/release/edgeinfer
+    cargo build --locked --profile dist
+    BIN=$OUT/dist/edgeinfer
 else
-    cargo --config cross/config.toml build --locked --release --target "$TARGET"
-    BIN=$OUT/$TARGET/release/edgeinfer
+    cargo --config cross/config.toml build --locked --profile dist --target "$TARGET"
+    BIN=$OUT/$TARGET/dist/edgeinfer
 fi
 
 ROOT=$OUT/deb/edgeinfer_${VERSION}-1_$ARCH

@@ -265,13 +265,7 @@ fn fold_pass(graph: &mut GraphProto, given: &HashMap<String, f64>) -> (Vec<Strin
                 .map(|(k, v)| (k.clone(), Small { values: vec![*v] })),
         )
         .collect();
-    let mut taken: HashSet<String> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().cloned().chain([n.name.clone()]))
-        .chain(graph.initializer.iter().map(|t| t.name.clone()))
-        .chain(graph.input.iter().map(|t| t.name.clone()))
-        .collect();
+    let mut taken = super::graph::names_in_use(graph);
     let mut out = Vec::with_capacity(graph.node.len());
     let mut new_inits = vec![];
     for node in std::mem::take(&mut graph.node) {

@@ -168,13 +168,7 @@ impl Edit {
                     .push((n.op_type.clone(), to));
             }
         }
-        let taken = graph
-            .node
-            .iter()
-            .flat_map(|n| n.output.iter().cloned().chain([n.name.clone()]))
-            .chain(graph.initializer.iter().map(|t| t.name.clone()))
-            .chain(graph.input.iter().map(|t| t.name.clone()))
-            .collect();
+        let taken = crate::model::graph::names_in_use(graph);
         Edit {
             init: graph
                 .initializer
