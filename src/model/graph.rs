@@ -76,7 +76,9 @@ fn quant_at(
 
 /// Every name a graph uses — node names, their outputs, initializers and
 /// inputs — so that names added by a rewrite are fresh.
-pub(super) fn names_in_use(graph: &tract_onnx::pb::GraphProto) -> std::collections::HashSet<String> {
+pub(super) fn names_in_use(
+    graph: &tract_onnx::pb::GraphProto,
+) -> std::collections::HashSet<String> {
     graph
         .node
         .iter()
