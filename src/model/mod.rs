@@ -213,10 +213,17 @@ impl Model {
             }
         }
 
-        // Edits both engines need: `[[constant]]` inputs become
-        // initializers, ZipMaps are dropped.
-        let (bytes, neutral) = engine_neutral(bytes, &manifest, path).map_err(err)?;
-        let (proto, mut graph) = backend::tract::parse(&bytes).map_err(err)?;
+        // The graph is decoded once. Edits both engines need (`[[constant]]`
+        // inputs become initializers, ZipMaps are dropped) are re-encoded
+        // for ONNX Runtime; tract's own preparation comes after.
+        let mut proto = backend::tract::decode(&bytes).map_err(err)?;
+        let neutral = engine_neutral(&mut proto, &manifest, path).map_err(err)?;
+        let bytes = if neutral.is_empty() {
+            bytes
+        } else {
+            prost::Message::encode_to_vec(&proto)
+        };
+        let mut graph = graph::prepare(&mut proto);
         graph.rewrites.splice(0..0, neutral);
         let facts = choice::ModelFacts {
             bytes: &bytes,
@@ -548,23 +555,14 @@ fn degenerate(
     warnings
 }
 
-/// The graph with the manifest's `[[constant]]` inputs bound and ZipMaps
-/// dropped, re-encoded (the bytes as they are when there is neither), and
-/// notes of what changed.
+/// Binds the manifest's `[[constant]]` inputs and drops ZipMaps in
+/// `proto`; returns a note per edit (none: the graph is as it was).
 fn engine_neutral(
-    bytes: Vec<u8>,
+    proto: &mut tract_onnx::pb::ModelProto,
     manifest: &Manifest,
     path: &Path,
-) -> Result<(Vec<u8>, Vec<String>), ModelErrorKind> {
-    use prost::Message;
-    let zipmap = bytes.windows(6).any(|w| w == b"ZipMap");
-    if manifest.constant.is_empty() && !zipmap {
-        return Ok((bytes, vec![]));
-    }
-    let mut proto = tract_onnx::onnx()
-        .proto_model_for_read(&mut std::io::Cursor::new(&bytes))
-        .map_err(|e| ModelErrorKind::Corrupt(chain(&e)))?;
-    fold::bind_constants(&mut proto, &manifest.constant).map_err(|message| {
+) -> Result<Vec<String>, ModelErrorKind> {
+    fold::bind_constants(proto, &manifest.constant).map_err(|message| {
         ModelErrorKind::Manifest {
             path: path.to_owned(),
             message,
@@ -581,8 +579,8 @@ fn engine_neutral(
             )
         })
         .collect();
-    notes.extend(fold::drop_zipmaps(&mut proto));
-    Ok((proto.encode_to_vec(), notes))
+    notes.extend(fold::drop_zipmaps(proto));
+    Ok(notes)
 }
 
 /// Which inputs and outputs are recurrent state (`[[state]]` pairs) and

@@ -14,17 +14,14 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 pub const RUNS_ON: &str = "tract-cpu";
 
-/// Reads the ONNX protobuf and applies edgeinfer's graph preparation; the
-/// facts learnt serve every backend.
-pub fn parse(bytes: &[u8]) -> Result<(tract_onnx::pb::ModelProto, GraphFacts), ModelErrorKind> {
+/// Reads the ONNX protobuf.
+pub fn decode(bytes: &[u8]) -> Result<tract_onnx::pb::ModelProto, ModelErrorKind> {
     if bytes.is_empty() {
         return Err(ModelErrorKind::Corrupt("the file is empty".into()));
     }
-    let mut proto = tract_onnx::onnx()
+    tract_onnx::onnx()
         .proto_model_for_read(&mut std::io::Cursor::new(bytes))
-        .map_err(|e| ModelErrorKind::Corrupt(chain(&e)))?;
-    let facts = graph::prepare(&mut proto);
-    Ok((proto, facts))
+        .map_err(|e| ModelErrorKind::Corrupt(chain(&e)))
 }
 
 /// A model on tract: the optimised plan, shared by every worker.

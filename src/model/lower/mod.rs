@@ -1,6 +1,6 @@
 //! Lowerings: operators tract lacks, or runs far slower than it could,
 //! written out in operators it runs well. Each works on the ONNX graph
-//! before tract sees it (ONNX Runtime always gets the original bytes) and
+//! before tract sees it (ONNX Runtime gets the graph without them) and
 //! keeps the operator's definition, so answers do not move:
 //!
 //! - the `com.microsoft` QOperator ops that onnxruntime's quantizer emits
@@ -11,8 +11,8 @@
 //! - ConvInteger and MatMulInteger (dynamic quantization) become the float
 //!   Conv / MatMul of the zero-point-shifted integers, weights shifted once
 //!   at load. The products and sums of 8-bit integers are exact in f32 up to
-//!   2^24, so the int32 result is the same; tract's f32 kernels are many
-//!   times faster than its i32 path (measured in the README).
+//!   2^24, so the int32 result is the same; tract's f32 kernels are faster
+//!   than its i32 path (2.4x on a MatMul chain, measured in the README).
 
 mod sklearn;
 
