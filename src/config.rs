@@ -1,7 +1,7 @@
 //! Configuration: serde structs, defaults, and a `validate()` that reports
 //! every problem at once, each with the key it belongs to.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// Tests parse and validate it, so it cannot rot.
 pub const EXAMPLE: &str = include_str!("example.toml");
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -30,22 +30,27 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub home_assistant: HomeAssistantConfig,
+    #[serde(default)]
+    pub operations: OperationsConfig,
     #[serde(default, rename = "pipeline")]
     pub pipelines: Vec<Pipeline>,
     /// Directory that relative model paths are resolved against: the config
     /// file's own directory. Not a config key.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file it was loaded from (what a reload reads again). Not a key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Device {
     /// Used in every topic. Default: the host name.
     pub id: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Broker {
     #[serde(default = "default_url")]
@@ -113,7 +118,7 @@ impl Default for Broker {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Topics {
     /// Prefix of status, health, errors and cmd topics. `{device}` is replaced.
@@ -129,7 +134,7 @@ impl Default for Topics {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
     #[serde(default = "default_health_interval")]
@@ -148,7 +153,7 @@ impl Default for Health {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Largest accepted input payload; larger ones are rejected on the errors topic.
@@ -191,7 +196,7 @@ impl Default for Limits {
 }
 
 /// Where results and errors wait for the broker.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxConfig {
     /// Spool directory. Default: `$STATE_DIRECTORY/outbox` when systemd
@@ -231,7 +236,7 @@ impl OutboxConfig {
 
 /// Which engine runs the models, and how (README "Engines"). Pipelines
 /// may override `backend`, `providers`, `fallback`, `strict` and `threads`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
     /// `auto` (measure every available engine, serve with the fastest that
@@ -276,7 +281,7 @@ impl Default for EngineConfig {
 }
 
 /// Home Assistant MQTT discovery (README "Operating it").
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HomeAssistantConfig {
     #[serde(default)]
@@ -299,8 +304,143 @@ fn default_discovery_prefix() -> String {
     "homeassistant".into()
 }
 
+/// The operations API on `{prefix}/cmd/{op}` (README "Fleet operations").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationsConfig {
+    /// Off: only `ping` and `health` are answered (as before this API).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Operations that may run. Default: the read-only ones; those that
+    /// change the device (`reload`, `pipeline/…`, `model/…`) must be listed.
+    #[serde(default = "default_allowed_ops")]
+    pub allow: Vec<String>,
+    /// Operation records, installed models and the replay counter. Default:
+    /// `$STATE_DIRECTORY` under systemd; without one, `model/update` is refused.
+    pub state_dir: Option<PathBuf>,
+    /// Minisign public keys (the base64 line of a `.pub` file) whose
+    /// signatures `model/update` accepts.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// Files holding such keys (minisign's `.pub` format), relative to the config.
+    #[serde(default)]
+    pub trusted_key_files: Vec<PathBuf>,
+    /// Largest bundle accepted, MiB (inline bundles are also bounded by
+    /// `broker.max_packet_bytes`).
+    #[serde(default = "default_max_bundle_mb")]
+    pub max_bundle_mb: u64,
+    #[serde(default)]
+    pub probation: ProbationConfig,
+}
+
+impl Default for OperationsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            allow: default_allowed_ops(),
+            state_dir: None,
+            trusted_keys: Vec::new(),
+            trusted_key_files: Vec::new(),
+            max_bundle_mb: default_max_bundle_mb(),
+            probation: ProbationConfig::default(),
+        }
+    }
+}
+
+impl OperationsConfig {
+    pub fn effective_state_dir(&self, base: &Path) -> Option<PathBuf> {
+        self.state_dir
+            .as_ref()
+            .map(|d| base.join(d))
+            .or_else(state_directory)
+    }
+}
+
+/// Every operation the API knows.
+pub const OPERATIONS: &[&str] = &[
+    "ping",
+    "health",
+    "status",
+    "models",
+    "config",
+    "reload",
+    "pipeline/enable",
+    "pipeline/disable",
+    "model/update",
+    "model/rollback",
+];
+
+fn default_allowed_ops() -> Vec<String> {
+    ["ping", "health", "status", "models", "config"]
+        .map(String::from)
+        .to_vec()
+}
+const fn default_max_bundle_mb() -> u64 {
+    64
+}
+
+/// How a new model is watched after `model/update` before it is kept.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbationConfig {
+    /// How long the new model is watched; 0 keeps it at once.
+    #[serde(default = "default_probation_s")]
+    pub duration_s: u64,
+    /// Inferences needed before a verdict on rates; a probation that ends
+    /// with fewer keeps the model (nothing showed it worse).
+    #[serde(default = "default_min_inferences")]
+    pub min_inferences: u64,
+    /// Share of inferences failing (errors, non-finite output) above the
+    /// old model's rate that rolls back: 0.05 = five points more.
+    #[serde(default = "default_max_error_increase")]
+    pub max_error_rate_increase: f64,
+    /// The new model's inference p99 over the old one's that rolls back.
+    #[serde(default = "default_max_p99_ratio")]
+    pub max_p99_ratio: f64,
+    /// Percent of inputs also run on the old model (in shadow, results not
+    /// published) to compare answers; 0 turns the shadow off.
+    #[serde(default = "default_shadow_percent")]
+    pub shadow_percent: u8,
+    /// Share of shadowed inputs whose answers differ (top label, detection
+    /// count, or an output moved by more than 5 % of its range) that rolls back.
+    #[serde(default = "default_max_disagreement")]
+    pub max_disagreement: f64,
+}
+
+impl Default for ProbationConfig {
+    fn default() -> Self {
+        Self {
+            duration_s: default_probation_s(),
+            min_inferences: default_min_inferences(),
+            max_error_rate_increase: default_max_error_increase(),
+            max_p99_ratio: default_max_p99_ratio(),
+            shadow_percent: default_shadow_percent(),
+            max_disagreement: default_max_disagreement(),
+        }
+    }
+}
+
+const fn default_probation_s() -> u64 {
+    300
+}
+const fn default_min_inferences() -> u64 {
+    20
+}
+const fn default_max_error_increase() -> f64 {
+    0.05
+}
+const fn default_max_p99_ratio() -> f64 {
+    3.0
+}
+const fn default_shadow_percent() -> u8 {
+    10
+}
+const fn default_max_disagreement() -> f64 {
+    0.25
+}
+
 /// Prometheus/OpenMetrics at `GET /metrics` (README "Operating it").
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     #[serde(default)]
@@ -325,7 +465,7 @@ fn default_metrics_listen() -> String {
 }
 
 /// `[engine] backend`: the model layer's choice, spelled for the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     #[default]
@@ -360,14 +500,14 @@ pub fn state_directory() -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PipelineKind {
     Sensor,
     Camera,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PayloadFormat {
     /// `{"ts":…, "values":[…]}` or `{"ts":…, "samples":[[…],…]}`
@@ -382,7 +522,7 @@ pub enum PayloadFormat {
     Gray8,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Window {
     /// Samples per inference. Default: taken from the model's input shape.
@@ -391,7 +531,7 @@ pub struct Window {
     pub stride: Option<usize>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
     pub name: String,
@@ -590,10 +730,12 @@ impl Config {
             source,
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Config::parse(&text, &base).map_err(|message| ConfigError::Parse {
+        let mut config = Config::parse(&text, &base).map_err(|message| ConfigError::Parse {
             path: path.to_owned(),
             message,
-        })
+        })?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config, String> {
@@ -684,6 +826,58 @@ impl Config {
         }
         if self.engine.probe_budget_ms > 10_000 {
             out.bad("engine.probe_budget_ms", "must be at most 10000".into());
+        }
+        self.check_operations(out);
+    }
+
+    fn check_operations(&self, out: &mut Problems) {
+        let ops = &self.operations;
+        for op in &ops.allow {
+            if !OPERATIONS.contains(&op.as_str()) {
+                out.bad(
+                    "operations.allow",
+                    format!("unknown operation {op:?} (known: {})", OPERATIONS.join(", ")),
+                );
+            }
+        }
+        for (i, key) in ops.trusted_keys.iter().enumerate() {
+            if let Err(e) = minisign::PublicKey::from_base64(key.trim()) {
+                out.bad(
+                    &format!("operations.trusted_keys[{i}]"),
+                    format!("not a minisign public key: {e}"),
+                );
+            }
+        }
+        for (i, file) in ops.trusted_key_files.iter().enumerate() {
+            let path = self.base_dir.join(file);
+            if let Err(e) = minisign::PublicKey::from_file(&path) {
+                out.bad(
+                    &format!("operations.trusted_key_files[{i}]"),
+                    format!("{}: {e}", path.display()),
+                );
+            }
+        }
+        let p = &ops.probation;
+        if !(1.0..=1000.0).contains(&p.max_p99_ratio) {
+            out.bad("operations.probation.max_p99_ratio", "must be between 1 and 1000".into());
+        }
+        if p.shadow_percent > 100 {
+            out.bad("operations.probation.shadow_percent", "must be at most 100".into());
+        }
+        for (key, v) in [
+            ("max_error_rate_increase", p.max_error_rate_increase),
+            ("max_disagreement", p.max_disagreement),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                out.bad(&format!("operations.probation.{key}"), "must be between 0 and 1".into());
+            }
+        }
+        let writes = ops.allow.iter().any(|o| o == "model/update");
+        if ops.enabled && writes && ops.trusted_keys.is_empty() && ops.trusted_key_files.is_empty() {
+            out.bad(
+                "operations.trusted_keys",
+                "model/update is allowed but no key is trusted: every bundle would be refused".into(),
+            );
         }
     }
 

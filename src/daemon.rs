@@ -129,6 +129,32 @@ pub fn check(config: &Config) -> Vec<Problem> {
 /// invalid). A pipeline whose model fails to load is reported (log, health)
 /// and the others keep serving.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
+    run_with(config, shutdown, None).await
+}
+
+/// [`run`], reloading the configuration file (`Config::source`) on each
+/// message of `reloads` (SIGHUP) and on the `reload` operation. A reload
+/// that touches only pipelines' models and model settings is applied in
+/// place (see [`reload`]); any other change restarts the daemon's parts in
+/// order, as a stop and a start would.
+pub async fn run_with(
+    mut config: Config,
+    shutdown: CancellationToken,
+    reloads: Option<flume::Receiver<()>>,
+) -> Result<(), RunError> {
+    loop {
+        match run_once(config, shutdown.clone(), reloads.clone()).await? {
+            Some(next) => config = next,
+            None => return Ok(()),
+        }
+    }
+}
+
+async fn run_once(
+    config: Config,
+    shutdown: CancellationToken,
+    reloads: Option<flume::Receiver<()>>,
+) -> Result<Option<Config>, RunError> {
     let problems = config.validate();
     if !problems.is_empty() {
         return Err(RunError::Config(problems));
@@ -161,8 +187,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         .home_assistant
         .enabled
         .then(|| Arc::new(mqtt::LatestResults::default()));
-    let Started(pipelines, threads, kinds) =
-        start_pipelines(&config, &outbox, &telemetry, latest.clone()).await;
+    let store = open_store(&config);
+    let overrides = store
+        .as_ref()
+        .map(|s| crate::ops::prepare_start(s, &config))
+        .unwrap_or_default();
+    let Started(pipelines, threads, kinds, entries) =
+        start_pipelines(&config, &outbox, &telemetry, latest.clone(), overrides).await;
     let queue_share = apply_memory_budget(&config, &telemetry, &outbox_rx);
     // Input over broker.max_packet_bytes (and the pipelines' own limits) is
     // still read, up to what the input queues may hold, so that it can be
@@ -177,9 +208,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             .iter()
             .flat_map(|(route, _)| route.filters.iter().map(|f| (f.as_str(), route.qos))),
     );
-    let cmd_filter = format!("{}/cmd/+", config.prefix());
+    let cmd_filter = format!("{}/cmd/#", config.prefix());
     subscriptions.push((cmd_filter.clone(), QoS::AtLeastOnce));
-    let (cmd_tx, cmd_rx) = flume::bounded(16);
+    let (cmd_tx, cmd_rx) = flume::bounded(64);
     let discovery = latest.as_ref().map(|_| crate::homeassistant::Discovery {
         discovery_prefix: config.home_assistant.discovery_prefix.clone(),
         device: config.device_id(),
@@ -238,13 +269,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             stop_health.clone(),
         ));
     }
-    tasks.spawn(command_loop(
-        cmd_rx,
-        outbox.clone(),
-        prefix.clone(),
-        device.clone(),
-        Arc::clone(&telemetry),
-        config.health.thermal_dir.clone(),
+    let (reload_tx, reload_rx) = flume::bounded(4);
+    let shared = Arc::new(crate::ops::Shared {
+        config: std::sync::RwLock::new(Arc::new(config.clone())),
+        pipelines: std::sync::RwLock::new(entries),
+        telemetry: Arc::clone(&telemetry),
+        store,
+        reload: config.source.is_some().then_some(reload_tx),
+    });
+    let ops = crate::ops::Ops::new(Arc::clone(&shared), outbox.clone(), stop_health.child_token());
+    tasks.spawn(ops.run(cmd_rx));
+    let (restart_tx, restart_rx) = flume::bounded::<Config>(1);
+    tasks.spawn(reload_loop(
+        Arc::clone(&shared),
+        reloads,
+        reload_rx,
+        restart_tx,
+        stop_health.clone(),
     ));
     drop(outbox);
 
@@ -271,19 +312,29 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         reporter: Some(reporter),
         acks_done,
     };
+    let stop_driver = CancellationToken::new();
     let driver = tokio::spawn(mqtt::drive(
         eventloop,
         client,
         router,
         ctx,
-        shutdown.clone(),
+        stop_driver.clone(),
     ));
     systemd::notify_ready();
     tracing::info!(device = %device, pipelines = config.pipelines.len(), broker = %config.broker.url, "Started");
 
-    shutdown.cancelled().await;
-    systemd::notify_stopping();
-    tracing::info!("Shutting down");
+    let restart = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        next = restart_rx.recv_async() => next.ok(),
+    };
+    // A restart for a reload stops everything but the process, in order.
+    if restart.is_some() {
+        tracing::info!("Restarting to apply the new configuration");
+    } else {
+        systemd::notify_stopping();
+        tracing::info!("Shutting down");
+    }
+    stop_driver.cancel();
     stop_health.cancel();
     tasks.close();
     let (abort_driver, abort_publisher) = (driver.abort_handle(), publisher.abort_handle());
@@ -307,7 +358,218 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         );
     }
     tracing::info!("Stopped");
-    Ok(())
+    Ok(restart)
+}
+
+/// The state directory of the operations (installed models, records), when
+/// there is one.
+fn open_store(config: &Config) -> Option<crate::ops::store::Store> {
+    let dir = config.operations.effective_state_dir(&config.base_dir)?;
+    match crate::ops::store::Store::open(&dir) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "Cannot open the operations state directory; model updates are refused");
+            None
+        }
+    }
+}
+
+/// Applies reloads (SIGHUP, the `reload` operation) one at a time.
+async fn reload_loop(
+    shared: Arc<crate::ops::Shared>,
+    hup: Option<flume::Receiver<()>>,
+    requests: flume::Receiver<crate::ops::ReloadRequest>,
+    restart: flume::Sender<Config>,
+    stop: CancellationToken,
+) {
+    loop {
+        let reply = tokio::select! {
+            _ = stop.cancelled() => return,
+            Ok(()) = async { hup.as_ref().expect("guarded").recv_async().await }, if hup.is_some() => None,
+            Ok(r) = requests.recv_async() => Some(r.reply),
+        };
+        systemd::notify_reloading();
+        let outcome = reload(&shared).await;
+        let answer = match outcome {
+            Ok(Reloaded::InPlace(report)) => {
+                tracing::info!(report = %report, "Configuration reloaded in place");
+                systemd::notify_ready();
+                Ok(report)
+            }
+            Ok(Reloaded::Restart(config, why)) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(serde_json::json!({"full_restart": why})));
+                }
+                tracing::info!(reason = %why, "Reload needs a restart of the daemon's parts");
+                let _ = restart.send_async(*config).await;
+                return;
+            }
+            Err(problems) => {
+                for p in &problems {
+                    tracing::error!(problem = %p, "Reload rejected; keeping the running configuration");
+                }
+                systemd::notify_ready();
+                Err(problems.join("; "))
+            }
+        };
+        if let Some(r) = reply {
+            let _ = r.send(answer);
+        }
+    }
+}
+
+enum Reloaded {
+    InPlace(serde_json::Value),
+    Restart(Box<Config>, String),
+}
+
+/// Pipeline keys a reload applies in place (the model and what the model's
+/// spec is built from); any other change needs a restart.
+const IN_PLACE_KEYS: &[&str] = &[
+    "model",
+    "window",
+    "score_threshold",
+    "iou_threshold",
+    "max_detections",
+    "classes",
+    "backend",
+    "providers",
+    "fallback",
+    "strict",
+    "threads",
+];
+
+/// Reads the configuration file again and applies it: pipelines whose
+/// settings in [`IN_PLACE_KEYS`] or model files changed get the new spec
+/// swapped in (windows kept when the input is the same); the others are
+/// not touched; the connection stays. Anything else asks for a restart.
+async fn reload(shared: &Arc<crate::ops::Shared>) -> Result<Reloaded, Vec<String>> {
+    let old = shared.config();
+    let Some(path) = old.source.clone() else {
+        return Err(vec!["the configuration was not loaded from a file".into()]);
+    };
+    let new = Config::load(&path).map_err(|e| e.problems().iter().map(|p| p.to_string()).collect::<Vec<_>>())?;
+    let mut problems: Vec<String> = new.validate().iter().chain(&check_providers(&new)).map(|p| p.to_string()).collect();
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let as_value = |c: &Config| {
+        let mut v = serde_json::to_value(c).expect("config serializes");
+        let pipelines = v.as_object_mut().and_then(|o| o.remove("pipeline"));
+        if let Some(o) = v.as_object_mut() {
+            o.remove("operations");
+        }
+        (v, pipelines)
+    };
+    let (old_rest, old_pipes) = as_value(&old);
+    let (new_rest, new_pipes) = as_value(&new);
+    let full = |why: String| -> Result<Reloaded, Vec<String>> {
+        let problems = check(&new);
+        if problems.is_empty() {
+            Ok(Reloaded::Restart(Box::new(new.clone()), why))
+        } else {
+            Err(problems.iter().map(|p| p.to_string()).collect())
+        }
+    };
+    if old_rest != new_rest {
+        let keys: Vec<String> = old_rest
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| new_rest.get(k.as_str()) != Some(v))
+            .map(|(k, _)| format!("[{k}]"))
+            .collect();
+        return full(format!("{} changed", keys.join(", ")));
+    }
+    let list = |v: &Option<serde_json::Value>| v.as_ref().and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    let (old_pipes, new_pipes) = (list(&old_pipes), list(&new_pipes));
+    if old_pipes.len() != new_pipes.len() {
+        return full("pipelines were added or removed".into());
+    }
+    let mut changed = Vec::new();
+    for (i, (a, b)) in old_pipes.iter().zip(&new_pipes).enumerate() {
+        let strip = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(o) = v.as_object_mut() {
+                o.retain(|k, _| !IN_PLACE_KEYS.contains(&k.as_str()));
+            }
+            v
+        };
+        if strip(a) != strip(b) {
+            return full(format!("pipeline {:?} changed beyond its model settings", new.pipelines[i].name));
+        }
+        let p = &new.pipelines[i];
+        let Some(entry) = shared.pipelines.read().unwrap_or_else(|e| e.into_inner()).get(&p.name).cloned() else {
+            // It failed to start: a restart gives it another chance.
+            return full(format!("pipeline {:?} is not running", p.name));
+        };
+        let serving = entry.control.spec();
+        let installed = shared.store.as_ref().and_then(|s| {
+            let a = s.load_active();
+            a.pipelines.get(&p.name)?.current.as_ref().map(|i| s.manifest_path(&i.sha256))
+        });
+        let path = installed.unwrap_or_else(|| new.model_path(p));
+        if a != b || model_changed(&serving.model, &path) {
+            changed.push((p.clone(), path, entry));
+        }
+    }
+    let unchanged: Vec<String> = new
+        .pipelines
+        .iter()
+        .map(|p| p.name.clone())
+        .filter(|n| !changed.iter().any(|(p, _, _)| &p.name == n))
+        .collect();
+    // Load everything first: a failing model keeps the whole old config.
+    let mut ready = Vec::new();
+    for (p, path, entry) in changed {
+        let (config, pcfg) = (Arc::new(new.clone()), p.clone());
+        let loaded = tokio::task::spawn_blocking(move || crate::ops::load_spec(&config, &pcfg, &path, None))
+            .await
+            .expect("model loading does not panic");
+        match loaded {
+            Ok((spec, _)) => ready.push((p, spec, entry)),
+            Err(e) => problems.push(format!("pipeline[{}].model: {e}", p.name)),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let mut restarted = Vec::new();
+    {
+        let mut entries = shared.pipelines.write().unwrap_or_else(|e| e.into_inner());
+        for (p, spec, entry) in ready {
+            let model = Arc::clone(&spec.model);
+            *shared.telemetry.model(&model.name).placement.lock().expect("telemetry lock") = Some(model.placement.clone());
+            entry.control.end_probation();
+            entry.control.swap(
+                crate::pipeline::control::Serving {
+                    stats: shared.telemetry.model(&model.name),
+                    spec: Arc::new(spec),
+                },
+                None,
+            );
+            restarted.push(p.name.clone());
+            if let Some(e) = entries.get_mut(&p.name) {
+                e.config = p;
+            }
+        }
+    }
+    *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+    Ok(Reloaded::InPlace(serde_json::json!({"restarted": restarted, "unchanged": unchanged})))
+}
+
+/// Whether the model at `path` (manifest and ONNX file) is not the one
+/// serving.
+fn model_changed(serving: &crate::model::Model, path: &std::path::Path) -> bool {
+    use sha2::Digest;
+    let Ok((manifest, onnx, _)) = crate::model::locate(path) else {
+        return true;
+    };
+    let Ok(bytes) = std::fs::read(&onnx) else {
+        return true;
+    };
+    let sha = crate::model::hex(&sha2::Sha256::digest(&bytes));
+    sha != serving.sha256 || format!("{manifest:?}") != format!("{:?}", serving.manifest)
 }
 
 /// The outbox's spool: on disk in `outbox.dir` (or the systemd state
@@ -432,6 +694,7 @@ async fn start_pipelines(
     outbox: &Outbox,
     telemetry: &Arc<Telemetry>,
     latest: Option<Arc<mqtt::LatestResults>>,
+    overrides: std::collections::HashMap<String, std::path::PathBuf>,
 ) -> Started {
     let (config, outbox, telemetry) = (config.clone(), outbox.clone(), Arc::clone(telemetry));
     tokio::task::spawn_blocking(move || {
@@ -442,8 +705,15 @@ async fn start_pipelines(
             // What Home Assistant shows as the pipeline's result; a pipeline
             // whose model fails keeps its entities (running: off).
             let mut kind = String::from("classification");
-            let result = registry
-                .get_or_load(&config.model_path(p), &engine_options(&config, p))
+            let options = engine_options(&config, p);
+            let loaded = match overrides.get(&p.name) {
+                Some(installed) => registry.get_or_load(installed, &options).or_else(|e| {
+                    tracing::error!(pipeline = %p.name, error = %e, "Installed model does not load; serving the configured one");
+                    registry.get_or_load(&config.model_path(p), &options)
+                }),
+                None => registry.get_or_load(&config.model_path(p), &options),
+            };
+            let result = loaded
                 .map_err(|e| e.to_string())
                 .and_then(|model| {
                     let placement = &model.placement;
@@ -468,6 +738,14 @@ async fn start_pipelines(
             started.2.push((p.name.clone(), kind));
             match result {
                 Ok((route, handle, threads)) => {
+                    started.3.insert(
+                        p.name.clone(),
+                        crate::ops::Entry {
+                            config: p.clone(),
+                            control: Arc::clone(&handle.control),
+                            stats: Arc::clone(&handle.stats),
+                        },
+                    );
                     let inlet: Arc<dyn flow::Inlet> = Arc::new(handle);
                     started.0.push((route, inlet));
                     started.1.extend(threads);
@@ -492,6 +770,8 @@ struct Started(
     Vec<std::thread::JoinHandle<()>>,
     /// Every configured pipeline and its output kind, for Home Assistant.
     Vec<(String, String)>,
+    /// The running pipelines, for the operations.
+    std::collections::BTreeMap<String, crate::ops::Entry>,
 );
 
 /// Binds `metrics.listen` and serves /metrics until `stop`. A port that
@@ -542,36 +822,6 @@ async fn health_loop(
                 systemd::notify_watchdog();
             }
         }
-    }
-}
-
-/// Remote commands on `{prefix}/cmd/NAME`; the reply goes to
-/// `{prefix}/cmd/NAME/reply`. `ping` and `health` are understood.
-async fn command_loop(
-    rx: flume::Receiver<(String, bytes::Bytes)>,
-    outbox: Outbox,
-    prefix: String,
-    device: String,
-    telemetry: Arc<Telemetry>,
-    thermal_dir: std::path::PathBuf,
-) {
-    let mut sampler = SystemSampler::new(&thermal_dir);
-    while let Ok((name, _payload)) = rx.recv_async().await {
-        let reply = match name.as_str() {
-            "ping" => serde_json::json!({"ok": true, "device": device, "ts": flow::unix_ms()}),
-            "health" => {
-                serde_json::json!({"ok": true, "health": telemetry.snapshot(&device, &mut sampler)})
-            }
-            other => {
-                serde_json::json!({"ok": false, "error": format!("unknown command {other:?}; known: ping, health")})
-            }
-        };
-        let _ = outbox.offer(Outgoing {
-            topic: format!("{prefix}/cmd/{name}/reply"),
-            payload: reply.to_string().into_bytes(),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-        });
     }
 }
 

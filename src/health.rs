@@ -147,11 +147,18 @@ pub struct PipelineStats {
     pub latency: Latencies,
     /// Set when the pipeline could not start (its model failed to load).
     pub failed: Mutex<Option<String>>,
+    /// `pipeline/disable`: input is acknowledged and counted, not processed.
+    pub disabled: AtomicBool,
+    pub ignored: Counter,
 }
 
 #[derive(Debug, Default)]
 pub struct ModelStats {
     pub inference: Latencies,
+    /// Inferences answered, and those that failed (engine error, non-finite
+    /// output): a new model's probation compares its rate with these.
+    pub served: Counter,
+    pub failures: Counter,
     /// Where the model runs and why (set when it loads).
     pub placement: Mutex<Option<crate::model::EngineReport>>,
 }
@@ -298,6 +305,8 @@ impl Telemetry {
                     PipelineHealth {
                         state: if failed.is_some() {
                             "failed"
+                        } else if s.disabled.load(Ordering::Relaxed) {
+                            "disabled"
                         } else {
                             "running"
                         },
@@ -309,6 +318,7 @@ impl Telemetry {
                         results: s.results.get(),
                         evicted_sources: s.evicted.get(),
                         replaced: s.replaced.get(),
+                        ignored: s.ignored.get(),
                         queue_depth: s.queued.load(Ordering::Relaxed),
                         latency_ms: s.latency.percentiles(),
                     },
@@ -417,6 +427,8 @@ pub struct PipelineHealth {
     pub results: u64,
     pub evicted_sources: u64,
     pub replaced: u64,
+    /// Inputs that arrived while the pipeline was disabled.
+    pub ignored: u64,
     pub queue_depth: u64,
     pub latency_ms: Percentiles,
 }

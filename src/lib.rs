@@ -24,10 +24,11 @@ pub mod homeassistant;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;
+pub mod ops;
 pub mod pipeline;
 pub mod systemd;
 pub mod topic;
 
 pub use daemon::{
-    check, engine_options, memory_budget, publish_limits, run, RunError, SHUTDOWN_GRACE,
+    check, engine_options, memory_budget, publish_limits, run, run_with, RunError, SHUTDOWN_GRACE,
 };

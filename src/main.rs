@@ -74,6 +74,11 @@ enum Command {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// Signed model bundles for `model/update` (README "Fleet operations").
+    Bundle {
+        #[command(subcommand)]
+        command: BundleCommand,
+    },
     /// List models (those a config names, or the bundled ones).
     Models {
         #[arg(short, long, conflicts_with = "check")]
@@ -88,6 +93,164 @@ enum Command {
         #[command(flatten)]
         engine: EngineArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Make a signing key pair (minisign format): NAME.pub and NAME.key.
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(long, default_value = "edgeinfer")]
+        out: PathBuf,
+    },
+    /// Pack a model (its manifest, or a bare .onnx) into a bundle.
+    Create {
+        /// The model manifest (*.toml) or .onnx.
+        model: PathBuf,
+        /// The model's version, as the fleet names it.
+        #[arg(long)]
+        version: String,
+        /// Bundle sequence number: must grow with every bundle of this model.
+        #[arg(long)]
+        seq: u64,
+        /// Refused after this date (YYYY-MM-DD, UTC) or unix time.
+        #[arg(long)]
+        not_after: String,
+        /// Raw inputs to record the model's answers for ({"inputs": [...]},
+        /// or a *.reference.json with cases[].input); the gateway checks
+        /// them before it swaps the model in.
+        #[arg(long, value_name = "FILE")]
+        reference_inputs: Option<PathBuf>,
+        /// Largest difference the gateway accepts, relative to max(1, |expected|).
+        #[arg(long, default_value_t = 0.02)]
+        tolerance: f32,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Sign a bundle: writes BUNDLE.minisig.
+    Sign {
+        bundle: PathBuf,
+        /// The secret key file (from `bundle keygen` or `minisign -G`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Environment variable holding the key's password (encrypted keys).
+        #[arg(long, value_name = "VAR")]
+        password_env: Option<String>,
+    },
+    /// Verify a bundle's signature, contents and expiry; print its metadata.
+    Verify {
+        bundle: PathBuf,
+        /// Trusted public key file(s).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The signature (default BUNDLE.minisig).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+    },
+}
+
+fn bundle_command(command: BundleCommand) -> anyhow::Result<ExitCode> {
+    use edgeinfer::ops::{bundle, reference};
+    match command {
+        BundleCommand::Keygen { out } => {
+            let (public, secret) = bundle::keygen().map_err(anyhow::Error::msg)?;
+            let (pub_path, key_path) = (out.with_extension("pub"), out.with_extension("key"));
+            for p in [&pub_path, &key_path] {
+                anyhow::ensure!(!p.exists(), "{} exists; not overwriting it", p.display());
+            }
+            std::fs::write(&pub_path, public)?;
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&key_path)?;
+                f.write_all(secret.as_bytes())?;
+            }
+            println!("public key {} (trust it in operations.trusted_key_files)", pub_path.display());
+            println!("secret key {} (keep it off the gateways)", key_path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        BundleCommand::Create {
+            model,
+            version,
+            seq,
+            not_after,
+            reference_inputs,
+            tolerance,
+            out,
+        } => {
+            let not_after = bundle::parse_time(&not_after).map_err(anyhow::Error::msg)?;
+            let reference = match reference_inputs {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| path.display().to_string())?;
+                    let inputs = reference::read_inputs(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                    let loaded = std::sync::Arc::new(edgeinfer::model::Model::load(&model)?);
+                    Some(reference::make(&loaded, inputs, tolerance).map_err(anyhow::Error::msg)?)
+                }
+                None => None,
+            };
+            let cases = reference.as_ref().map_or(0, |r| r.cases.len());
+            let bytes = bundle::create(bundle::CreateArgs {
+                model: &model,
+                version,
+                seq,
+                not_after,
+                reference,
+            })
+            .map_err(anyhow::Error::msg)?;
+            std::fs::write(&out, &bytes)?;
+            println!("{}: {} bytes, {cases} reference case(s)", out.display(), bytes.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        BundleCommand::Sign {
+            bundle: path,
+            key,
+            password_env,
+        } => {
+            let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
+            let secret = std::fs::read_to_string(&key).with_context(|| key.display().to_string())?;
+            let password = match password_env {
+                Some(var) => Some(std::env::var(&var).with_context(|| format!("${var}"))?),
+                None => None,
+            };
+            let sig = bundle::sign(&bytes, &secret, password).map_err(anyhow::Error::msg)?;
+            let sig_path = PathBuf::from(format!("{}.minisig", path.display()));
+            std::fs::write(&sig_path, sig)?;
+            println!("{}", sig_path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        BundleCommand::Verify {
+            bundle: path,
+            keys,
+            signature,
+        } => {
+            let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
+            let sig_path = signature.unwrap_or_else(|| PathBuf::from(format!("{}.minisig", path.display())));
+            let sig = std::fs::read_to_string(&sig_path).with_context(|| sig_path.display().to_string())?;
+            let trusted = keys
+                .iter()
+                .map(|k| {
+                    let text = std::fs::read_to_string(k).with_context(|| k.display().to_string())?;
+                    bundle::public_key(&text).map_err(|e| anyhow::anyhow!("{}: {e}", k.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            match bundle::verify(&bytes, &sig, &trusted, bundle::now_s()) {
+                Ok(v) => {
+                    println!("{}", serde_json::json!({"ok": true, "signed_by": v.key_id, "metadata": v.meta, "reference_cases": v.reference.map_or(0, |r| r.cases.len())}));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("edgeinfer: {}: {e}", path.display());
+                    Ok(ExitCode::from(EX_DATAERR))
+                }
+            }
+        }
+    }
 }
 
 /// The one-shot commands' engine settings (the config's `[engine]` keys).
@@ -176,6 +339,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => Ok(check_config(&config)),
+        Command::Bundle { command } => bundle_command(command),
         Command::Run { config } => {
             let loaded = match load_valid(&config) {
                 Ok(c) => c,
@@ -308,59 +472,35 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT. SIGHUP reloads: the new config is
-/// checked in full (models loaded) first, and a failing one keeps the
-/// running configuration.
-async fn serve(path: PathBuf, mut config: Config) -> anyhow::Result<ExitCode> {
+/// Runs the daemon until SIGTERM/SIGINT. SIGHUP reloads the configuration
+/// file (see `edgeinfer::run_with`): a reload that fails its checks keeps
+/// the running configuration.
+async fn serve(_path: PathBuf, config: Config) -> anyhow::Result<ExitCode> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let token = CancellationToken::new();
+    let (hup_tx, hup_rx) = flume::bounded(4);
+    let mut daemon = tokio::spawn(edgeinfer::run_with(config, token.clone(), Some(hup_rx)));
     loop {
-        let token = CancellationToken::new();
-        let mut daemon = tokio::spawn(edgeinfer::run(config.clone(), token.clone()));
-        let next = loop {
-            tokio::select! {
-                _ = term.recv() => break None,
-                _ = int.recv() => break None,
-                _ = hup.recv() => {
-                    tracing::info!(config = %path.display(), "Reloading configuration");
-                    let candidate = Config::load(&path).map_err(|e| e.problems()).and_then(|c| {
-                        let problems = edgeinfer::check(&c);
-                        if problems.is_empty() { Ok(c) } else { Err(problems) }
-                    });
-                    match candidate {
-                        Ok(c) => break Some(c),
-                        Err(problems) => {
-                            for p in problems {
-                                tracing::error!(problem = %p, "Reload rejected; keeping the running configuration");
-                            }
-                        }
-                    }
-                }
-                ended = &mut daemon => {
-                    return match ended {
-                        Ok(Ok(())) => Ok(ExitCode::SUCCESS),
-                        Ok(Err(edgeinfer::RunError::Config(problems))) => {
-                            for p in problems { eprintln!("{p}"); }
-                            Ok(ExitCode::from(EX_CONFIG))
-                        }
-                        Ok(Err(e)) => Err(e.into()),
-                        Err(e) => Err(anyhow::anyhow!("daemon task failed: {e}")),
-                    };
-                }
+        tokio::select! {
+            _ = term.recv() => token.cancel(),
+            _ = int.recv() => token.cancel(),
+            _ = hup.recv() => {
+                tracing::info!("Reloading configuration");
+                let _ = hup_tx.try_send(());
             }
-        };
-        if next.is_some() {
-            edgeinfer::systemd::notify_reloading();
-        }
-        token.cancel();
-        daemon
-            .await
-            .context("daemon task")?
-            .map_err(anyhow::Error::from)?;
-        match next {
-            Some(c) => config = c,
-            None => return Ok(ExitCode::SUCCESS),
+            ended = &mut daemon => {
+                return match ended {
+                    Ok(Ok(())) => Ok(ExitCode::SUCCESS),
+                    Ok(Err(edgeinfer::RunError::Config(problems))) => {
+                        for p in problems { eprintln!("{p}"); }
+                        Ok(ExitCode::from(EX_CONFIG))
+                    }
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => Err(anyhow::anyhow!("daemon task failed: {e}")),
+                };
+            }
         }
     }
 }

@@ -69,8 +69,15 @@ pub fn notify_ready() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 }
 
+/// `RELOADING=1` with `MONOTONIC_USEC=` in the same message: systemd 253
+/// and newer (`Type=notify-reload`) fail a reload notified without it.
+/// `notify_ready` ends the reload.
 pub fn notify_reloading() {
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+    let mut states = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    let _ = sd_notify::notify(&states);
 }
 
 pub fn notify_stopping() {

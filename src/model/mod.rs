@@ -380,7 +380,7 @@ impl Registry {
 /// The manifest, the ONNX file and the model's name for a manifest or a
 /// bare `.onnx` path (with a `NAME.toml` beside it used when present); the
 /// manifest's own problems are errors here.
-fn locate(path: &Path) -> Result<(Manifest, PathBuf, String), ModelError> {
+pub fn locate(path: &Path) -> Result<(Manifest, PathBuf, String), ModelError> {
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

@@ -7,6 +7,7 @@ pub mod camera;
 pub mod post;
 pub mod pre;
 pub mod result;
+pub mod control;
 mod runner;
 pub mod sensor;
 mod spec;

@@ -101,6 +101,7 @@ impl Emitter {
     pub fn timed_result(&self, fields: &ResultFields, model_stats: &ModelStats) {
         let l = fields.latency;
         model_stats.inference.record(l.infer);
+        model_stats.served.inc();
         self.stats
             .latency
             .record(l.queue + l.pre + l.infer + l.post);

@@ -4,6 +4,7 @@
 use super::camera::worker::{lower_priority, Decoder, Inferrer, Prepared};
 use super::result::Emitter;
 use super::sensor::worker::SensorWorker;
+use super::control::{Control, Serving};
 use super::spec::{Kind, PipelineSpec};
 use crate::flow::{Inlet, Input, Sink};
 use crate::health::{Budget, PipelineStats, Telemetry};
@@ -16,7 +17,10 @@ use std::thread::JoinHandle;
 
 /// The transport's handle on a running pipeline.
 pub struct PipelineHandle {
-    pub spec: Arc<PipelineSpec>,
+    /// Limits fixed by the config (the model may be swapped under them).
+    max_payload: usize,
+    max_sources: usize,
+    pub control: Arc<Control>,
     pub stats: Arc<PipelineStats>,
     queue: Queue,
     budget: Arc<Budget>,
@@ -106,7 +110,12 @@ impl Inlet for PipelineHandle {
     /// budget, drop the input and count it.
     fn offer(&self, mut msg: Input) {
         self.stats.received.inc();
-        if msg.size > self.spec.max_payload {
+        if self.stats.disabled.load(Ordering::Relaxed) {
+            // Acknowledged (the handle drops here) and counted.
+            self.stats.ignored.inc();
+            return;
+        }
+        if msg.size > self.max_payload {
             // Rejected by the worker as too large; its bytes are let go here
             // (they need not fit in the queues' budget to be reported).
             msg.payload = Bytes::new();
@@ -127,7 +136,7 @@ impl Inlet for PipelineHandle {
                 // input — sensors too — would stall behind the camera. A
                 // frame lost to a crash is replaced by the next one anyway.
                 msg.ack = None;
-                match slots.put(msg, self.spec.max_sources) {
+                match slots.put(msg, self.max_sources) {
                     Ok(None) => {
                         self.stats.queued.fetch_add(1, Ordering::Relaxed);
                     }
@@ -172,6 +181,10 @@ pub fn start(
     let spec = Arc::new(spec);
     let stats = telemetry.pipeline(&spec.name);
     let model_stats = telemetry.model(&spec.model.name);
+    let control = Arc::new(Control::new(Serving {
+        spec: Arc::clone(&spec),
+        stats: Arc::clone(&model_stats),
+    }));
     let emit = Emitter {
         pipeline: spec.name.clone(),
         sink,
@@ -209,7 +222,8 @@ pub fn start(
                     *sensor,
                     emit.clone(),
                     Arc::clone(&model_stats),
-                )?;
+                )?
+                .follow(control.follower());
                 let taken = taken.clone();
                 threads.push(thread(
                     format!("infer-{}-{i}", spec.name),
@@ -234,9 +248,11 @@ pub fn start(
                     Arc::clone(&spec),
                     emit.clone(),
                     Arc::clone(&telemetry.frame_budget),
-                )?;
+                )?
+                .follow(control.follower());
                 let mut inferrer =
-                    Inferrer::new(Arc::clone(&spec), emit.clone(), Arc::clone(&model_stats))?;
+                    Inferrer::new(Arc::clone(&spec), emit.clone(), Arc::clone(&model_stats))?
+                        .follow(control.follower());
                 let (slots, taken) = (Arc::clone(&slots), taken.clone());
                 threads.push(thread(
                     format!("decode-{}-{i}", spec.name),
@@ -266,7 +282,9 @@ pub fn start(
     };
     Ok((
         PipelineHandle {
-            spec,
+            max_payload: spec.max_payload,
+            max_sources: spec.max_sources,
+            control,
             stats,
             queue,
             budget,

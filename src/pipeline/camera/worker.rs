@@ -7,6 +7,7 @@ use crate::flow::{unix_ms, Input, InputError, Rejection};
 use crate::health::ModelStats;
 use crate::model::manifest::Layout;
 use crate::model::Session;
+use crate::pipeline::control::{same_input, Follower, Shadow};
 use crate::pipeline::post::{self, Output};
 use crate::pipeline::pre::Preprocessor;
 use crate::pipeline::result::{engine_rejection, ms, Emitter, LatencyMs, ResultFields};
@@ -26,6 +27,8 @@ pub struct Prepared {
     placement: Placement,
     tensor: Tensor,
     msg: Input,
+    /// The spec it was prepared for.
+    spec: Arc<PipelineSpec>,
 }
 
 impl Prepared {
@@ -52,6 +55,17 @@ pub struct Decoder {
     /// Bytes one frame's decoding and fitting may take (0: no limit).
     frame_budget: Arc<AtomicU64>,
     emit: Emitter,
+    follower: Option<Follower>,
+}
+
+fn preprocessor(spec: &PipelineSpec) -> Result<Preprocessor, String> {
+    let cam = camera(spec);
+    let pre = Preprocessor::new(&spec.model, cam.input.channels)?;
+    Ok(if cam.input.layout == Layout::Nchw {
+        pre.channel_first()
+    } else {
+        pre
+    })
 }
 
 impl Decoder {
@@ -60,15 +74,9 @@ impl Decoder {
         emit: Emitter,
         frame_budget: Arc<AtomicU64>,
     ) -> Result<Decoder, String> {
-        let cam = camera(&spec);
-        let pre = Preprocessor::new(&spec.model, cam.input.channels)?;
-        let pre = if cam.input.layout == Layout::Nchw {
-            pre.channel_first()
-        } else {
-            pre
-        };
         Ok(Decoder {
-            pre,
+            pre: preprocessor(&spec)?,
+            follower: None,
             fitter: Fitter::default(),
             raw: Vec::new(),
             normalised: Vec::new(),
@@ -78,8 +86,22 @@ impl Decoder {
         })
     }
 
+    pub fn follow(mut self, follower: Follower) -> Decoder {
+        self.follower = Some(follower);
+        self
+    }
+
     /// [`Decoder::prepare`] with a panic inside caught and reported.
     pub fn prepare_caught(&mut self, msg: Input) -> Option<Prepared> {
+        if let Some(serving) = self.follower.as_mut().and_then(|f| f.changed()) {
+            match preprocessor(&serving.spec) {
+                Ok(pre) => {
+                    self.pre = pre;
+                    self.spec = serving.spec;
+                }
+                Err(e) => tracing::error!(error = %e, "Swapped-in model cannot be fed; keeping the previous one"),
+            }
+        }
         let source = msg.source.clone();
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.prepare(msg))).unwrap_or_else(
             |_| {
@@ -128,6 +150,7 @@ impl Decoder {
             placement,
             tensor,
             msg,
+            spec,
         })
     }
 }
@@ -142,6 +165,8 @@ pub struct Inferrer {
     seqs: HashMap<String, u64>,
     emit: Emitter,
     model_stats: Arc<ModelStats>,
+    follower: Option<Follower>,
+    shadow: Shadow,
 }
 
 impl Inferrer {
@@ -156,7 +181,54 @@ impl Inferrer {
             emit,
             model_stats,
             spec,
+            follower: None,
+            shadow: Shadow::default(),
         })
+    }
+
+    pub fn follow(mut self, follower: Follower) -> Inferrer {
+        self.follower = Some(follower);
+        self
+    }
+
+    fn take_swap(&mut self) {
+        let Some(serving) = self.follower.as_mut().and_then(|f| f.changed()) else {
+            return;
+        };
+        match serving.spec.model.session() {
+            Ok(session) => {
+                self.session = session;
+                self.spec = serving.spec;
+                self.model_stats = serving.stats;
+            }
+            Err(e) => tracing::error!(error = %e, "Swapped-in model cannot serve; keeping the previous one"),
+        }
+    }
+
+    /// Runs `tensor` on `spec`'s detection or classification.
+    fn answer(
+        session: &mut Session,
+        spec: &PipelineSpec,
+        tensor: Tensor,
+        placement: &super::Placement,
+    ) -> Result<Output, Rejection> {
+        let cam = camera(spec);
+        match &cam.detection {
+            Some(d) => session
+                .run_all(tensor)
+                .map_err(engine_rejection)
+                .and_then(|outs| {
+                    d.detect(&outs, &cam.input, placement)
+                        .map_err(Rejection::Inference)
+                })
+                .map(|detections| Output::Detection { detections }),
+            None => session
+                .run(tensor)
+                .map_err(engine_rejection)
+                .and_then(|out| {
+                    post::postprocess(&spec.model, out, &[]).map_err(Rejection::Inference)
+                }),
+        }
     }
 
     /// [`Inferrer::infer`] with a panic inside caught and reported.
@@ -181,34 +253,42 @@ impl Inferrer {
             placement,
             tensor,
             msg,
+            spec: prepared_for,
         } = p;
+        self.take_swap();
         let queue = picked - msg.received;
         let spec = Arc::clone(&self.spec);
-        let cam = camera(&spec);
+        if !Arc::ptr_eq(&prepared_for, &spec) && !same_input(&prepared_for.model, &spec.model) {
+            // Prepared for a model with another input, just swapped out:
+            // the camera's next frame is served instead.
+            self.emit.stats.replaced.inc();
+            return;
+        }
+        let probation = self.follower.as_ref().and_then(|f| f.probation());
+        let shadow_input = probation
+            .as_ref()
+            .filter(|p| p.shadow_every > 0)
+            .map(|_| tensor.clone());
         let t1 = Instant::now();
         let waited = t1 - t1_pre;
-        let output = match &cam.detection {
-            Some(d) => self
-                .session
-                .run_all(tensor)
-                .map_err(engine_rejection)
-                .and_then(|outs| {
-                    d.detect(&outs, &cam.input, &placement)
-                        .map_err(Rejection::Inference)
-                })
-                .map(|detections| Output::Detection { detections }),
-            None => self
-                .session
-                .run(tensor)
-                .map_err(engine_rejection)
-                .and_then(|out| {
-                    post::postprocess(&spec.model, out, &[]).map_err(Rejection::Inference)
-                }),
-        };
+        let output = Self::answer(&mut self.session, &spec, tensor, &placement);
         let t2 = Instant::now();
+        if let Some(p) = probation {
+            let shadow = p.record(output.is_ok().then(|| ms(t2 - t1)));
+            if let (true, Some(input), Ok(new)) = (shadow, shadow_input, &output) {
+                let old = self
+                    .shadow
+                    .session(&p)
+                    .and_then(|s| Self::answer(s, &p.previous, input, &placement).ok());
+                p.compare(new, old.as_ref().ok_or(()));
+            }
+        }
         let output = match output {
             Ok(o) => o,
-            Err(rejection) => return self.emit.reject(&msg.source, rejection),
+            Err(rejection) => {
+                self.model_stats.failures.inc();
+                return self.emit.reject(&msg.source, rejection);
+            }
         };
         if !self.seqs.contains_key(&msg.source) && self.seqs.len() >= spec.max_sources {
             self.seqs.clear();

@@ -5,10 +5,11 @@ use super::{decode_f32le, decode_json, InputError, SensorWindow};
 use crate::flow::{unix_ms, Input, Rejection};
 use crate::health::ModelStats;
 use crate::model::Session;
+use crate::pipeline::control::{Follower, Shadow};
 use crate::pipeline::post;
 use crate::pipeline::pre::Preprocessor;
 use crate::pipeline::result::{engine_rejection, ms, Emitter, LatencyMs, ResultFields};
-use crate::pipeline::spec::{PipelineSpec, SensorPayload, SensorSpec};
+use crate::pipeline::spec::{Kind, PipelineSpec, SensorPayload, SensorSpec};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +35,10 @@ pub struct SensorWorker {
     model_stats: Arc<ModelStats>,
     raw: Vec<f32>,
     normalised: Vec<f32>,
+    follower: Option<Follower>,
+    /// The previous model during a probation, and its preprocessing.
+    shadow: Shadow,
+    shadow_pre: Option<(usize, Preprocessor)>,
 }
 
 impl SensorWorker {
@@ -44,6 +49,9 @@ impl SensorWorker {
         model_stats: Arc<ModelStats>,
     ) -> Result<SensorWorker, String> {
         Ok(SensorWorker {
+            follower: None,
+            shadow: Shadow::default(),
+            shadow_pre: None,
             session: spec.model.session().map_err(|e| e.to_string())?,
             pre: Preprocessor::sensor(&spec.model)?,
             sources: HashMap::new(),
@@ -57,9 +65,51 @@ impl SensorWorker {
         })
     }
 
+    /// Follows a pipeline control: models swapped in are served from the
+    /// next input on.
+    pub fn follow(mut self, follower: Follower) -> SensorWorker {
+        self.follower = Some(follower);
+        self
+    }
+
+    /// Takes a model swapped in since the last input. Windows are kept when
+    /// it takes the same window; recurrent state starts over.
+    fn take_swap(&mut self) {
+        let Some(serving) = self.follower.as_mut().and_then(|f| f.changed()) else {
+            return;
+        };
+        let model = &serving.spec.model;
+        let Kind::Sensor(sensor) = &serving.spec.kind else {
+            return tracing::error!("A camera spec swapped into a sensor pipeline; ignored");
+        };
+        let ready = model
+            .session()
+            .map_err(|e| e.to_string())
+            .and_then(|s| Ok((s, Preprocessor::sensor(model)?)));
+        let (session, pre) = match ready {
+            Ok(r) => r,
+            Err(e) => return tracing::error!(error = %e, "Swapped-in model cannot serve; keeping the previous one"),
+        };
+        if (sensor.size, sensor.stride, sensor.channels)
+            != (self.sensor.size, self.sensor.stride, self.sensor.channels)
+        {
+            self.sources.clear();
+        } else {
+            for source in self.sources.values_mut() {
+                source.state = model.initial_state.clone();
+            }
+        }
+        self.session = session;
+        self.pre = pre;
+        self.sensor = *sensor;
+        self.model_stats = serving.stats;
+        self.spec = serving.spec;
+    }
+
     /// Handles one input; a panic inside is caught here, reported as
     /// `internal`, and the source's window reset.
     pub fn handle_caught(&mut self, msg: Input) {
+        self.take_swap();
         let source = msg.source.clone();
         // A bug in one message's handling must not end the worker: its
         // queue would then drop everything, silently.
@@ -145,6 +195,7 @@ impl SensorWorker {
         let (queue, decode) = waited.unwrap_or_default();
         let t0 = Instant::now();
         let tensor = self.pre.tensor(&self.raw, &mut self.normalised);
+        let probation = self.follower.as_ref().and_then(|f| f.probation());
         let t1 = Instant::now();
         let out = self.session.run_with_state(tensor, state);
         let t2 = Instant::now();
@@ -153,9 +204,21 @@ impl SensorWorker {
                 .map_err(Rejection::Inference),
             Err(e) => Err(engine_rejection(e)),
         };
+        if let Some(p) = probation {
+            let shadow = p.record(output.is_ok().then(|| ms(t2 - t1)));
+            // Streaming models are compared on errors and latency only: the
+            // old model's state would have to be carried beside the new one.
+            if let (true, true, Ok(new)) = (shadow, state.is_empty(), &output) {
+                let old = self.shadow_answer(&p);
+                p.compare(new, old.as_ref().ok_or(()));
+            }
+        }
         let output = match output {
             Ok(o) => o,
-            Err(rejection) => return self.emit.reject(source, rejection),
+            Err(rejection) => {
+                self.model_stats.failures.inc();
+                return self.emit.reject(source, rejection);
+            }
         };
         let t3 = Instant::now();
         let fields = ResultFields {
@@ -173,6 +236,19 @@ impl SensorWorker {
             output: &output,
         };
         self.emit.timed_result(&fields, &self.model_stats);
+    }
+
+    /// The previous model's answer on the current window (`self.raw`).
+    fn shadow_answer(&mut self, p: &Arc<crate::pipeline::control::Probation>) -> Option<post::Output> {
+        let key = Arc::as_ptr(p) as usize;
+        if self.shadow_pre.as_ref().map(|(k, _)| *k) != Some(key) {
+            self.shadow_pre = Preprocessor::sensor(&p.previous.model).ok().map(|pre| (key, pre));
+        }
+        let (_, pre) = self.shadow_pre.as_mut()?;
+        let mut normalised = Vec::new();
+        let tensor = pre.tensor(&self.raw, &mut normalised);
+        let out = self.shadow.session(p)?.run(tensor).ok()?;
+        post::postprocess(&p.previous.model, out, &normalised).ok()
     }
 
     fn evict_idlest(&mut self) {
