@@ -121,7 +121,7 @@ pub fn prepare_start(store: &Store, config: &Config) -> HashMap<String, PathBuf>
     let mut records = read_records(store);
     for (pipeline, a) in active.pipelines.iter_mut() {
         if let Some(id) = a.probation.take() {
-            let back = a.previous.take().flatten();
+            let back = a.previous.take().and_then(|p| p.model);
             let reason = format!(
                 "the daemon restarted while {} was on probation; rolled back to {}",
                 a.current.as_ref().map_or("?".into(), describe),
@@ -658,7 +658,7 @@ impl Ops {
         let mut active = store.load_active();
         let a = active.pipelines.entry(name.clone()).or_default();
         let before = a.current.clone();
-        a.previous = Some(before);
+        a.previous = Some(store::Previous { model: before });
         a.current = Some(installed.clone());
         a.probation = (probation_s > 0).then(|| record.id.clone());
         let highest = active.highest_seq.entry(meta.name.clone()).or_insert(0);
@@ -784,7 +784,7 @@ impl Ops {
         let entry = self.shared.entry(pipeline).ok_or_else(|| format!("no running pipeline {pipeline:?}"))?;
         let mut active = store.load_active();
         let a = active.pipelines.get(pipeline).cloned().unwrap_or_default();
-        let target = a.previous.clone().ok_or_else(|| format!("pipeline {pipeline:?} has no previous model to roll back to"))?;
+        let target = a.previous.clone().ok_or_else(|| format!("pipeline {pipeline:?} has no previous model to roll back to"))?.model;
         let config = self.shared.config();
         let path = match &target {
             Some(i) => store.manifest_path(&i.sha256),

@@ -32,13 +32,19 @@ pub struct Installed {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Active {
     pub current: Option<Installed>,
-    /// What `model/rollback` returns to (None: the config's model), when
-    /// there is something to return to.
+    /// What `model/rollback` returns to, when there is something to
+    /// return to.
     #[serde(default)]
-    pub previous: Option<Option<Installed>>,
+    pub previous: Option<Previous>,
     /// Set while `current` is on probation: the operation watching it.
     #[serde(default)]
     pub probation: Option<String>,
+}
+
+/// The model a rollback returns to: an installed one, or (None) the config's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Previous {
+    pub model: Option<Installed>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -162,7 +168,7 @@ impl Store {
             .pipelines
             .values()
             .flat_map(|a| {
-                let prev = a.previous.as_ref().and_then(|p| p.as_ref());
+                let prev = a.previous.as_ref().and_then(|p| p.model.as_ref());
                 a.current.iter().chain(prev)
             })
             .map(|i| i.sha256.as_str())
