@@ -836,7 +836,10 @@ impl Config {
             if !OPERATIONS.contains(&op.as_str()) {
                 out.bad(
                     "operations.allow",
-                    format!("unknown operation {op:?} (known: {})", OPERATIONS.join(", ")),
+                    format!(
+                        "unknown operation {op:?} (known: {})",
+                        OPERATIONS.join(", ")
+                    ),
                 );
             }
         }
@@ -859,24 +862,35 @@ impl Config {
         }
         let p = &ops.probation;
         if !(1.0..=1000.0).contains(&p.max_p99_ratio) {
-            out.bad("operations.probation.max_p99_ratio", "must be between 1 and 1000".into());
+            out.bad(
+                "operations.probation.max_p99_ratio",
+                "must be between 1 and 1000".into(),
+            );
         }
         if p.shadow_percent > 100 {
-            out.bad("operations.probation.shadow_percent", "must be at most 100".into());
+            out.bad(
+                "operations.probation.shadow_percent",
+                "must be at most 100".into(),
+            );
         }
         for (key, v) in [
             ("max_error_rate_increase", p.max_error_rate_increase),
             ("max_disagreement", p.max_disagreement),
         ] {
             if !(0.0..=1.0).contains(&v) {
-                out.bad(&format!("operations.probation.{key}"), "must be between 0 and 1".into());
+                out.bad(
+                    &format!("operations.probation.{key}"),
+                    "must be between 0 and 1".into(),
+                );
             }
         }
         let writes = ops.allow.iter().any(|o| o == "model/update");
-        if ops.enabled && writes && ops.trusted_keys.is_empty() && ops.trusted_key_files.is_empty() {
+        if ops.enabled && writes && ops.trusted_keys.is_empty() && ops.trusted_key_files.is_empty()
+        {
             out.bad(
                 "operations.trusted_keys",
-                "model/update is allowed but no key is trusted: every bundle would be refused".into(),
+                "model/update is allowed but no key is trusted: every bundle would be refused"
+                    .into(),
             );
         }
     }

@@ -142,11 +142,13 @@ pub async fn run_with(
     shutdown: CancellationToken,
     reloads: Option<flume::Receiver<()>>,
 ) -> Result<(), RunError> {
+    let mut restarting = false;
     loop {
-        match run_once(config, shutdown.clone(), reloads.clone()).await? {
+        match run_once(config, shutdown.clone(), reloads.clone(), restarting).await? {
             Some(next) => config = next,
             None => return Ok(()),
         }
+        restarting = true;
     }
 }
 
@@ -154,6 +156,7 @@ async fn run_once(
     config: Config,
     shutdown: CancellationToken,
     reloads: Option<flume::Receiver<()>>,
+    restarting: bool,
 ) -> Result<Option<Config>, RunError> {
     let problems = config.validate();
     if !problems.is_empty() {
@@ -166,12 +169,14 @@ async fn run_once(
         }])
     })?;
     let telemetry = Arc::new(Telemetry::default());
-    let spool = open_spool(&config, &telemetry).map_err(|message| {
-        RunError::Config(vec![Problem {
-            key: "outbox.dir".into(),
-            message,
-        }])
-    })?;
+    let spool = open_spool(&config, &telemetry, restarting)
+        .await
+        .map_err(|message| {
+            RunError::Config(vec![Problem {
+                key: "outbox.dir".into(),
+                message,
+            }])
+        })?;
     let (outbox, outbox_rx, tracker) = mqtt::outbox(
         spool,
         mqtt::OutboxSettings {
@@ -277,7 +282,11 @@ async fn run_once(
         store,
         reload: config.source.is_some().then_some(reload_tx),
     });
-    let ops = crate::ops::Ops::new(Arc::clone(&shared), outbox.clone(), stop_health.child_token());
+    let ops = crate::ops::Ops::new(
+        Arc::clone(&shared),
+        outbox.clone(),
+        stop_health.child_token(),
+    );
     tasks.spawn(ops.run(cmd_rx));
     let (restart_tx, restart_rx) = flume::bounded::<Config>(1);
     tasks.spawn(reload_loop(
@@ -338,11 +347,20 @@ async fn run_once(
     stop_health.cancel();
     tasks.close();
     let (abort_driver, abort_publisher) = (driver.abort_handle(), publisher.abort_handle());
+    // Workers end once the poll loop drops the router (their only senders)
+    // and they have emptied their queues.
+    let workers_done = CancellationToken::new();
+    let joiner = {
+        let done = workers_done.clone();
+        tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+            done.cancel();
+        })
+    };
     let drained = async {
-        // Workers end once the poll loop drops the router (their only senders).
-        for t in threads {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
+        workers_done.cancelled().await;
         let _ = publisher.await;
         let _ = driver.await;
         tasks.wait().await;
@@ -356,7 +374,23 @@ async fn run_once(
             grace_s = SHUTDOWN_GRACE.as_secs(),
             "Shutdown grace period over; queued work abandoned (unacknowledged results stay in the outbox)"
         );
+        // The workers hold the outbox (and its spool, which a restart's next
+        // run opens) until they have emptied their queues; aborted tasks go
+        // at their next poll.
+        let waited = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            workers_done.cancelled().await;
+            tasks.wait().await;
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(
+                workers_done = workers_done.is_cancelled(),
+                tasks = tasks.len(),
+                "Parts of the stopped run are still running"
+            );
+        }
     }
+    drop(joiner);
     tracing::info!("Stopped");
     Ok(restart)
 }
@@ -448,8 +482,18 @@ async fn reload(shared: &Arc<crate::ops::Shared>) -> Result<Reloaded, Vec<String
     let Some(path) = old.source.clone() else {
         return Err(vec!["the configuration was not loaded from a file".into()]);
     };
-    let new = Config::load(&path).map_err(|e| e.problems().iter().map(|p| p.to_string()).collect::<Vec<_>>())?;
-    let mut problems: Vec<String> = new.validate().iter().chain(&check_providers(&new)).map(|p| p.to_string()).collect();
+    let new = Config::load(&path).map_err(|e| {
+        e.problems()
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+    })?;
+    let mut problems: Vec<String> = new
+        .validate()
+        .iter()
+        .chain(&check_providers(&new))
+        .map(|p| p.to_string())
+        .collect();
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -463,12 +507,18 @@ async fn reload(shared: &Arc<crate::ops::Shared>) -> Result<Reloaded, Vec<String
     };
     let (old_rest, old_pipes) = as_value(&old);
     let (new_rest, new_pipes) = as_value(&new);
-    let full = |why: String| -> Result<Reloaded, Vec<String>> {
-        let problems = check(&new);
-        if problems.is_empty() {
-            Ok(Reloaded::Restart(Box::new(new.clone()), why))
-        } else {
-            Err(problems.iter().map(|p| p.to_string()).collect())
+    // A restart loads every model of the new config first (`check`), off
+    // the async workers: a config that fails keeps the running one.
+    let full = |why: String| {
+        let candidate = new.clone();
+        async move {
+            let checked = tokio::task::spawn_blocking(move || (check(&candidate), candidate))
+                .await
+                .expect("checking a config does not panic");
+            match checked {
+                (problems, c) if problems.is_empty() => Ok(Reloaded::Restart(Box::new(c), why)),
+                (problems, _) => Err(problems.iter().map(|p| p.to_string()).collect()),
+            }
         }
     };
     if old_rest != new_rest {
@@ -479,12 +529,17 @@ async fn reload(shared: &Arc<crate::ops::Shared>) -> Result<Reloaded, Vec<String
             .filter(|(k, v)| new_rest.get(k.as_str()) != Some(v))
             .map(|(k, _)| format!("[{k}]"))
             .collect();
-        return full(format!("{} changed", keys.join(", ")));
+        return full(format!("{} changed", keys.join(", "))).await;
     }
-    let list = |v: &Option<serde_json::Value>| v.as_ref().and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    let list = |v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default()
+    };
     let (old_pipes, new_pipes) = (list(&old_pipes), list(&new_pipes));
     if old_pipes.len() != new_pipes.len() {
-        return full("pipelines were added or removed".into());
+        return full("pipelines were added or removed".into()).await;
     }
     let mut changed = Vec::new();
     for (i, (a, b)) in old_pipes.iter().zip(&new_pipes).enumerate() {
@@ -496,17 +551,31 @@ async fn reload(shared: &Arc<crate::ops::Shared>) -> Result<Reloaded, Vec<String
             v
         };
         if strip(a) != strip(b) {
-            return full(format!("pipeline {:?} changed beyond its model settings", new.pipelines[i].name));
+            return full(format!(
+                "pipeline {:?} changed beyond its model settings",
+                new.pipelines[i].name
+            ))
+            .await;
         }
         let p = &new.pipelines[i];
-        let Some(entry) = shared.pipelines.read().unwrap_or_else(|e| e.into_inner()).get(&p.name).cloned() else {
+        let Some(entry) = shared
+            .pipelines
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&p.name)
+            .cloned()
+        else {
             // It failed to start: a restart gives it another chance.
-            return full(format!("pipeline {:?} is not running", p.name));
+            return full(format!("pipeline {:?} is not running", p.name)).await;
         };
         let serving = entry.control.spec();
         let installed = shared.store.as_ref().and_then(|s| {
             let a = s.load_active();
-            a.pipelines.get(&p.name)?.current.as_ref().map(|i| s.manifest_path(&i.sha256))
+            a.pipelines
+                .get(&p.name)?
+                .current
+                .as_ref()
+                .map(|i| s.manifest_path(&i.sha256))
         });
         let path = installed.unwrap_or_else(|| new.model_path(p));
         if a != b || model_changed(&serving.model, &path) {
@@ -523,9 +592,10 @@ async fn reload(shared: &Arc<crate::ops::Shared>) -> Result<Reloaded, Vec<String
     let mut ready = Vec::new();
     for (p, path, entry) in changed {
         let (config, pcfg) = (Arc::new(new.clone()), p.clone());
-        let loaded = tokio::task::spawn_blocking(move || crate::ops::load_spec(&config, &pcfg, &path, None))
-            .await
-            .expect("model loading does not panic");
+        let loaded =
+            tokio::task::spawn_blocking(move || crate::ops::load_spec(&config, &pcfg, &path, None))
+                .await
+                .expect("model loading does not panic");
         match loaded {
             Ok((spec, _)) => ready.push((p, spec, entry)),
             Err(e) => problems.push(format!("pipeline[{}].model: {e}", p.name)),
@@ -539,7 +609,12 @@ async fn reload(shared: &Arc<crate::ops::Shared>) -> Result<Reloaded, Vec<String
         let mut entries = shared.pipelines.write().unwrap_or_else(|e| e.into_inner());
         for (p, spec, entry) in ready {
             let model = Arc::clone(&spec.model);
-            *shared.telemetry.model(&model.name).placement.lock().expect("telemetry lock") = Some(model.placement.clone());
+            *shared
+                .telemetry
+                .model(&model.name)
+                .placement
+                .lock()
+                .expect("telemetry lock") = Some(model.placement.clone());
             entry.control.end_probation();
             entry.control.swap(
                 crate::pipeline::control::Serving {
@@ -555,7 +630,9 @@ async fn reload(shared: &Arc<crate::ops::Shared>) -> Result<Reloaded, Vec<String
         }
     }
     *shared.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-    Ok(Reloaded::InPlace(serde_json::json!({"restarted": restarted, "unchanged": unchanged})))
+    Ok(Reloaded::InPlace(
+        serde_json::json!({"restarted": restarted, "unchanged": unchanged}),
+    ))
 }
 
 /// Whether the model at `path` (manifest and ONNX file) is not the one
@@ -574,7 +651,11 @@ fn model_changed(serving: &crate::model::Model, path: &std::path::Path) -> bool 
 
 /// The outbox's spool: on disk in `outbox.dir` (or the systemd state
 /// directory), else in memory.
-fn open_spool(config: &Config, telemetry: &Telemetry) -> Result<mqtt::spool::Spool, String> {
+async fn open_spool(
+    config: &Config,
+    telemetry: &Telemetry,
+    restarting: bool,
+) -> Result<mqtt::spool::Spool, String> {
     let limits = mqtt::spool::SpoolLimits {
         max_bytes: config.outbox.max_mb << 20,
         ttl_ms: config.outbox.ttl_s.saturating_mul(1000),
@@ -582,8 +663,22 @@ fn open_spool(config: &Config, telemetry: &Telemetry) -> Result<mqtt::spool::Spo
     let stats = Arc::clone(&telemetry.outbox);
     match config.outbox.effective_dir(&config.base_dir) {
         Some(dir) => {
-            let spool = mqtt::spool::Spool::open(&dir, limits, stats)
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            // On a restart for a reload, the stopped run's last holders of
+            // the spool (tasks aborted at the end of the grace period) may
+            // take a moment to go: wait for its lock rather than fail.
+            let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
+            let spool = loop {
+                match mqtt::spool::Spool::open(&dir, limits, Arc::clone(&stats)) {
+                    Err(e)
+                        if restarting
+                            && e.kind() == std::io::ErrorKind::WouldBlock
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    other => break other.map_err(|e| format!("{}: {e}", dir.display()))?,
+                }
+            };
             telemetry
                 .outbox
                 .persistent

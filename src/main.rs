@@ -169,8 +169,14 @@ fn bundle_command(command: BundleCommand) -> anyhow::Result<ExitCode> {
                     .open(&key_path)?;
                 f.write_all(secret.as_bytes())?;
             }
-            println!("public key {} (trust it in operations.trusted_key_files)", pub_path.display());
-            println!("secret key {} (keep it off the gateways)", key_path.display());
+            println!(
+                "public key {} (trust it in operations.trusted_key_files)",
+                pub_path.display()
+            );
+            println!(
+                "secret key {} (keep it off the gateways)",
+                key_path.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         BundleCommand::Create {
@@ -204,7 +210,11 @@ fn bundle_command(command: BundleCommand) -> anyhow::Result<ExitCode> {
             })
             .map_err(anyhow::Error::msg)?;
             std::fs::write(&out, &bytes)?;
-            println!("{}: {} bytes, {cases} reference case(s)", out.display(), bytes.len());
+            println!(
+                "{}: {} bytes, {cases} reference case(s)",
+                out.display(),
+                bytes.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         BundleCommand::Sign {
@@ -213,7 +223,8 @@ fn bundle_command(command: BundleCommand) -> anyhow::Result<ExitCode> {
             password_env,
         } => {
             let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
-            let secret = std::fs::read_to_string(&key).with_context(|| key.display().to_string())?;
+            let secret =
+                std::fs::read_to_string(&key).with_context(|| key.display().to_string())?;
             let password = match password_env {
                 Some(var) => Some(std::env::var(&var).with_context(|| format!("${var}"))?),
                 None => None,
@@ -230,18 +241,24 @@ fn bundle_command(command: BundleCommand) -> anyhow::Result<ExitCode> {
             signature,
         } => {
             let bytes = std::fs::read(&path).with_context(|| path.display().to_string())?;
-            let sig_path = signature.unwrap_or_else(|| PathBuf::from(format!("{}.minisig", path.display())));
-            let sig = std::fs::read_to_string(&sig_path).with_context(|| sig_path.display().to_string())?;
+            let sig_path =
+                signature.unwrap_or_else(|| PathBuf::from(format!("{}.minisig", path.display())));
+            let sig = std::fs::read_to_string(&sig_path)
+                .with_context(|| sig_path.display().to_string())?;
             let trusted = keys
                 .iter()
                 .map(|k| {
-                    let text = std::fs::read_to_string(k).with_context(|| k.display().to_string())?;
+                    let text =
+                        std::fs::read_to_string(k).with_context(|| k.display().to_string())?;
                     bundle::public_key(&text).map_err(|e| anyhow::anyhow!("{}: {e}", k.display()))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             match bundle::verify(&bytes, &sig, &trusted, bundle::now_s()) {
                 Ok(v) => {
-                    println!("{}", serde_json::json!({"ok": true, "signed_by": v.key_id, "metadata": v.meta, "reference_cases": v.reference.map_or(0, |r| r.cases.len())}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"ok": true, "signed_by": v.key_id, "metadata": v.meta, "reference_cases": v.reference.map_or(0, |r| r.cases.len())})
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
@@ -345,7 +362,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(c) => c,
                 Err(code) => return Ok(code),
             };
-            runtime()?.block_on(serve(config, loaded))
+            runtime()?.block_on(serve(loaded))
         }
         Command::Demo { seconds } => {
             let summary = runtime()?
@@ -475,7 +492,7 @@ fn check_config(path: &Path) -> ExitCode {
 /// Runs the daemon until SIGTERM/SIGINT. SIGHUP reloads the configuration
 /// file (see `edgeinfer::run_with`): a reload that fails its checks keeps
 /// the running configuration.
-async fn serve(_path: PathBuf, config: Config) -> anyhow::Result<ExitCode> {
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;

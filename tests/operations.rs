@@ -35,7 +35,10 @@ fn renamed_activity(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(
         &path,
-        format!("name = \"{name}\"\nfile = {:?}\n{text}", onnx.display().to_string()),
+        format!(
+            "name = \"{name}\"\nfile = {:?}\n{text}",
+            onnx.display().to_string()
+        ),
     )
     .unwrap();
     path
@@ -107,7 +110,13 @@ async fn reply(obs: &mut Observer, device: &str, op: &str, id: &str) -> Value {
 
 /// Waits for the retained status of operation `id` to satisfy `pred` (a
 /// subscription of its own: the retained message is its first).
-async fn status_where(port: u16, device: &str, id: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+async fn status_where(
+    port: u16,
+    device: &str,
+    id: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let topic = format!("edgeinfer/{device}/ops/{id}");
     let mut obs = Observer::connect(port, &[&topic]).await;
     let last = std::sync::Mutex::new(Value::Null);
@@ -119,7 +128,12 @@ async fn status_where(port: u16, device: &str, id: &str, timeout: Duration, pred
         ok
     })
     .await
-    .unwrap_or_else(|| panic!("operation {id} did not reach the expected status; last: {}", last.lock().unwrap()))
+    .unwrap_or_else(|| {
+        panic!(
+            "operation {id} did not reach the expected status; last: {}",
+            last.lock().unwrap()
+        )
+    })
     .json()
 }
 
@@ -127,7 +141,12 @@ async fn status_where(port: u16, device: &str, id: &str, timeout: Duration, pred
 /// (over again when it runs out).
 fn samples(n: usize) -> Vec<Vec<f32>> {
     let r = activity_reference();
-    r.cases.iter().flat_map(|c| c.input.clone()).cycle().take(n).collect()
+    r.cases
+        .iter()
+        .flat_map(|c| c.input.clone())
+        .cycle()
+        .take(n)
+        .collect()
 }
 
 fn batch(rows: &[Vec<f32>]) -> String {
@@ -144,75 +163,187 @@ async fn operations_reply_with_their_id_and_refuse_what_they_must() {
     let mut ops = ops_section(&dir.path().join("state"), &key, "duration_s = 0");
     // Everything but model/rollback.
     ops = ops.replace(", \"model/rollback\"]", "]");
-    let config = parse(&config_text(&broker.url(), "gw-o", &format!("{ACTIVITY_PIPELINE}{ops}")));
+    let config = parse(&config_text(
+        &broker.url(),
+        "gw-o",
+        &format!("{ACTIVITY_PIPELINE}{ops}"),
+    ));
     let mut obs = Observer::connect(
         broker.port,
-        &["edgeinfer/gw-o/cmd/#", "edgeinfer/gw-o/ops", "edgeinfer/gw-o/results/#", "edgeinfer/gw-o/ops/+"],
+        &[
+            "edgeinfer/gw-o/cmd/#",
+            "edgeinfer/gw-o/ops",
+            "edgeinfer/gw-o/results/#",
+            "edgeinfer/gw-o/ops/+",
+        ],
     )
     .await;
     let daemon = Daemon::start_online(config, broker.port).await;
 
-    let list = obs.next_where(T, |m| m.topic == "edgeinfer/gw-o/ops").await.expect("operations list");
+    let list = obs
+        .next_where(T, |m| m.topic == "edgeinfer/gw-o/ops")
+        .await
+        .expect("operations list");
     assert!(list.retain || list.json()["enabled"] == true);
     let listed = list.json();
-    let allowed = |op: &str| listed["operations"].as_array().unwrap().iter().find(|o| o["op"] == op).unwrap()["allowed"].clone();
+    let allowed = |op: &str| {
+        listed["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["op"] == op)
+            .unwrap()["allowed"]
+            .clone()
+    };
     assert_eq!(allowed("model/update"), true);
     assert_eq!(allowed("model/rollback"), false);
 
     let pong = request(&mut obs, "gw-o", "ping", "p-1", json!({})).await;
-    assert_eq!((pong["ok"].clone(), pong["device"].clone()), (json!(true), json!("gw-o")));
+    assert_eq!(
+        (pong["ok"].clone(), pong["device"].clone()),
+        (json!(true), json!("gw-o"))
+    );
 
     let status = request(&mut obs, "gw-o", "status", "s-1", json!({})).await;
     assert_eq!(status["pipelines"]["activity"]["state"], "running");
     assert_eq!(status["pipelines"]["activity"]["model"], "activity");
     let models = request(&mut obs, "gw-o", "models", "m-1", json!({})).await;
-    assert!(models["pipelines"]["activity"]["inputs"][0].as_str().unwrap().contains("imu"));
+    assert!(models["pipelines"]["activity"]["inputs"][0]
+        .as_str()
+        .unwrap()
+        .contains("imu"));
     let config = request(&mut obs, "gw-o", "config", "c-1", json!({})).await;
     assert_eq!(config["config"]["device"]["id"], "gw-o");
     assert_eq!(config["config"]["pipeline"][0]["name"], "activity");
 
     // Malformed, unknown, not allowed, no id.
     obs.publish("edgeinfer/gw-o/cmd/status", "{not json").await;
-    let bad = obs.next_where(T, |m| m.topic == "edgeinfer/gw-o/cmd/status/reply").await.unwrap().json();
-    assert_eq!((bad["ok"].clone(), bad["id"].clone()), (json!(false), Value::Null));
-    assert!(bad["error"].as_str().unwrap().contains("malformed"), "{bad}");
+    let bad = obs
+        .next_where(T, |m| m.topic == "edgeinfer/gw-o/cmd/status/reply")
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(
+        (bad["ok"].clone(), bad["id"].clone()),
+        (json!(false), Value::Null)
+    );
+    assert!(
+        bad["error"].as_str().unwrap().contains("malformed"),
+        "{bad}"
+    );
     obs.publish("edgeinfer/gw-o/cmd/config", "[1, 2]").await;
-    let bad = obs.next_where(T, |m| m.topic == "edgeinfer/gw-o/cmd/config/reply").await.unwrap().json();
+    let bad = obs
+        .next_where(T, |m| m.topic == "edgeinfer/gw-o/cmd/config/reply")
+        .await
+        .unwrap()
+        .json();
     assert_eq!(bad["ok"], false);
-    assert!(bad["error"].as_str().unwrap().contains("malformed"), "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap().contains("malformed"),
+        "{bad}"
+    );
     let unknown = request(&mut obs, "gw-o", "reboot", "u-1", json!({})).await;
     assert_eq!(unknown["ok"], false);
-    assert!(unknown["error"].as_str().unwrap().contains("unknown operation"), "{unknown}");
-    let refused = request(&mut obs, "gw-o", "model/rollback", "r-1", json!({"pipeline": "activity"})).await;
+    assert!(
+        unknown["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown operation"),
+        "{unknown}"
+    );
+    let refused = request(
+        &mut obs,
+        "gw-o",
+        "model/rollback",
+        "r-1",
+        json!({"pipeline": "activity"}),
+    )
+    .await;
     assert_eq!(refused["ok"], false);
-    assert!(refused["error"].as_str().unwrap().contains("not allowed"), "{refused}");
-    obs.publish("edgeinfer/gw-o/cmd/pipeline/disable", json!({"args": {"pipeline": "activity"}}).to_string()).await;
-    let no_id = obs.next_where(T, |m| m.topic == "edgeinfer/gw-o/cmd/pipeline/disable/reply").await.unwrap().json();
+    assert!(
+        refused["error"].as_str().unwrap().contains("not allowed"),
+        "{refused}"
+    );
+    obs.publish(
+        "edgeinfer/gw-o/cmd/pipeline/disable",
+        json!({"args": {"pipeline": "activity"}}).to_string(),
+    )
+    .await;
+    let no_id = obs
+        .next_where(T, |m| {
+            m.topic == "edgeinfer/gw-o/cmd/pipeline/disable/reply"
+        })
+        .await
+        .unwrap()
+        .json();
     assert_eq!(no_id["ok"], false);
     assert!(no_id["error"].as_str().unwrap().contains("id"), "{no_id}");
     let extra = request(&mut obs, "gw-o", "ping", "p-2", json!(null)).await;
     assert_eq!(extra["ok"], true);
 
     // Disable: input is counted, not processed; the lifecycle is retained.
-    let off = request(&mut obs, "gw-o", "pipeline/disable", "d-1", json!({"pipeline": "activity"})).await;
-    assert_eq!((off["ok"].clone(), off["state"].clone()), (json!(true), json!("successful")));
-    let retained = status_where(broker.port, "gw-o", "d-1", T, |s| s["state"] == "successful").await;
+    let off = request(
+        &mut obs,
+        "gw-o",
+        "pipeline/disable",
+        "d-1",
+        json!({"pipeline": "activity"}),
+    )
+    .await;
+    assert_eq!(
+        (off["ok"].clone(), off["state"].clone()),
+        (json!(true), json!("successful"))
+    );
+    let retained = status_where(broker.port, "gw-o", "d-1", T, |s| {
+        s["state"] == "successful"
+    })
+    .await;
     assert_eq!(retained["op"], "pipeline/disable");
-    let again = request(&mut obs, "gw-o", "pipeline/disable", "d-1", json!({"pipeline": "activity"})).await;
+    let again = request(
+        &mut obs,
+        "gw-o",
+        "pipeline/disable",
+        "d-1",
+        json!({"pipeline": "activity"}),
+    )
+    .await;
     assert_eq!(again["duplicate"], true, "{again}");
     assert_eq!(again["state"], "successful");
     obs.publish(SENSOR, batch(&samples(50))).await;
-    let none = obs.next_where(Duration::from_secs(2), |m| m.topic.contains("/results/")).await;
+    let none = obs
+        .next_where(Duration::from_secs(2), |m| m.topic.contains("/results/"))
+        .await;
     assert!(none.is_none(), "a disabled pipeline answered");
     let status = request(&mut obs, "gw-o", "health", "h-1", json!({})).await;
     let p = &status["health"]["pipelines"]["activity"];
-    assert_eq!((p["state"].clone(), p["ignored"].clone()), (json!("disabled"), json!(1)), "{p}");
-    let unknown_pipeline = request(&mut obs, "gw-o", "pipeline/enable", "e-0", json!({"pipeline": "nope"})).await;
+    assert_eq!(
+        (p["state"].clone(), p["ignored"].clone()),
+        (json!("disabled"), json!(1)),
+        "{p}"
+    );
+    let unknown_pipeline = request(
+        &mut obs,
+        "gw-o",
+        "pipeline/enable",
+        "e-0",
+        json!({"pipeline": "nope"}),
+    )
+    .await;
     assert_eq!(unknown_pipeline["state"], "rejected");
-    let on = request(&mut obs, "gw-o", "pipeline/enable", "e-1", json!({"pipeline": "activity"})).await;
+    let on = request(
+        &mut obs,
+        "gw-o",
+        "pipeline/enable",
+        "e-1",
+        json!({"pipeline": "activity"}),
+    )
+    .await;
     assert_eq!(on["ok"], true);
     obs.publish(SENSOR, batch(&samples(50))).await;
-    assert!(obs.next_where(T, |m| m.topic.contains("/results/")).await.is_some());
+    assert!(obs
+        .next_where(T, |m| m.topic.contains("/results/"))
+        .await
+        .is_some());
     daemon.stop().await;
 }
 
@@ -226,7 +357,11 @@ async fn a_disabled_api_answers_only_ping_and_health() {
     assert_eq!(pong["ok"], true);
     // The payload-less form of before the API still works.
     obs.publish("edgeinfer/gw-off/cmd/health", "").await;
-    let h = obs.next_where(T, |m| m.topic == "edgeinfer/gw-off/cmd/health/reply").await.unwrap().json();
+    let h = obs
+        .next_where(T, |m| m.topic == "edgeinfer/gw-off/cmd/health/reply")
+        .await
+        .unwrap()
+        .json();
     assert_eq!(h["health"]["device"], "gw-off");
     for op in ["status", "model/update", "reload"] {
         let no = request(&mut obs, "gw-off", op, "b", json!({})).await;
@@ -241,7 +376,10 @@ fn results(seen: &[Seen]) -> Vec<(u64, String)> {
     seen.iter()
         .map(|m| {
             let v = m.json();
-            (v["seq"].as_u64().unwrap(), v["model"].as_str().unwrap().to_owned())
+            (
+                v["seq"].as_u64().unwrap(),
+                v["model"].as_str().unwrap().to_owned(),
+            )
         })
         .collect()
 }
@@ -252,11 +390,20 @@ async fn a_model_update_swaps_under_a_qos1_stream_with_every_input_answered_once
     let dir = tempfile::tempdir().unwrap();
     let (key, secret) = keys(dir.path());
     let ops = ops_section(&dir.path().join("state"), &key, "duration_s = 0");
-    let config = parse(&config_text(&broker.url(), "gw-s", &format!("{ACTIVITY_PIPELINE}{ops}")));
+    let config = parse(&config_text(
+        &broker.url(),
+        "gw-s",
+        &format!("{ACTIVITY_PIPELINE}{ops}"),
+    ));
     let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-s/cmd/#"]).await;
     let mut res = Observer::connect(broker.port, &["edgeinfer/gw-s/results/#"]).await;
     let daemon = Daemon::start_online(config, broker.port).await;
-    let update = signed(&renamed_activity(dir.path(), "activity_v2"), 1, bundle::now_s() + 3600, &secret);
+    let update = signed(
+        &renamed_activity(dir.path(), "activity_v2"),
+        1,
+        bundle::now_s() + 3600,
+        &secret,
+    );
 
     // Half windows: every window straddles two messages, so a window that
     // spans the swap shows whether windows are kept.
@@ -274,7 +421,14 @@ async fn a_model_update_swaps_under_a_qos1_stream_with_every_input_answered_once
     });
     tokio::time::sleep(Duration::from_millis(600)).await;
     let asked = Instant::now();
-    let done = request(&mut obs, "gw-s", "model/update", "up-1", inline("activity", &update, json!({}))).await;
+    let done = request(
+        &mut obs,
+        "gw-s",
+        "model/update",
+        "up-1",
+        inline("activity", &update, json!({})),
+    )
+    .await;
     let replied_ms = asked.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(done["ok"], true, "{done}");
     assert_eq!(done["state"], "successful");
@@ -283,17 +437,33 @@ async fn a_model_update_swaps_under_a_qos1_stream_with_every_input_answered_once
     stream.await.unwrap();
 
     let seen = res
-        .collect(MESSAGES / 2, T, |m| m.topic == "edgeinfer/gw-s/results/activity/w1")
+        .collect(MESSAGES / 2, T, |m| {
+            m.topic == "edgeinfer/gw-s/results/activity/w1"
+        })
         .await;
     // Anything more would be a duplicate.
-    let extra = res.next_where(Duration::from_secs(2), |m| m.topic == "edgeinfer/gw-s/results/activity/w1").await;
+    let extra = res
+        .next_where(Duration::from_secs(2), |m| {
+            m.topic == "edgeinfer/gw-s/results/activity/w1"
+        })
+        .await;
     let got = results(&seen);
     let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
-    assert_eq!(seqs, (0..(MESSAGES / 2) as u64).collect::<Vec<_>>(), "every window answered once, in order");
+    assert_eq!(
+        seqs,
+        (0..(MESSAGES / 2) as u64).collect::<Vec<_>>(),
+        "every window answered once, in order"
+    );
     assert!(extra.is_none(), "a window was answered twice");
-    let first_new = got.iter().position(|(_, m)| m == "activity_v2").expect("the new model served");
+    let first_new = got
+        .iter()
+        .position(|(_, m)| m == "activity_v2")
+        .expect("the new model served");
     assert!(first_new > 0, "the old model served first");
-    assert!(got[first_new..].iter().all(|(_, m)| m == "activity_v2"), "no old answer after the swap");
+    assert!(
+        got[first_new..].iter().all(|(_, m)| m == "activity_v2"),
+        "no old answer after the swap"
+    );
     assert!(got[..first_new].iter().all(|(_, m)| m == "activity"));
     println!(
         "swap under load: {} messages, {} windows answered once each ({} by the old model, {} by the new); request→serving {serving_ms:.1} ms (reply after {replied_ms:.1} ms)",
@@ -304,14 +474,38 @@ async fn a_model_update_swaps_under_a_qos1_stream_with_every_input_answered_once
     );
 
     // Rollback on request goes back to the configured model.
-    let back = request(&mut obs, "gw-s", "model/rollback", "rb-1", json!({"pipeline": "activity"})).await;
+    let back = request(
+        &mut obs,
+        "gw-s",
+        "model/rollback",
+        "rb-1",
+        json!({"pipeline": "activity"}),
+    )
+    .await;
     assert_eq!(back["state"], "successful", "{back}");
     obs.publish(SENSOR, batch(&samples(50))).await;
-    let r = res.next_where(T, |m| m.topic == "edgeinfer/gw-s/results/activity/w1").await.unwrap().json();
+    let r = res
+        .next_where(T, |m| m.topic == "edgeinfer/gw-s/results/activity/w1")
+        .await
+        .unwrap()
+        .json();
     assert_eq!(r["model"], "activity");
-    let twice = request(&mut obs, "gw-s", "model/rollback", "rb-2", json!({"pipeline": "activity"})).await;
+    let twice = request(
+        &mut obs,
+        "gw-s",
+        "model/rollback",
+        "rb-2",
+        json!({"pipeline": "activity"}),
+    )
+    .await;
     assert_eq!(twice["state"], "failed");
-    assert!(twice["error"].as_str().unwrap().contains("no previous model"), "{twice}");
+    assert!(
+        twice["error"]
+            .as_str()
+            .unwrap()
+            .contains("no previous model"),
+        "{twice}"
+    );
     daemon.stop().await;
 }
 
@@ -321,38 +515,93 @@ async fn bad_signatures_replayed_and_expired_bundles_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (key, secret) = keys(dir.path());
     let ops = ops_section(&dir.path().join("state"), &key, "duration_s = 0");
-    let config = parse(&config_text(&broker.url(), "gw-b", &format!("{ACTIVITY_PIPELINE}{ops}")));
-    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-b/cmd/#", "edgeinfer/gw-b/ops/+"]).await;
+    let config = parse(&config_text(
+        &broker.url(),
+        "gw-b",
+        &format!("{ACTIVITY_PIPELINE}{ops}"),
+    ));
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-b/cmd/#", "edgeinfer/gw-b/ops/+"],
+    )
+    .await;
     let daemon = Daemon::start_online(config, broker.port).await;
     let model = renamed_activity(dir.path(), "activity_v2");
     let later = bundle::now_s() + 3600;
 
     let five = signed(&model, 5, later, &secret);
-    let ok = request(&mut obs, "gw-b", "model/update", "b-5", inline("activity", &five, json!({}))).await;
+    let ok = request(
+        &mut obs,
+        "gw-b",
+        "model/update",
+        "b-5",
+        inline("activity", &five, json!({})),
+    )
+    .await;
     assert_eq!(ok["state"], "successful", "{ok}");
 
     let four = signed(&model, 4, later, &secret);
-    let replay = request(&mut obs, "gw-b", "model/update", "b-4", inline("activity", &four, json!({}))).await;
+    let replay = request(
+        &mut obs,
+        "gw-b",
+        "model/update",
+        "b-4",
+        inline("activity", &four, json!({})),
+    )
+    .await;
     assert_eq!(replay["state"], "rejected");
-    assert!(replay["error"].as_str().unwrap().contains("older than seq 5"), "{replay}");
+    assert!(
+        replay["error"]
+            .as_str()
+            .unwrap()
+            .contains("older than seq 5"),
+        "{replay}"
+    );
     let retained = status_where(broker.port, "gw-b", "b-4", T, |s| s["state"] == "rejected").await;
     assert!(retained["reason"].as_str().unwrap().contains("replay"));
 
     let mut tampered = signed(&model, 6, later, &secret);
     let at = tampered.bytes.len() - 600;
     tampered.bytes[at] ^= 0x20;
-    let bad = request(&mut obs, "gw-b", "model/update", "b-6", inline("activity", &tampered, json!({}))).await;
+    let bad = request(
+        &mut obs,
+        "gw-b",
+        "model/update",
+        "b-6",
+        inline("activity", &tampered, json!({})),
+    )
+    .await;
     assert_eq!(bad["state"], "rejected");
-    assert!(bad["error"].as_str().unwrap().starts_with("signature"), "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap().starts_with("signature"),
+        "{bad}"
+    );
 
     let (_, stranger) = bundle::keygen().unwrap();
     let foreign = signed(&model, 7, later, &stranger);
-    let bad = request(&mut obs, "gw-b", "model/update", "b-7", inline("activity", &foreign, json!({}))).await;
+    let bad = request(
+        &mut obs,
+        "gw-b",
+        "model/update",
+        "b-7",
+        inline("activity", &foreign, json!({})),
+    )
+    .await;
     assert_eq!(bad["state"], "rejected");
-    assert!(bad["error"].as_str().unwrap().starts_with("signature"), "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap().starts_with("signature"),
+        "{bad}"
+    );
 
     let expired = signed(&model, 8, bundle::now_s() - 60, &secret);
-    let bad = request(&mut obs, "gw-b", "model/update", "b-8", inline("activity", &expired, json!({}))).await;
+    let bad = request(
+        &mut obs,
+        "gw-b",
+        "model/update",
+        "b-8",
+        inline("activity", &expired, json!({})),
+    )
+    .await;
     assert_eq!(bad["state"], "rejected");
     assert!(bad["error"].as_str().unwrap().contains("expired"), "{bad}");
 
@@ -361,7 +610,14 @@ async fn bad_signatures_replayed_and_expired_bundles_are_refused() {
     let path = dir.path().join("nine.eib");
     std::fs::write(&path, &nine.bytes).unwrap();
     std::fs::write(dir.path().join("nine.eib.minisig"), &nine.signature).unwrap();
-    let ok = request(&mut obs, "gw-b", "model/update", "b-9", json!({"pipeline": "activity", "path": path})).await;
+    let ok = request(
+        &mut obs,
+        "gw-b",
+        "model/update",
+        "b-9",
+        json!({"pipeline": "activity", "path": path}),
+    )
+    .await;
     assert_eq!(ok["state"], "successful", "{ok}");
     assert_eq!(ok["record"]["figures"]["bundle"]["seq"], 9);
     daemon.stop().await;
@@ -380,31 +636,81 @@ async fn a_model_emitting_nan_is_rolled_back_by_itself() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let (key, secret) = keys(dir.path());
-    let ops = ops_section(&dir.path().join("state"), &key, "duration_s = 60\nmin_inferences = 10");
-    let config = parse(&config_text(&broker.url(), "gw-n", &format!("{ACTIVITY_PIPELINE}{ops}")));
-    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-n/cmd/#", "edgeinfer/gw-n/ops/+", "edgeinfer/gw-n/results/#"]).await;
+    let ops = ops_section(
+        &dir.path().join("state"),
+        &key,
+        "duration_s = 60\nmin_inferences = 10",
+    );
+    let config = parse(&config_text(
+        &broker.url(),
+        "gw-n",
+        &format!("{ACTIVITY_PIPELINE}{ops}"),
+    ));
+    let mut obs = Observer::connect(
+        broker.port,
+        &[
+            "edgeinfer/gw-n/cmd/#",
+            "edgeinfer/gw-n/ops/+",
+            "edgeinfer/gw-n/results/#",
+        ],
+    )
+    .await;
     let daemon = Daemon::start_online(config, broker.port).await;
     stream_windows(&obs, 30).await;
-    assert_eq!(obs.collect(30, T, |m| m.topic.contains("/results/")).await.len(), 30);
+    assert_eq!(
+        obs.collect(30, T, |m| m.topic.contains("/results/"))
+            .await
+            .len(),
+        30
+    );
 
-    let nan = signed(&repo().join("tests/fixtures/worse/activity_nan.toml"), 1, bundle::now_s() + 3600, &secret);
-    let swapped = request(&mut obs, "gw-n", "model/update", "nan-1", inline("activity", &nan, json!({}))).await;
+    let nan = signed(
+        &repo().join("tests/fixtures/worse/activity_nan.toml"),
+        1,
+        bundle::now_s() + 3600,
+        &secret,
+    );
+    let swapped = request(
+        &mut obs,
+        "gw-n",
+        "model/update",
+        "nan-1",
+        inline("activity", &nan, json!({})),
+    )
+    .await;
     assert_eq!(swapped["state"], "executing", "{swapped}");
     assert_eq!(swapped["record"]["stage"], "probation");
     stream_windows(&obs, 30).await;
-    let verdict = status_where(broker.port, "gw-n", "nan-1", T, |s| s["state"] == "rolled_back").await;
+    let verdict = status_where(broker.port, "gw-n", "nan-1", T, |s| {
+        s["state"] == "rolled_back"
+    })
+    .await;
     println!("rolled back: {verdict}");
     let p = &verdict["figures"]["probation"];
     assert!(p["inferences"].as_u64().unwrap() >= 10, "{p}");
     assert_eq!(p["error_rate"], 1.0, "{p}");
     assert_eq!(p["previous_error_rate"], 0.0, "{p}");
-    assert!(verdict["reason"].as_str().unwrap().contains("error rate"), "{verdict}");
+    assert!(
+        verdict["reason"].as_str().unwrap().contains("error rate"),
+        "{verdict}"
+    );
     // The old model answers again.
     obs.publish(SENSOR, batch(&samples(50))).await;
-    let r = obs.next_where(T, |m| m.topic.contains("/results/") && m.json()["model"] == "activity").await;
+    let r = obs
+        .next_where(T, |m| {
+            m.topic.contains("/results/") && m.json()["model"] == "activity"
+        })
+        .await;
     assert!(r.is_some(), "the previous model serves after the rollback");
-    let active: Value = serde_json::from_slice(&std::fs::read(dir.path().join("state/models/active.json")).unwrap()).unwrap();
-    assert_eq!(active["pipelines"]["activity"]["current"], Value::Null, "{active}");
+    let active: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("state/models/active.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        active["pipelines"]["activity"]["current"],
+        Value::Null,
+        "{active}"
+    );
     daemon.stop().await;
 }
 
@@ -414,22 +720,64 @@ async fn a_slower_model_is_rolled_back_on_its_p99() {
     let dir = tempfile::tempdir().unwrap();
     let (key, secret) = keys(dir.path());
     // The shadow (the old model on 10 % of inputs) must agree: same answers.
-    let ops = ops_section(&dir.path().join("state"), &key, "duration_s = 120\nmin_inferences = 20\nmax_p99_ratio = 3.0");
-    let config = parse(&config_text(&broker.url(), "gw-l", &format!("{ACTIVITY_PIPELINE}{ops}")));
-    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-l/cmd/#", "edgeinfer/gw-l/ops/+", "edgeinfer/gw-l/results/#"]).await;
+    let ops = ops_section(
+        &dir.path().join("state"),
+        &key,
+        "duration_s = 120\nmin_inferences = 20\nmax_p99_ratio = 3.0",
+    );
+    let config = parse(&config_text(
+        &broker.url(),
+        "gw-l",
+        &format!("{ACTIVITY_PIPELINE}{ops}"),
+    ));
+    let mut obs = Observer::connect(
+        broker.port,
+        &[
+            "edgeinfer/gw-l/cmd/#",
+            "edgeinfer/gw-l/ops/+",
+            "edgeinfer/gw-l/results/#",
+        ],
+    )
+    .await;
     let daemon = Daemon::start_online(config, broker.port).await;
     stream_windows(&obs, 60).await;
-    assert_eq!(obs.collect(60, T, |m| m.topic.contains("/results/")).await.len(), 60);
+    assert_eq!(
+        obs.collect(60, T, |m| m.topic.contains("/results/"))
+            .await
+            .len(),
+        60
+    );
 
-    let slow = signed(&repo().join("tests/fixtures/worse/activity_slow.toml"), 1, bundle::now_s() + 3600, &secret);
-    let swapped = request(&mut obs, "gw-l", "model/update", "slow-1", inline("activity", &slow, json!({}))).await;
+    let slow = signed(
+        &repo().join("tests/fixtures/worse/activity_slow.toml"),
+        1,
+        bundle::now_s() + 3600,
+        &secret,
+    );
+    let swapped = request(
+        &mut obs,
+        "gw-l",
+        "model/update",
+        "slow-1",
+        inline("activity", &slow, json!({})),
+    )
+    .await;
     assert_eq!(swapped["state"], "executing", "{swapped}");
     stream_windows(&obs, 150).await;
-    let verdict = status_where(broker.port, "gw-l", "slow-1", T, |s| s["state"] == "rolled_back").await;
+    let verdict = status_where(broker.port, "gw-l", "slow-1", T, |s| {
+        s["state"] == "rolled_back"
+    })
+    .await;
     println!("rolled back: {verdict}");
     let p = &verdict["figures"]["probation"];
-    assert!(p["p99_ms"].as_f64().unwrap() > 3.0 * p["previous_p99_ms"].as_f64().unwrap(), "{p}");
-    assert!(verdict["reason"].as_str().unwrap().contains("p99"), "{verdict}");
+    assert!(
+        p["p99_ms"].as_f64().unwrap() > 3.0 * p["previous_p99_ms"].as_f64().unwrap(),
+        "{p}"
+    );
+    assert!(
+        verdict["reason"].as_str().unwrap().contains("p99"),
+        "{verdict}"
+    );
     assert_eq!(p["error_rate"], 0.0);
     assert!(p["shadow_compared"].as_u64().unwrap() >= 5, "{p}");
     assert_eq!(p["shadow_differed"], 0, "same answers: {p}");
@@ -451,7 +799,9 @@ fn spawn(config: &Path, log: &Path, halt_at: Option<&str>) -> Child {
 
 async fn online(obs: &mut Observer, log: &Path) {
     assert!(
-        obs.next_where(T, |m| m.topic.ends_with("/status") && m.text() == "online").await.is_some(),
+        obs.next_where(T, |m| m.topic.ends_with("/status") && m.text() == "online")
+            .await
+            .is_some(),
         "the daemon came online ({})",
         std::fs::read_to_string(log).unwrap_or_default()
     );
@@ -465,7 +815,10 @@ async fn a_sigkill_at_any_stage_of_an_update_comes_back_on_one_valid_model() {
     let state = dir.path().join("state");
     let model = renamed_activity(dir.path(), "activity_v2");
     let config_path = dir.path().join("edgeinfer.toml");
-    let pipeline = ACTIVITY_PIPELINE.replace("models/activity.toml", &repo().join("models/activity.toml").display().to_string());
+    let pipeline = ACTIVITY_PIPELINE.replace(
+        "models/activity.toml",
+        &repo().join("models/activity.toml").display().to_string(),
+    );
     let log = dir.path().join("daemon.log");
     // (stage to halt at, probation seconds, model serving after the restart, the operation's state then)
     let cases = [
@@ -478,13 +831,29 @@ async fn a_sigkill_at_any_stage_of_an_update_comes_back_on_one_valid_model() {
     ];
     for (i, (stage, probation, serving, outcome)) in cases.into_iter().enumerate() {
         let ops = ops_section(&state, &key, &format!("duration_s = {probation}"));
-        std::fs::write(&config_path, config_text(&broker.url(), "gw-k", &format!("{pipeline}{ops}"))).unwrap();
-        let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-k/status", "edgeinfer/gw-k/cmd/#", "edgeinfer/gw-k/ops/+"]).await;
+        std::fs::write(
+            &config_path,
+            config_text(&broker.url(), "gw-k", &format!("{pipeline}{ops}")),
+        )
+        .unwrap();
+        let mut obs = Observer::connect(
+            broker.port,
+            &[
+                "edgeinfer/gw-k/status",
+                "edgeinfer/gw-k/cmd/#",
+                "edgeinfer/gw-k/ops/+",
+            ],
+        )
+        .await;
         let mut child = spawn(&config_path, &log, (stage != "done").then_some(stage));
         online(&mut obs, &log).await;
         let id = format!("kill-{stage}");
         let b = signed(&model, i as u64 + 1, bundle::now_s() + 3600, &secret);
-        obs.publish("edgeinfer/gw-k/cmd/model/update", json!({"id": id, "args": inline("activity", &b, json!({}))}).to_string()).await;
+        obs.publish(
+            "edgeinfer/gw-k/cmd/model/update",
+            json!({"id": id, "args": inline("activity", &b, json!({}))}).to_string(),
+        )
+        .await;
         let reached = |s: &Value| match stage {
             "done" => s["state"] == "successful",
             _ => s["stage"] == stage,
@@ -498,15 +867,37 @@ async fn a_sigkill_at_any_stage_of_an_update_comes_back_on_one_valid_model() {
 
         let mut child = spawn(&config_path, &log, None);
         online(&mut obs, &log).await;
-        let status = request(&mut obs, "gw-k", "status", &format!("st-{stage}"), json!({})).await;
-        assert_eq!(status["pipelines"]["activity"]["model"], serving, "after a kill at {stage}: {status}");
-        let record = status_where(broker.port, "gw-k", &id, T, |s| s["state"].as_str().is_some_and(|x| x != "executing" && x != "accepted")).await;
-        assert_eq!(record["state"], outcome, "after a kill at {stage}: {record}");
+        let status = request(
+            &mut obs,
+            "gw-k",
+            "status",
+            &format!("st-{stage}"),
+            json!({}),
+        )
+        .await;
+        assert_eq!(
+            status["pipelines"]["activity"]["model"], serving,
+            "after a kill at {stage}: {status}"
+        );
+        let record = status_where(broker.port, "gw-k", &id, T, |s| {
+            s["state"]
+                .as_str()
+                .is_some_and(|x| x != "executing" && x != "accepted")
+        })
+        .await;
+        assert_eq!(
+            record["state"], outcome,
+            "after a kill at {stage}: {record}"
+        );
         // Whatever serves, serves: a window is answered.
         obs.publish(SENSOR, batch(&samples(50))).await;
         let mut results = Observer::connect(broker.port, &["edgeinfer/gw-k/results/#"]).await;
         obs.publish(SENSOR, batch(&samples(50))).await;
-        let r = results.next_where(T, |_| true).await.expect("a result after the restart").json();
+        let r = results
+            .next_where(T, |_| true)
+            .await
+            .expect("a result after the restart")
+            .json();
         assert_eq!(r["model"], serving);
         // No half-written model directory is left behind.
         for e in std::fs::read_dir(state.join("models")).unwrap().flatten() {
@@ -554,13 +945,32 @@ results = "edgeinfer/{{device}}/results/b/{{1}}"
         )
     };
     let path = dir.path().join("edgeinfer.toml");
-    std::fs::write(&path, config_text(&broker.url(), "gw-r", &format!("{}{ops}", pipelines(&activity)))).unwrap();
+    std::fs::write(
+        &path,
+        config_text(
+            &broker.url(),
+            "gw-r",
+            &format!("{}{ops}", pipelines(&activity)),
+        ),
+    )
+    .unwrap();
     let config = edgeinfer::config::Config::load(&path).unwrap();
-    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-r/status", "edgeinfer/gw-r/cmd/#", "edgeinfer/gw-r/results/#"]).await;
+    let mut obs = Observer::connect(
+        broker.port,
+        &[
+            "edgeinfer/gw-r/status",
+            "edgeinfer/gw-r/cmd/#",
+            "edgeinfer/gw-r/results/#",
+        ],
+    )
+    .await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (hup_tx, hup_rx) = flume::bounded(1);
     let handle = tokio::spawn(edgeinfer::run_with(config, shutdown.clone(), Some(hup_rx)));
-    assert!(obs.next_where(T, |m| m.topic.ends_with("/status") && m.text() == "online").await.is_some());
+    assert!(obs
+        .next_where(T, |m| m.topic.ends_with("/status") && m.text() == "online")
+        .await
+        .is_some());
 
     // Half a window on each pipeline.
     let rows = samples(50);
@@ -568,40 +978,194 @@ results = "edgeinfer/{{device}}/results/b/{{1}}"
     obs.publish("sensors/w1/b", batch(&rows[..25])).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let v2 = renamed_activity(dir.path(), "activity_v2").display().to_string();
-    std::fs::write(&path, config_text(&broker.url(), "gw-r", &format!("{}{ops}", pipelines(&v2)))).unwrap();
+    let v2 = renamed_activity(dir.path(), "activity_v2")
+        .display()
+        .to_string();
+    std::fs::write(
+        &path,
+        config_text(&broker.url(), "gw-r", &format!("{}{ops}", pipelines(&v2))),
+    )
+    .unwrap();
     let reloaded = request(&mut obs, "gw-r", "reload", "rl-1", json!({})).await;
     assert_eq!(reloaded["state"], "successful", "{reloaded}");
-    assert_eq!(reloaded["record"]["figures"]["restarted"], json!(["b"]), "{reloaded}");
+    assert_eq!(
+        reloaded["record"]["figures"]["restarted"],
+        json!(["b"]),
+        "{reloaded}"
+    );
     assert_eq!(reloaded["record"]["figures"]["unchanged"], json!(["a"]));
 
     // The second halves complete both windows: each was kept.
     obs.publish("sensors/w1/a", batch(&rows[25..])).await;
     obs.publish("sensors/w1/b", batch(&rows[25..])).await;
-    let got = obs.collect(2, T, |m| m.topic.contains("/results/") || m.topic.ends_with("/status")).await;
-    let mut by_topic: Vec<(String, Value)> = got.iter().map(|m| (m.topic.clone(), m.json())).collect();
+    let got = obs
+        .collect(2, T, |m| {
+            m.topic.contains("/results/") || m.topic.ends_with("/status")
+        })
+        .await;
+    let mut by_topic: Vec<(String, Value)> =
+        got.iter().map(|m| (m.topic.clone(), m.json())).collect();
     by_topic.sort_by(|x, y| x.0.cmp(&y.0));
     assert_eq!(by_topic.len(), 2, "{by_topic:?}");
     assert_eq!(by_topic[0].0, "edgeinfer/gw-r/results/a/w1");
-    assert_eq!((by_topic[0].1["seq"].clone(), by_topic[0].1["model"].clone()), (json!(0), json!("activity")));
+    assert_eq!(
+        (by_topic[0].1["seq"].clone(), by_topic[0].1["model"].clone()),
+        (json!(0), json!("activity"))
+    );
     assert_eq!(by_topic[1].0, "edgeinfer/gw-r/results/b/w1");
-    assert_eq!((by_topic[1].1["seq"].clone(), by_topic[1].1["model"].clone()), (json!(0), json!("activity_v2")));
+    assert_eq!(
+        (by_topic[1].1["seq"].clone(), by_topic[1].1["model"].clone()),
+        (json!(0), json!("activity_v2"))
+    );
 
     // SIGHUP takes the same path; a connection-level change restarts the
     // parts, with a status flap (the one case that needs it).
-    std::fs::write(&path, config_text(&broker.url(), "gw-r", &format!("{}{ops}", pipelines(&activity)))).unwrap();
+    std::fs::write(
+        &path,
+        config_text(
+            &broker.url(),
+            "gw-r",
+            &format!("{}{ops}", pipelines(&activity)),
+        ),
+    )
+    .unwrap();
     hup_tx.send(()).unwrap();
     obs.publish("sensors/w1/b", batch(&rows)).await;
-    let r = obs.next_where(T, |m| m.topic == "edgeinfer/gw-r/results/b/w1").await.unwrap().json();
+    let r = obs
+        .next_where(T, |m| m.topic == "edgeinfer/gw-r/results/b/w1")
+        .await
+        .unwrap()
+        .json();
     assert_eq!(r["model"], "activity", "{r}");
-    let flap = obs.next_where(Duration::from_secs(1), |m| m.topic.ends_with("/status")).await;
-    assert!(flap.is_none(), "status changed on an in-place reload: {:?}", flap.map(|m| m.text()));
+    let flap = obs
+        .next_where(Duration::from_secs(1), |m| m.topic.ends_with("/status"))
+        .await;
+    assert!(
+        flap.is_none(),
+        "status changed on an in-place reload: {:?}",
+        flap.map(|m| m.text())
+    );
 
-    std::fs::write(&path, config_text(&broker.url(), "gw-r", &format!("[health]\ninterval_s = 2\n{}{ops}", pipelines(&activity))).replace("[health]\ninterval_s = 1\n", "")).unwrap();
+    std::fs::write(
+        &path,
+        config_text(
+            &broker.url(),
+            "gw-r",
+            &format!("[health]\ninterval_s = 2\n{}{ops}", pipelines(&activity)),
+        )
+        .replace("[health]\ninterval_s = 1\n", ""),
+    )
+    .unwrap();
     hup_tx.send(()).unwrap();
-    let offline = obs.next_where(T, |m| m.topic.ends_with("/status") && m.text() == "offline").await;
-    assert!(offline.is_some(), "a [health] change restarts the daemon's parts");
-    assert!(obs.next_where(T, |m| m.topic.ends_with("/status") && m.text() == "online").await.is_some());
+    let offline = obs
+        .next_where(T, |m| m.topic.ends_with("/status") && m.text() == "offline")
+        .await;
+    assert!(
+        offline.is_some(),
+        "a [health] change restarts the daemon's parts"
+    );
+    assert!(obs
+        .next_where(T, |m| m.topic.ends_with("/status") && m.text() == "online")
+        .await
+        .is_some());
     shutdown.cancel();
     handle.await.unwrap().unwrap();
+}
+
+/// The ACL the README documents (systemd/mosquitto-edgeinfer.acl), on a
+/// real mosquitto: the fleet manager's request is answered; the same
+/// request from a sensor account never reaches the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_lets_only_the_fleet_manager_send_operations() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let passwd = dir.path().join("passwd");
+    for (i, (user, pass)) in [
+        ("fleet-manager", "fm-secret"),
+        ("sensors", "s-secret"),
+        ("gw-acl", "gw-secret"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut c = Command::new("mosquitto_passwd");
+        if i == 0 {
+            c.arg("-c");
+        }
+        let ok = c
+            .arg("-b")
+            .arg(&passwd)
+            .arg(user)
+            .arg(pass)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mosquitto_passwd");
+    }
+    let acl = dir.path().join("acl");
+    std::fs::copy(repo().join("systemd/mosquitto-edgeinfer.acl"), &acl).unwrap();
+    for f in [&passwd, &acl] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let broker = Mosquitto::start_with(
+        free_port(),
+        format!(
+            "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+            passwd.display(),
+            acl.display()
+        ),
+    );
+    let secret = dir.path().join("gw-password");
+    std::fs::write(&secret, "gw-secret\n").unwrap();
+    let text = config_text(&broker.url(), "gw-acl", ACTIVITY_PIPELINE).replace(
+        "reconnect_initial_ms = 100",
+        &format!(
+            "reconnect_initial_ms = 100\nusername = \"gw-acl\"\npassword_file = {:?}",
+            secret.display().to_string()
+        ),
+    );
+    let mut manager = Observer::connect_user(
+        broker.port,
+        &["edgeinfer/gw-acl/#"],
+        "fleet-manager",
+        "fm-secret",
+    )
+    .await;
+    let sensors =
+        Observer::connect_user(broker.port, &["sensors/nothing"], "sensors", "s-secret").await;
+    let daemon = Daemon::start(parse(&text));
+    assert!(
+        manager
+            .next_where(T, |m| m.topic == "edgeinfer/gw-acl/status"
+                && m.text() == "online")
+            .await
+            .is_some(),
+        "the gateway logs in and comes online"
+    );
+
+    sensors
+        .publish(
+            "edgeinfer/gw-acl/cmd/ping",
+            json!({"id": "from-sensors"}).to_string(),
+        )
+        .await;
+    let answered = manager
+        .next_where(Duration::from_secs(3), |m| m.topic.ends_with("/reply"))
+        .await;
+    assert!(
+        answered.is_none(),
+        "a request from the sensors account was answered: {:?}",
+        answered.map(|m| m.text())
+    );
+    let pong = request(&mut manager, "gw-acl", "ping", "from-manager", json!({})).await;
+    assert_eq!(pong["ok"], true);
+    // The gateway's own results still flow.
+    sensors.publish(SENSOR, batch(&samples(50))).await;
+    assert!(manager
+        .next_where(T, |m| m.topic.starts_with("edgeinfer/gw-acl/results/"))
+        .await
+        .is_some());
+    daemon.stop().await;
 }

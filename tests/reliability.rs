@@ -348,8 +348,8 @@ fn signal(child: &Child, name: &str) {
     assert!(status.success());
 }
 
-/// A reload (SIGHUP) and a clean stop (SIGTERM) in the middle of a QoS 1
-/// stream: every input is answered. Both signals come while a proxy
+/// A reload (SIGHUP) that restarts the daemon's parts and a clean stop
+/// (SIGTERM) in the middle of a QoS 1 stream: every input is answered. Both signals come while a proxy
 /// withholds the broker's PUBACKs, so the stopping daemon waits out its
 /// grace period with input still arriving (as it does, for milliseconds, on
 /// any stop): before the fix, the poll loop acknowledged that input without
@@ -390,6 +390,10 @@ qos = 1
     let mut tally = Tally::new();
     tally.wait_for(&mut obs, N / 5, "before the reload").await;
     hold(true);
+    // A connection-level change: the reload restarts the daemon's parts
+    // (a change to models alone would be applied in place, with no stop).
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("interval_s = 1", "interval_s = 2")).unwrap();
     signal(&child, "HUP");
     let at_reload = tally.distinct();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -403,7 +407,12 @@ qos = 1
                 m.topic.ends_with("/status") || m.topic.contains("/results/")
             })
             .await
-            .expect("the reloaded daemon comes online");
+            .unwrap_or_else(|| {
+                panic!(
+                    "the reloaded daemon comes online: {}",
+                    std::fs::read_to_string(dir.path().join("first.log")).unwrap_or_default()
+                )
+            });
         if m.topic.contains("/results/") {
             tally.add(&m);
         } else {

@@ -83,7 +83,11 @@ pub enum BundleError {
     #[error("bundle: {0}")]
     Format(String),
     #[error("bundle {name} expired at {not_after} (unix s; now {now})")]
-    Expired { name: String, not_after: u64, now: u64 },
+    Expired {
+        name: String,
+        not_after: u64,
+        now: u64,
+    },
 }
 
 /// What `bundle create` is given.
@@ -123,7 +127,9 @@ pub fn create(args: CreateArgs) -> Result<Vec<u8>, String> {
     table.insert("name".into(), name.clone().into());
     table.insert("file".into(), MODEL.into());
     table.insert("sha256".into(), sha256.clone().into());
-    let manifest = toml::to_string(&table).map_err(|e| e.to_string())?.into_bytes();
+    let manifest = toml::to_string(&table)
+        .map_err(|e| e.to_string())?
+        .into_bytes();
     let reference = args
         .reference
         .map(|r| serde_json::to_vec(&r).expect("reference serializes"));
@@ -152,7 +158,10 @@ pub fn create(args: CreateArgs) -> Result<Vec<u8>, String> {
         tar.append_data(&mut header, name, data)
             .map_err(|e| e.to_string())
     };
-    add(META, &serde_json::to_vec_pretty(&meta).expect("metadata serializes"))?;
+    add(
+        META,
+        &serde_json::to_vec_pretty(&meta).expect("metadata serializes"),
+    )?;
     add(MODEL, &model)?;
     add(MANIFEST, &manifest)?;
     if let Some(r) = &reference {
@@ -185,7 +194,10 @@ pub fn sign(bundle: &[u8], secret_key: &str, password: Option<String>) -> Result
     }
     .map_err(|e| format!("secret key: {e}"))?;
     let meta = read_meta_unverified(bundle)?;
-    let comment = format!("edgeinfer bundle {} {} seq {}", meta.name, meta.version, meta.seq);
+    let comment = format!(
+        "edgeinfer bundle {} {} seq {}",
+        meta.name, meta.version, meta.seq
+    );
     let sig = minisign::sign(None, &sk, Cursor::new(bundle), Some(&comment), None)
         .map_err(|e| e.to_string())?;
     Ok(sig.into_string())
@@ -205,7 +217,11 @@ pub fn public_key(text: &str) -> Result<minisign::PublicKey, String> {
 fn key_id(pk: &minisign::PublicKey) -> String {
     // The key id is bytes 2..10 of the decoded key (after the algorithm).
     let bytes = pk.to_bytes();
-    bytes[2..10].iter().rev().map(|b| format!("{b:02X}")).collect()
+    bytes[2..10]
+        .iter()
+        .rev()
+        .map(|b| format!("{b:02X}"))
+        .collect()
 }
 
 /// Checks the signature against the trusted keys first, then the contents
@@ -298,7 +314,10 @@ fn unpack(bundle: &[u8]) -> Result<(Metadata, BTreeMap<String, Vec<u8>>), String
                 let m: Metadata =
                     serde_json::from_slice(&data).map_err(|e| format!("{META}: {e}"))?;
                 if m.format != FORMAT {
-                    return Err(format!("format {} (this edgeinfer reads {FORMAT})", m.format));
+                    return Err(format!(
+                        "format {} (this edgeinfer reads {FORMAT})",
+                        m.format
+                    ));
                 }
                 meta = Some(m);
             }

@@ -125,7 +125,8 @@ pub fn prepare_start(store: &Store, config: &Config) -> HashMap<String, PathBuf>
             let reason = format!(
                 "the daemon restarted while {} was on probation; rolled back to {}",
                 a.current.as_ref().map_or("?".into(), describe),
-                back.as_ref().map_or("the configured model".into(), describe)
+                back.as_ref()
+                    .map_or("the configured model".into(), describe)
             );
             tracing::warn!(pipeline = %pipeline, op = %id, "{reason}");
             a.current = back;
@@ -174,7 +175,13 @@ pub fn prepare_start(store: &Store, config: &Config) -> HashMap<String, PathBuf>
 }
 
 fn describe(i: &Installed) -> String {
-    format!("{} {} (seq {}, {})", i.name, i.version, i.seq, &i.sha256[..12.min(i.sha256.len())])
+    format!(
+        "{} {} (seq {}, {})",
+        i.name,
+        i.version,
+        i.seq,
+        &i.sha256[..12.min(i.sha256.len())]
+    )
 }
 
 fn read_records(store: &Store) -> Vec<Record> {
@@ -302,7 +309,11 @@ impl Ops {
             "request": format!("{}/cmd/{{op}}", self.prefix),
             "operations": list,
         });
-        self.publish(format!("{}/ops", self.prefix), body.to_string().into_bytes(), true);
+        self.publish(
+            format!("{}/ops", self.prefix),
+            body.to_string().into_bytes(),
+            true,
+        );
     }
 
     fn reply(&self, op: &str, id: &Value, ok: bool, mut body: Map<String, Value>) {
@@ -380,7 +391,14 @@ impl Ops {
         let legacy = matches!(op.as_str(), "ping" | "health");
         let request = match parsed {
             Ok(Value::Object(m)) => m,
-            Ok(_) => return self.error(&op, &Value::Null, "malformed request: expected a JSON object {\"id\": \"…\", \"args\": {…}}".into()),
+            Ok(_) => {
+                return self.error(
+                    &op,
+                    &Value::Null,
+                    "malformed request: expected a JSON object {\"id\": \"…\", \"args\": {…}}"
+                        .into(),
+                )
+            }
             Err(e) if !legacy => return self.error(&op, &Value::Null, e),
             Err(_) => Map::new(),
         };
@@ -388,19 +406,36 @@ impl Ops {
         let args = match request.get("args") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(a)) => a.clone(),
-            Some(_) => return self.error(&op, &id, "malformed request: args must be an object".into()),
+            Some(_) => {
+                return self.error(&op, &id, "malformed request: args must be an object".into())
+            }
         };
-        if let Some(extra) = request.keys().find(|k| !matches!(k.as_str(), "id" | "args")) {
+        if let Some(extra) = request
+            .keys()
+            .find(|k| !matches!(k.as_str(), "id" | "args"))
+        {
             return self.error(&op, &id, format!("malformed request: unknown field {extra:?} (a request is {{\"id\", \"args\"}})"));
         }
         if !OPERATIONS.contains(&op.as_str()) {
-            return self.error(&op, &id, format!("unknown operation {op:?}; known: {}", OPERATIONS.join(", ")));
+            return self.error(
+                &op,
+                &id,
+                format!("unknown operation {op:?}; known: {}", OPERATIONS.join(", ")),
+            );
         }
         if !ops.enabled && !legacy {
-            return self.error(&op, &id, "the operations API is disabled on this device (operations.enabled = false)".into());
+            return self.error(
+                &op,
+                &id,
+                "the operations API is disabled on this device (operations.enabled = false)".into(),
+            );
         }
         if ops.enabled && !ops.allow.iter().any(|a| *a == op) {
-            return self.error(&op, &id, format!("operation {op:?} is not allowed on this device (operations.allow)"));
+            return self.error(
+                &op,
+                &id,
+                format!("operation {op:?} is not allowed on this device (operations.allow)"),
+            );
         }
         let changing = CHANGING.contains(&op.as_str());
         let id_text = match &id {
@@ -413,7 +448,10 @@ impl Ops {
                 let mut m = Map::new();
                 m.insert("duplicate".into(), true.into());
                 if let Some(r) = self.stored_record(id_text) {
-                    m.insert("state".into(), serde_json::to_value(r.state).expect("state"));
+                    m.insert(
+                        "state".into(),
+                        serde_json::to_value(r.state).expect("state"),
+                    );
                     m.insert("record".into(), serde_json::to_value(&r).expect("record"));
                 }
                 return self.reply(&op, &id, true, m);
@@ -433,7 +471,10 @@ impl Ops {
                 op: op.clone(),
                 state: State::Accepted,
                 stage: None,
-                pipeline: args.get("pipeline").and_then(|p| p.as_str()).map(String::from),
+                pipeline: args
+                    .get("pipeline")
+                    .and_then(|p| p.as_str())
+                    .map(String::from),
                 reason: None,
                 figures: Map::new(),
                 accepted_ms: crate::flow::unix_ms(),
@@ -460,7 +501,10 @@ impl Ops {
             self.record(&mut record, state, stage.as_deref());
             let mut m = Map::new();
             m.insert("state".into(), serde_json::to_value(state).expect("state"));
-            m.insert("record".into(), serde_json::to_value(&record).expect("record"));
+            m.insert(
+                "record".into(),
+                serde_json::to_value(&record).expect("record"),
+            );
             if let Some(reason) = &record.reason {
                 m.insert("error".into(), reason.clone().into());
             }
@@ -468,7 +512,12 @@ impl Ops {
         });
     }
 
-    fn read_only(&self, op: &str, args: &Map<String, Value>, config: &Config) -> Result<Map<String, Value>, String> {
+    fn read_only(
+        &self,
+        op: &str,
+        args: &Map<String, Value>,
+        config: &Config,
+    ) -> Result<Map<String, Value>, String> {
         let _ = args;
         let mut m = Map::new();
         match op {
@@ -480,14 +529,23 @@ impl Ops {
                     let mut sampler = self.sampler.lock().unwrap_or_else(|p| p.into_inner());
                     self.shared.telemetry.snapshot(&self.device, &mut sampler)
                 };
-                m.insert("health".into(), serde_json::to_value(snapshot).expect("health"));
+                m.insert(
+                    "health".into(),
+                    serde_json::to_value(snapshot).expect("health"),
+                );
             }
             "status" => {
                 m.insert("device".into(), self.device.clone().into());
-                m.insert("pipelines".into(), Value::Object(self.pipeline_status(false)));
+                m.insert(
+                    "pipelines".into(),
+                    Value::Object(self.pipeline_status(false)),
+                );
             }
             "models" => {
-                m.insert("pipelines".into(), Value::Object(self.pipeline_status(true)));
+                m.insert(
+                    "pipelines".into(),
+                    Value::Object(self.pipeline_status(true)),
+                );
             }
             "config" => {
                 m.insert("config".into(), redacted(config));
@@ -498,9 +556,22 @@ impl Ops {
     }
 
     fn pipeline_status(&self, detail: bool) -> Map<String, Value> {
-        let active = self.shared.store.as_ref().map(|s| s.load_active()).unwrap_or_default();
-        let probations = self.probations.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let pipelines = self.shared.pipelines.read().unwrap_or_else(|p| p.into_inner());
+        let active = self
+            .shared
+            .store
+            .as_ref()
+            .map(|s| s.load_active())
+            .unwrap_or_default();
+        let probations = self
+            .probations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let pipelines = self
+            .shared
+            .pipelines
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let failed: Vec<(String, Option<String>)> = self
             .shared
             .telemetry
@@ -526,11 +597,20 @@ impl Ops {
                 "can_roll_back": installed.is_some_and(|a| a.previous.is_some()),
             });
             if let Some((op, _)) = probations.get(&name) {
-                v["probation"] = json!({"op": op, "figures": e.control.probation().map(|p| figures(&p, None))});
+                v["probation"] =
+                    json!({"op": op, "figures": e.control.probation().map(|p| figures(&p, None))});
             }
             if detail {
-                v["inputs"] = json!(model.inputs.iter().map(|t| t.to_string()).collect::<Vec<_>>());
-                v["outputs"] = json!(model.outputs.iter().map(|t| t.to_string()).collect::<Vec<_>>());
+                v["inputs"] = json!(model
+                    .inputs
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>());
+                v["outputs"] = json!(model
+                    .outputs
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>());
                 v["reason"] = json!(model.placement.reason);
                 v["path"] = json!(model.path);
                 v["load_ms"] = json!(model.load_ms);
@@ -544,7 +624,10 @@ impl Ops {
     async fn reload(&self, record: &mut Record) -> Result<State, (State, String)> {
         self.record(record, State::Executing, Some("reload"));
         let Some(tx) = &self.shared.reload else {
-            return Err((State::Failed, "this daemon cannot reload (not started from a config file)".into()));
+            return Err((
+                State::Failed,
+                "this daemon cannot reload (not started from a config file)".into(),
+            ));
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         tx.send_async(ReloadRequest { reply })
@@ -557,15 +640,29 @@ impl Ops {
             }
             Ok(Ok(_)) => Ok(State::Successful),
             Ok(Err(e)) => Err((State::Failed, e)),
-            Err(_) => Err((State::Failed, "the daemon restarted to apply the new configuration".into())),
+            Err(_) => Err((
+                State::Failed,
+                "the daemon restarted to apply the new configuration".into(),
+            )),
         }
     }
 
     fn enable(&self, record: &mut Record, on: bool) -> Result<State, (State, String)> {
-        let name = record.pipeline.clone().ok_or((State::Rejected, "args.pipeline is required".to_string()))?;
-        let entry = self.shared.entry(&name).ok_or_else(|| (State::Rejected, format!("no running pipeline {name:?}")))?;
-        let was_disabled = entry.stats.disabled.swap(!on, std::sync::atomic::Ordering::Relaxed);
-        record.figures.insert("was_enabled".into(), (!was_disabled).into());
+        let name = record
+            .pipeline
+            .clone()
+            .ok_or((State::Rejected, "args.pipeline is required".to_string()))?;
+        let entry = self
+            .shared
+            .entry(&name)
+            .ok_or_else(|| (State::Rejected, format!("no running pipeline {name:?}")))?;
+        let was_disabled = entry
+            .stats
+            .disabled
+            .swap(!on, std::sync::atomic::Ordering::Relaxed);
+        record
+            .figures
+            .insert("was_enabled".into(), (!was_disabled).into());
         record.figures.insert("enabled".into(), on.into());
         tracing::info!(pipeline = %name, enabled = on, "Pipeline {}", if on { "enabled" } else { "disabled" });
         Ok(State::Successful)
@@ -578,28 +675,51 @@ impl Ops {
         (bucket < percent, bucket)
     }
 
-    async fn update(self: Arc<Self>, record: &mut Record, args: &Map<String, Value>, received: Instant) -> Result<State, (State, String)> {
+    async fn update(
+        self: Arc<Self>,
+        record: &mut Record,
+        args: &Map<String, Value>,
+        received: Instant,
+    ) -> Result<State, (State, String)> {
         let reject = |m: String| (State::Rejected, m);
-        let name = record.pipeline.clone().ok_or_else(|| reject("args.pipeline is required".into()))?;
-        let entry = self.shared.entry(&name).ok_or_else(|| reject(format!("no running pipeline {name:?}")))?;
+        let name = record
+            .pipeline
+            .clone()
+            .ok_or_else(|| reject("args.pipeline is required".into()))?;
+        let entry = self
+            .shared
+            .entry(&name)
+            .ok_or_else(|| reject(format!("no running pipeline {name:?}")))?;
         let store = self.shared.store.as_ref().ok_or_else(|| reject("no state directory (operations.state_dir or systemd's StateDirectory=): installed models would not survive a restart".into()))?;
-        if let Some((op, _)) = self.probations.lock().unwrap_or_else(|p| p.into_inner()).get(&name) {
+        if let Some((op, _)) = self
+            .probations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+        {
             return Err(reject(format!("pipeline {name:?} has a model on probation (operation {op}); wait for it or roll it back")));
         }
         let config = self.shared.config();
         if let Some(pct) = args.get("canary_percent") {
-            let pct = pct.as_u64().filter(|p| *p <= 100).ok_or_else(|| reject("args.canary_percent must be 0 to 100".into()))?;
+            let pct = pct
+                .as_u64()
+                .filter(|p| *p <= 100)
+                .ok_or_else(|| reject("args.canary_percent must be 0 to 100".into()))?;
             let (chosen, bucket) = self.canary(pct);
             record.figures.insert("canary_bucket".into(), bucket.into());
             if !chosen {
                 record.figures.insert("applied".into(), false.into());
-                record.reason = Some(format!("not in the canary: this device's bucket {bucket} is not under {pct} %"));
+                record.reason = Some(format!(
+                    "not in the canary: this device's bucket {bucket} is not under {pct} %"
+                ));
                 return Ok(State::Successful);
             }
         }
         let probation_s = match args.get("probation_s") {
             None => config.operations.probation.duration_s,
-            Some(v) => v.as_u64().ok_or_else(|| reject("args.probation_s must be a number of seconds".into()))?,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| reject("args.probation_s must be a number of seconds".into()))?,
         };
 
         // Verify before anything is parsed or written.
@@ -608,7 +728,8 @@ impl Ops {
         let max = config.operations.max_bundle_mb << 20;
         let (bytes, signature) = read_bundle(args, max).map_err(reject)?;
         let keys = trusted_keys(&config).map_err(reject)?;
-        let verified = bundle::verify(&bytes, &signature, &keys, bundle::now_s()).map_err(|e| reject(e.to_string()))?;
+        let verified = bundle::verify(&bytes, &signature, &keys, bundle::now_s())
+            .map_err(|e| reject(e.to_string()))?;
         let meta = verified.meta.clone();
         record.figures.insert("bundle".into(), json!({"name": meta.name, "version": meta.version, "seq": meta.seq, "sha256": meta.sha256, "size": meta.size, "signed_by": verified.key_id}));
         let active = store.load_active();
@@ -624,10 +745,17 @@ impl Ops {
         let installed = {
             let verified = Arc::new(verified);
             let shared = Arc::clone(&self.shared);
-            tokio::task::spawn_blocking(move || shared.store.as_ref().expect("checked").stage(&verified))
-                .await
-                .expect("staging does not panic")
-                .map_err(|e| (State::Failed, format!("cannot write the bundle to the state directory: {e}")))?
+            tokio::task::spawn_blocking(move || {
+                shared.store.as_ref().expect("checked").stage(&verified)
+            })
+            .await
+            .expect("staging does not panic")
+            .map_err(|e| {
+                (
+                    State::Failed,
+                    format!("cannot write the bundle to the state directory: {e}"),
+                )
+            })?
         };
 
         self.record(record, State::Executing, Some("load"));
@@ -636,18 +764,33 @@ impl Ops {
         let loaded_at = Instant::now();
         let spec = {
             let (config, pcfg) = (Arc::clone(&config), entry.config.clone());
-            tokio::task::spawn_blocking(move || load_spec(&config, &pcfg, &path, reference.as_ref()))
-                .await
-                .expect("model loading does not panic: model panics are caught")
-                .map_err(|e| (State::Failed, e))?
+            tokio::task::spawn_blocking(move || {
+                load_spec(&config, &pcfg, &path, reference.as_ref())
+            })
+            .await
+            .expect("model loading does not panic: model panics are caught")
+            .map_err(|e| (State::Failed, e))?
         };
         let (spec, checked) = spec;
-        record.figures.insert("load_and_check_ms".into(), json!(round(loaded_at.elapsed().as_secs_f64() * 1000.0)));
-        record.figures.insert("runs_on".into(), spec.model.runs_on().into());
-        *self.shared.telemetry.model(&spec.model.name).placement.lock().expect("telemetry lock") =
-            Some(spec.model.placement.clone());
+        record.figures.insert(
+            "load_and_check_ms".into(),
+            json!(round(loaded_at.elapsed().as_secs_f64() * 1000.0)),
+        );
+        record
+            .figures
+            .insert("runs_on".into(), spec.model.runs_on().into());
+        *self
+            .shared
+            .telemetry
+            .model(&spec.model.name)
+            .placement
+            .lock()
+            .expect("telemetry lock") = Some(spec.model.placement.clone());
         if let Some(c) = checked {
-            record.figures.insert("reference".into(), serde_json::to_value(c).expect("checked"));
+            record.figures.insert(
+                "reference".into(),
+                serde_json::to_value(c).expect("checked"),
+            );
         }
 
         // The commit point: the record names the new model (and the one to
@@ -663,9 +806,19 @@ impl Ops {
         a.probation = (probation_s > 0).then(|| record.id.clone());
         let highest = active.highest_seq.entry(meta.name.clone()).or_insert(0);
         *highest = (*highest).max(meta.seq);
-        store.save_active(&active).map_err(|e| (State::Failed, format!("cannot write the active model record: {e}")))?;
+        store.save_active(&active).map_err(|e| {
+            (
+                State::Failed,
+                format!("cannot write the active model record: {e}"),
+            )
+        })?;
         let baseline = Baseline::of(&old);
-        let probation = (probation_s > 0).then(|| Arc::new(Probation::new(Arc::clone(&old.spec), config.operations.probation.shadow_percent)));
+        let probation = (probation_s > 0).then(|| {
+            Arc::new(Probation::new(
+                Arc::clone(&old.spec),
+                config.operations.probation.shadow_percent,
+            ))
+        });
         entry.control.swap(
             Serving {
                 stats: self.shared.telemetry.model(&spec.model.name),
@@ -673,9 +826,14 @@ impl Ops {
             },
             probation.clone(),
         );
-        self.replaced.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone(), Arc::clone(&old.spec));
+        self.replaced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), Arc::clone(&old.spec));
         let to_serving = received.elapsed().as_secs_f64() * 1000.0;
-        record.figures.insert("request_to_serving_ms".into(), json!(round(to_serving)));
+        record
+            .figures
+            .insert("request_to_serving_ms".into(), json!(round(to_serving)));
         tracing::info!(pipeline = %name, model = %meta.name, version = %meta.version, seq = meta.seq, request_to_serving_ms = round(to_serving), "Model swapped in");
         store.prune(&active);
         let Some(probation) = probation else {
@@ -694,14 +852,24 @@ impl Ops {
         let watcher = Arc::clone(&self);
         let mut watched = record.clone();
         tokio::spawn(async move {
-            watcher.watch(&mut watched, name, probation, baseline, probation_s, token).await;
+            watcher
+                .watch(&mut watched, name, probation, baseline, probation_s, token)
+                .await;
         });
         Ok(State::Executing)
     }
 
     /// Watches a probation to its verdict: kept, or rolled back with the
     /// figures that breached.
-    async fn watch(&self, record: &mut Record, pipeline: String, p: Arc<Probation>, baseline: Baseline, duration_s: u64, token: CancellationToken) {
+    async fn watch(
+        &self,
+        record: &mut Record,
+        pipeline: String,
+        p: Arc<Probation>,
+        baseline: Baseline,
+        duration_s: u64,
+        token: CancellationToken,
+    ) {
         let limits = self.shared.config().operations.probation.clone();
         let end = Instant::now() + Duration::from_secs(duration_s);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -722,8 +890,13 @@ impl Ops {
         if token.is_cancelled() {
             return;
         }
-        self.probations.lock().unwrap_or_else(|p| p.into_inner()).remove(&pipeline);
-        record.figures.insert("probation".into(), figures(&p, Some(&baseline)));
+        self.probations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pipeline);
+        record
+            .figures
+            .insert("probation".into(), figures(&p, Some(&baseline)));
         match verdict {
             None => {
                 if let Some(store) = &self.shared.store {
@@ -759,18 +932,31 @@ impl Ops {
     }
 
     async fn rollback_request(&self, record: &mut Record) -> Result<State, (State, String)> {
-        let name = record.pipeline.clone().ok_or((State::Rejected, "args.pipeline is required".to_string()))?;
+        let name = record
+            .pipeline
+            .clone()
+            .ok_or((State::Rejected, "args.pipeline is required".to_string()))?;
         if self.shared.entry(&name).is_none() {
             return Err((State::Rejected, format!("no running pipeline {name:?}")));
         }
         self.record(record, State::Executing, Some("rollback"));
-        let watched = self.probations.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
-        let to = self.roll_back(&name).await.map_err(|e| (State::Failed, e))?;
+        let watched = self
+            .probations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+        let to = self
+            .roll_back(&name)
+            .await
+            .map_err(|e| (State::Failed, e))?;
         record.figures.insert("serving".into(), to.clone().into());
         if let Some((op, token)) = watched {
             token.cancel();
             if let Some(mut r) = self.stored_record(&op) {
-                r.reason = Some(format!("rolled back on request (operation {}) to {to}", record.id));
+                r.reason = Some(format!(
+                    "rolled back on request (operation {}) to {to}",
+                    record.id
+                ));
                 self.record(&mut r, State::RolledBack, Some("rolled_back"));
             }
         }
@@ -781,17 +967,33 @@ impl Ops {
     /// swap. Returns what serves now.
     async fn roll_back(&self, pipeline: &str) -> Result<String, String> {
         let store = self.shared.store.as_ref().ok_or("no state directory")?;
-        let entry = self.shared.entry(pipeline).ok_or_else(|| format!("no running pipeline {pipeline:?}"))?;
+        let entry = self
+            .shared
+            .entry(pipeline)
+            .ok_or_else(|| format!("no running pipeline {pipeline:?}"))?;
         let mut active = store.load_active();
         let a = active.pipelines.get(pipeline).cloned().unwrap_or_default();
-        let target = a.previous.clone().ok_or_else(|| format!("pipeline {pipeline:?} has no previous model to roll back to"))?.model;
+        let target = a
+            .previous
+            .clone()
+            .ok_or_else(|| format!("pipeline {pipeline:?} has no previous model to roll back to"))?
+            .model;
         let config = self.shared.config();
         let path = match &target {
             Some(i) => store.manifest_path(&i.sha256),
             None => config.model_path(&entry.config),
         };
-        let cached = self.replaced.lock().unwrap_or_else(|p| p.into_inner()).remove(pipeline);
-        let spec = match cached.filter(|s| target.as_ref().map_or(s.model.path == path || s.model.path == config.model_path(&entry.config), |i| i.sha256 == s.model.sha256)) {
+        let cached = self
+            .replaced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(pipeline);
+        let spec = match cached.filter(|s| {
+            target.as_ref().map_or(
+                s.model.path == path || s.model.path == config.model_path(&entry.config),
+                |i| i.sha256 == s.model.sha256,
+            )
+        }) {
             Some(spec) => spec,
             None => {
                 let (config, pcfg) = (Arc::clone(&config), entry.config.clone());
@@ -808,7 +1010,9 @@ impl Ops {
         e.current = target.clone();
         e.previous = None;
         e.probation = None;
-        store.save_active(&active).map_err(|e| format!("cannot write the active model record: {e}"))?;
+        store
+            .save_active(&active)
+            .map_err(|e| format!("cannot write the active model record: {e}"))?;
         entry.control.end_probation();
         entry.control.swap(
             Serving {
@@ -818,7 +1022,10 @@ impl Ops {
             None,
         );
         store.prune(&active);
-        let to = target.as_ref().map_or(format!("the configured model ({})", path.display()), describe);
+        let to = target.as_ref().map_or(
+            format!("the configured model ({})", path.display()),
+            describe,
+        );
         tracing::info!(pipeline, serving = %to, "Rolled back");
         Ok(to)
     }
@@ -869,7 +1076,12 @@ fn figures(p: &Probation, baseline: Option<&Baseline>) -> Value {
 }
 
 /// A breach of the probation's thresholds, once enough was seen.
-fn breach(p: &Probation, b: &Baseline, limits: &crate::config::ProbationConfig, over: bool) -> Option<String> {
+fn breach(
+    p: &Probation,
+    b: &Baseline,
+    limits: &crate::config::ProbationConfig,
+    over: bool,
+) -> Option<String> {
     let n = p.inferences.get();
     if n < limits.min_inferences.max(1) {
         return None;
@@ -912,23 +1124,36 @@ fn breach(p: &Probation, b: &Baseline, limits: &crate::config::ProbationConfig, 
 /// given).
 fn read_bundle(args: &Map<String, Value>, max: u64) -> Result<(Vec<u8>, String), String> {
     use base64::Engine;
-    let signature = args.get("signature").and_then(|s| s.as_str()).map(String::from);
+    let signature = args
+        .get("signature")
+        .and_then(|s| s.as_str())
+        .map(String::from);
     match (args.get("bundle"), args.get("path")) {
         (Some(Value::String(b64)), None) => {
             if b64.len() as u64 > max / 3 * 4 + 4 {
-                return Err(format!("bundle is over operations.max_bundle_mb ({} MiB)", max >> 20));
+                return Err(format!(
+                    "bundle is over operations.max_bundle_mb ({} MiB)",
+                    max >> 20
+                ));
             }
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
                 .map_err(|e| format!("args.bundle is not base64: {e}"))?;
-            let signature = signature.ok_or("args.signature (the .minisig text) is required with an inline bundle")?;
+            let signature = signature
+                .ok_or("args.signature (the .minisig text) is required with an inline bundle")?;
             Ok((bytes, signature))
         }
         (None, Some(Value::String(path))) => {
             let path = PathBuf::from(path);
-            let size = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?.len();
+            let size = std::fs::metadata(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .len();
             if size > max {
-                return Err(format!("{}: {size} bytes, over operations.max_bundle_mb ({} MiB)", path.display(), max >> 20));
+                return Err(format!(
+                    "{}: {size} bytes, over operations.max_bundle_mb ({} MiB)",
+                    path.display(),
+                    max >> 20
+                ));
             }
             let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let signature = match signature {
@@ -952,7 +1177,8 @@ pub fn trusted_keys(config: &Config) -> Result<Vec<minisign::PublicKey>, String>
     }
     for f in &ops.trusted_key_files {
         let path = config.base_dir.join(f);
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         keys.push(bundle::public_key(&text).map_err(|e| format!("{}: {e}", path.display()))?);
     }
     Ok(keys)
@@ -973,7 +1199,9 @@ pub fn load_spec(
     let spec = PipelineSpec::new(config, pipeline, Arc::clone(&model))
         .map_err(|e| format!("the new model does not fit pipeline {}: {e}", pipeline.name))?;
     let checked = match reference {
-        Some(r) => Some(reference::check(&model, r).map_err(|e| format!("reference check failed: {e}"))?),
+        Some(r) => {
+            Some(reference::check(&model, r).map_err(|e| format!("reference check failed: {e}"))?)
+        }
         None => {
             // Warm: the first inference allocates the plan's buffers.
             reference::outputs(&model, &[vec![0.0; model.input().len()]])
@@ -990,7 +1218,12 @@ pub fn redacted(config: &Config) -> Value {
     let mut v = serde_json::to_value(config).expect("config serializes");
     let hidden = json!("<redacted>");
     if let Some(b) = v.get_mut("broker").and_then(|b| b.as_object_mut()) {
-        for key in ["username", "password_file", "password_credential", "key_file"] {
+        for key in [
+            "username",
+            "password_file",
+            "password_credential",
+            "key_file",
+        ] {
             if b.get(key).is_some_and(|x| !x.is_null()) {
                 b.insert(key.into(), hidden.clone());
             }
@@ -1028,7 +1261,12 @@ mod tests {
             p99_ms: Some(1.0),
         };
         let limits = crate::config::ProbationConfig::default();
-        let model = Arc::new(crate::model::Model::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/motion.toml")).unwrap());
+        let model = Arc::new(
+            crate::model::Model::load(
+                &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/motion.toml"),
+            )
+            .unwrap(),
+        );
         let config = Config::parse(
             "[[pipeline]]\nname = \"m\"\nkind = \"sensor\"\ntopics = [\"s/#\"]\nmodel = \"models/motion.toml\"\n",
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")),

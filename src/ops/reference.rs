@@ -13,13 +13,11 @@ fn preprocessor(model: &Model) -> Result<Preprocessor, String> {
     if model.input().shape.len() == 4 {
         let image = ImageInput::new(model)?;
         let pre = Preprocessor::new(model, image.channels)?;
-        Ok(
-            if image.layout == crate::model::manifest::Layout::Nchw {
-                pre.channel_first()
-            } else {
-                pre
-            },
-        )
+        Ok(if image.layout == crate::model::manifest::Layout::Nchw {
+            pre.channel_first()
+        } else {
+            pre
+        })
     } else {
         Preprocessor::sensor(model)
     }
@@ -53,7 +51,11 @@ pub fn outputs(model: &Arc<Model>, inputs: &[Vec<f32>]) -> Result<Vec<Vec<f32>>,
 }
 
 /// A reference made on this machine, for `bundle create`.
-pub fn make(model: &Arc<Model>, inputs: Vec<Vec<f32>>, tolerance: f32) -> Result<Reference, String> {
+pub fn make(
+    model: &Arc<Model>,
+    inputs: Vec<Vec<f32>>,
+    tolerance: f32,
+) -> Result<Reference, String> {
     let outputs = outputs(model, &inputs)?;
     Ok(Reference {
         tolerance,
@@ -108,13 +110,14 @@ pub fn check(model: &Arc<Model>, reference: &Reference) -> Result<Checked, Strin
 /// `*.reference.json` with `cases[].input`; each input flat or as rows.
 pub fn read_inputs(text: &str) -> Result<Vec<Vec<f32>>, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    let list: Vec<&serde_json::Value> = if let Some(inputs) = v.get("inputs").and_then(|i| i.as_array()) {
-        inputs.iter().collect()
-    } else if let Some(cases) = v.get("cases").and_then(|c| c.as_array()) {
-        cases.iter().filter_map(|c| c.get("input")).collect()
-    } else {
-        return Err("expected {\"inputs\": [...]} or {\"cases\": [{\"input\": ...}]}".into());
-    };
+    let list: Vec<&serde_json::Value> =
+        if let Some(inputs) = v.get("inputs").and_then(|i| i.as_array()) {
+            inputs.iter().collect()
+        } else if let Some(cases) = v.get("cases").and_then(|c| c.as_array()) {
+            cases.iter().filter_map(|c| c.get("input")).collect()
+        } else {
+            return Err("expected {\"inputs\": [...]} or {\"cases\": [{\"input\": ...}]}".into());
+        };
     list.into_iter()
         .enumerate()
         .map(|(i, input)| {

@@ -39,7 +39,10 @@ impl Control {
     }
 
     pub fn serving(&self) -> Serving {
-        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn spec(&self) -> Arc<PipelineSpec> {
@@ -167,7 +170,11 @@ impl Probation {
     }
 
     pub fn p99_ms(&self) -> Option<f64> {
-        let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut l = self
+            .latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if l.is_empty() {
             return None;
         }
@@ -212,7 +219,9 @@ pub fn differ(a: &Output, b: &Output) -> bool {
             }
             let (lo, hi) = x
                 .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), v| {
+                    (l.min(*v), h.max(*v))
+                });
             let tol = ((hi - lo) * 0.05).max(1e-6);
             x.iter().zip(y).any(|(p, q)| (p - q).abs() > tol)
         }

@@ -4,10 +4,10 @@
 //! its samples stay in order, and each worker owns its tract state.
 
 pub mod camera;
+pub mod control;
 pub mod post;
 pub mod pre;
 pub mod result;
-pub mod control;
 mod runner;
 pub mod sensor;
 mod spec;

@@ -2,9 +2,9 @@
 //! latest-frame slots for cameras, and the input queues' memory budget.
 
 use super::camera::worker::{lower_priority, Decoder, Inferrer, Prepared};
+use super::control::{Control, Serving};
 use super::result::Emitter;
 use super::sensor::worker::SensorWorker;
-use super::control::{Control, Serving};
 use super::spec::{Kind, PipelineSpec};
 use crate::flow::{Inlet, Input, Sink};
 use crate::health::{Budget, PipelineStats, Telemetry};

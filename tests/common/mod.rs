@@ -201,7 +201,26 @@ impl Observer {
     /// With a fixed client id and, with `clean` false, a persistent
     /// session: messages published while it is cut off reach it later.
     pub async fn connect_as(port: u16, filters: &[&str], id: &str, clean: bool) -> Observer {
+        Self::connect_with(port, filters, id, clean, None).await
+    }
+
+    /// Logged in as `user` with `password`.
+    pub async fn connect_user(port: u16, filters: &[&str], user: &str, password: &str) -> Observer {
+        let id = format!("{user}-{}", fastrand::u32(..));
+        Self::connect_with(port, filters, &id, true, Some((user, password))).await
+    }
+
+    async fn connect_with(
+        port: u16,
+        filters: &[&str],
+        id: &str,
+        clean: bool,
+        login: Option<(&str, &str)>,
+    ) -> Observer {
         let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        if let Some((user, password)) = login {
+            o.set_credentials(user, password);
+        }
         o.set_clean_session(clean);
         o.set_max_packet_size(1 << 20, 1 << 20);
         o.set_keep_alive(Duration::from_secs(30));

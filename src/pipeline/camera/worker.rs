@@ -99,7 +99,9 @@ impl Decoder {
                     self.pre = pre;
                     self.spec = serving.spec;
                 }
-                Err(e) => tracing::error!(error = %e, "Swapped-in model cannot be fed; keeping the previous one"),
+                Err(e) => {
+                    tracing::error!(error = %e, "Swapped-in model cannot be fed; keeping the previous one")
+                }
             }
         }
         let source = msg.source.clone();
@@ -201,7 +203,9 @@ impl Inferrer {
                 self.spec = serving.spec;
                 self.model_stats = serving.stats;
             }
-            Err(e) => tracing::error!(error = %e, "Swapped-in model cannot serve; keeping the previous one"),
+            Err(e) => {
+                tracing::error!(error = %e, "Swapped-in model cannot serve; keeping the previous one")
+            }
         }
     }
 

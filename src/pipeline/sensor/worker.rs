@@ -88,7 +88,9 @@ impl SensorWorker {
             .and_then(|s| Ok((s, Preprocessor::sensor(model)?)));
         let (session, pre) = match ready {
             Ok(r) => r,
-            Err(e) => return tracing::error!(error = %e, "Swapped-in model cannot serve; keeping the previous one"),
+            Err(e) => {
+                return tracing::error!(error = %e, "Swapped-in model cannot serve; keeping the previous one")
+            }
         };
         if (sensor.size, sensor.stride, sensor.channels)
             != (self.sensor.size, self.sensor.stride, self.sensor.channels)
@@ -239,10 +241,15 @@ impl SensorWorker {
     }
 
     /// The previous model's answer on the current window (`self.raw`).
-    fn shadow_answer(&mut self, p: &Arc<crate::pipeline::control::Probation>) -> Option<post::Output> {
+    fn shadow_answer(
+        &mut self,
+        p: &Arc<crate::pipeline::control::Probation>,
+    ) -> Option<post::Output> {
         let key = Arc::as_ptr(p) as usize;
         if self.shadow_pre.as_ref().map(|(k, _)| *k) != Some(key) {
-            self.shadow_pre = Preprocessor::sensor(&p.previous.model).ok().map(|pre| (key, pre));
+            self.shadow_pre = Preprocessor::sensor(&p.previous.model)
+                .ok()
+                .map(|pre| (key, pre));
         }
         let (_, pre) = self.shadow_pre.as_mut()?;
         let mut normalised = Vec::new();
