@@ -208,8 +208,7 @@ pub fn public_key(text: &str) -> Result<minisign::PublicKey, String> {
     let line = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("untrusted comment:"))
-        .next()
+        .find(|l| !l.is_empty() && !l.starts_with("untrusted comment:"))
         .unwrap_or("");
     minisign::PublicKey::from_base64(line).map_err(|e| e.to_string())
 }
@@ -288,10 +287,10 @@ fn read_meta_unverified(bundle: &[u8]) -> Result<Metadata, String> {
 /// once, a regular file, with the SHA-256 it gives.
 fn unpack(bundle: &[u8]) -> Result<(Metadata, BTreeMap<String, Vec<u8>>), String> {
     let mut archive = tar::Archive::new(Cursor::new(bundle));
-    let mut entries = archive.entries().map_err(|e| e.to_string())?;
+    let entries = archive.entries().map_err(|e| e.to_string())?;
     let mut meta: Option<Metadata> = None;
     let mut files = BTreeMap::new();
-    while let Some(entry) = entries.next() {
+    for entry in entries {
         let mut entry = entry.map_err(|e| format!("unreadable tar: {e}"))?;
         if entry.header().entry_type() != tar::EntryType::Regular {
             return Err("holds something other than regular files".into());
@@ -414,7 +413,7 @@ mod tests {
         let pk = public_key(&public).unwrap();
         let b = bundle(3, now_s() + 3600);
         let sig = sign(&b, &secret, None).unwrap();
-        let v = verify(&b, &sig, &[pk.clone()], now_s()).unwrap();
+        let v = verify(&b, &sig, std::slice::from_ref(&pk), now_s()).unwrap();
         assert_eq!((v.meta.name.as_str(), v.meta.seq), ("motion", 3));
         assert_eq!(sha(&v.model), v.meta.sha256);
         let manifest = String::from_utf8(v.manifest).unwrap();
@@ -424,7 +423,7 @@ mod tests {
         let mut tampered = b.clone();
         let at = tampered.len() / 2;
         tampered[at] ^= 1;
-        let e = verify(&tampered, &sig, &[pk.clone()], now_s()).unwrap_err();
+        let e = verify(&tampered, &sig, std::slice::from_ref(&pk), now_s()).unwrap_err();
         assert!(matches!(e, BundleError::Signature(_)), "{e}");
 
         // Another key's signature.

@@ -430,7 +430,7 @@ impl Ops {
                 "the operations API is disabled on this device (operations.enabled = false)".into(),
             );
         }
-        if ops.enabled && !ops.allow.iter().any(|a| *a == op) {
+        if ops.enabled && !ops.allow.contains(&op) {
             return self.error(
                 &op,
                 &id,

@@ -90,8 +90,8 @@ pub fn check(model: &Arc<Model>, reference: &Reference) -> Result<Checked, Strin
         }
         for (e, g) in case.output.iter().zip(out) {
             let d = (e - g).abs() / e.abs().max(1.0);
-            // NaN compares false: caught here rather than passing.
-            if !(d <= reference.tolerance) {
+            // NaN is never within the tolerance.
+            if d.is_nan() || d > reference.tolerance {
                 return Err(format!(
                     "reference case {i}: output {g} where {e} was expected (tolerance {})",
                     reference.tolerance

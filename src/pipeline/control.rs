@@ -159,7 +159,7 @@ impl Probation {
             None => self.errors.inc(),
         }
         let n = self.ticket.fetch_add(1, Ordering::Relaxed);
-        self.shadow_every > 0 && n % self.shadow_every == 0
+        self.shadow_every > 0 && n.is_multiple_of(self.shadow_every)
     }
 
     pub fn compare(&self, new: &Output, old: Result<&Output, ()>) {
