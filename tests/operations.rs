@@ -1169,3 +1169,224 @@ async fn the_documented_acl_lets_only_the_fleet_manager_send_operations() {
         .is_some());
     daemon.stop().await;
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_edgeinfer");
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    eprintln!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `edgeinfer bundle` and the reference minisign tool verify each other's
+/// signatures; a changed byte fails both.
+#[test]
+fn bundles_signed_by_minisign_and_by_edgeinfer_verify_with_either() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let eib = d.join("activity.eib");
+    let made = run(Command::new(BIN)
+        .args(["bundle", "create"])
+        .arg(repo().join("models/activity.toml"))
+        .args([
+            "--version",
+            "1.1",
+            "--seq",
+            "3",
+            "--not-after",
+            "2099-01-01",
+            "--reference-inputs",
+        ])
+        .arg(repo().join("models/activity.reference.json"))
+        .arg("-o")
+        .arg(&eib));
+    assert!(made.status.success());
+    assert!(String::from_utf8_lossy(&made.stdout).contains("80 reference case(s)"));
+
+    // Signed by minisign (key without a password: -W), verified by edgeinfer.
+    let keygen = run(Command::new("minisign")
+        .args(["-G", "-W", "-p"])
+        .arg(d.join("mini.pub"))
+        .arg("-s")
+        .arg(d.join("mini.key")));
+    assert!(keygen.status.success(), "minisign -G");
+    assert!(run(Command::new("minisign")
+        .args(["-S", "-s"])
+        .arg(d.join("mini.key"))
+        .arg("-m")
+        .arg(&eib))
+    .status
+    .success());
+    let verified = run(Command::new(BIN)
+        .args(["bundle", "verify"])
+        .arg(&eib)
+        .arg("--key")
+        .arg(d.join("mini.pub")));
+    assert!(verified.status.success());
+    let report: Value = serde_json::from_slice(&verified.stdout).unwrap();
+    assert_eq!(
+        (
+            report["metadata"]["seq"].clone(),
+            report["reference_cases"].clone()
+        ),
+        (json!(3), json!(80))
+    );
+
+    // Signed by edgeinfer, verified by minisign.
+    assert!(run(Command::new(BIN)
+        .args(["bundle", "keygen", "--out"])
+        .arg(d.join("ours")))
+    .status
+    .success());
+    assert!(run(Command::new(BIN)
+        .args(["bundle", "sign"])
+        .arg(&eib)
+        .arg("--key")
+        .arg(d.join("ours.key")))
+    .status
+    .success());
+    assert!(run(Command::new("minisign")
+        .args(["-V", "-p"])
+        .arg(d.join("ours.pub"))
+        .arg("-m")
+        .arg(&eib))
+    .status
+    .success());
+    // keygen refuses to overwrite a key.
+    assert!(!run(Command::new(BIN)
+        .args(["bundle", "keygen", "--out"])
+        .arg(d.join("ours")))
+    .status
+    .success());
+
+    // One byte changed: both refuse it.
+    let mut bytes = std::fs::read(&eib).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 1;
+    std::fs::write(&eib, &bytes).unwrap();
+    let refused = run(Command::new(BIN)
+        .args(["bundle", "verify"])
+        .arg(&eib)
+        .arg("--key")
+        .arg(d.join("ours.pub")));
+    assert_eq!(refused.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("signature"));
+    assert!(!run(Command::new("minisign")
+        .args(["-V", "-p"])
+        .arg(d.join("ours.pub"))
+        .arg("-m")
+        .arg(&eib))
+    .status
+    .success());
+}
+
+/// A bundle's reference cases are checked before the swap: the real ones
+/// pass (with the figures in the status), altered ones fail the update and
+/// the old model keeps serving. A canary of 0 % leaves every device out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_cases_gate_the_swap_and_a_canary_leaves_devices_out() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, secret) = keys(dir.path());
+    let ops = ops_section(&dir.path().join("state"), &key, "duration_s = 0");
+    let config = parse(&config_text(
+        &broker.url(),
+        "gw-ref",
+        &format!("{ACTIVITY_PIPELINE}{ops}"),
+    ));
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-ref/cmd/#", "edgeinfer/gw-ref/results/#"],
+    )
+    .await;
+    let daemon = Daemon::start_online(config, broker.port).await;
+    let model = renamed_activity(dir.path(), "activity_v2");
+    let inputs = edgeinfer::ops::reference::read_inputs(
+        &std::fs::read_to_string(repo().join("models/activity.reference.json")).unwrap(),
+    )
+    .unwrap();
+    let loaded = std::sync::Arc::new(edgeinfer::model::Model::load(&model).unwrap());
+    let reference = edgeinfer::ops::reference::make(&loaded, inputs[..20].to_vec(), 0.02).unwrap();
+    let make = |seq: u64, reference: bundle::Reference| {
+        let bytes = bundle::create(bundle::CreateArgs {
+            model: &model,
+            version: "2".into(),
+            seq,
+            not_after: bundle::now_s() + 3600,
+            reference: Some(reference),
+        })
+        .unwrap();
+        let signature = bundle::sign(&bytes, &secret, None).unwrap();
+        Signed { bytes, signature }
+    };
+
+    let mut wrong = reference.clone();
+    wrong.cases[7].output[0] += 1.0;
+    let bad = request(
+        &mut obs,
+        "gw-ref",
+        "model/update",
+        "ref-bad",
+        inline("activity", &make(1, wrong), json!({})),
+    )
+    .await;
+    assert_eq!(bad["state"], "failed", "{bad}");
+    assert!(
+        bad["error"].as_str().unwrap().contains("reference case 7"),
+        "{bad}"
+    );
+    obs.publish(SENSOR, batch(&samples(50))).await;
+    let r = obs
+        .next_where(T, |m| m.topic.contains("/results/"))
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(r["model"], "activity", "the old model still serves");
+
+    let left_out = request(
+        &mut obs,
+        "gw-ref",
+        "model/update",
+        "ref-canary",
+        inline(
+            "activity",
+            &make(2, reference.clone()),
+            json!({"canary_percent": 0}),
+        ),
+    )
+    .await;
+    assert_eq!(left_out["state"], "successful");
+    assert_eq!(
+        left_out["record"]["figures"]["applied"], false,
+        "{left_out}"
+    );
+
+    let good = request(
+        &mut obs,
+        "gw-ref",
+        "model/update",
+        "ref-good",
+        inline(
+            "activity",
+            &make(3, reference),
+            json!({"canary_percent": 100}),
+        ),
+    )
+    .await;
+    assert_eq!(good["state"], "successful", "{good}");
+    let checked = &good["record"]["figures"]["reference"];
+    assert_eq!(checked["cases"], 20, "{good}");
+    assert!(checked["max_difference"].as_f64().unwrap() <= 0.02);
+    obs.publish(SENSOR, batch(&samples(50))).await;
+    let r = obs
+        .next_where(T, |m| m.topic.contains("/results/"))
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(r["model"], "activity_v2");
+    daemon.stop().await;
+}
