@@ -631,61 +631,75 @@ async fn stream_windows(obs: &Observer, n: usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_emitting_nan_is_rolled_back_by_itself() {
+/// Runs the activity pipeline for `before` windows, updates it to the
+/// worse model `fixture` (tests/fixtures/worse) with `probation`, streams
+/// `after` windows and returns the operation's `rolled_back` status and
+/// the state directory (with the daemon still running).
+async fn rolled_back(
+    device: &str,
+    probation: &str,
+    fixture: &str,
+    before: usize,
+    after: usize,
+) -> (Value, tempfile::TempDir, Observer, Daemon, Mosquitto) {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
     let (key, secret) = keys(dir.path());
-    let ops = ops_section(
-        &dir.path().join("state"),
-        &key,
-        "duration_s = 60\nmin_inferences = 10",
-    );
+    let ops = ops_section(&dir.path().join("state"), &key, probation);
     let config = parse(&config_text(
         &broker.url(),
-        "gw-n",
+        device,
         &format!("{ACTIVITY_PIPELINE}{ops}"),
     ));
-    let mut obs = Observer::connect(
-        broker.port,
-        &[
-            "edgeinfer/gw-n/cmd/#",
-            "edgeinfer/gw-n/ops/+",
-            "edgeinfer/gw-n/results/#",
-        ],
-    )
-    .await;
+    let topics = [
+        format!("edgeinfer/{device}/cmd/#"),
+        format!("edgeinfer/{device}/results/#"),
+    ];
+    let mut obs = Observer::connect(broker.port, &[&topics[0], &topics[1]]).await;
     let daemon = Daemon::start_online(config, broker.port).await;
-    stream_windows(&obs, 30).await;
+    stream_windows(&obs, before).await;
     assert_eq!(
-        obs.collect(30, T, |m| m.topic.contains("/results/"))
+        obs.collect(before, T, |m| m.topic.contains("/results/"))
             .await
             .len(),
-        30
+        before
     );
 
-    let nan = signed(
-        &repo().join("tests/fixtures/worse/activity_nan.toml"),
+    let worse = signed(
+        &repo().join(format!("tests/fixtures/worse/{fixture}.toml")),
         1,
         bundle::now_s() + 3600,
         &secret,
     );
     let swapped = request(
         &mut obs,
-        "gw-n",
+        device,
         "model/update",
-        "nan-1",
-        inline("activity", &nan, json!({})),
+        "worse-1",
+        inline("activity", &worse, json!({})),
     )
     .await;
     assert_eq!(swapped["state"], "executing", "{swapped}");
     assert_eq!(swapped["record"]["stage"], "probation");
-    stream_windows(&obs, 30).await;
-    let verdict = status_where(broker.port, "gw-n", "nan-1", T, |s| {
+    stream_windows(&obs, after).await;
+    let verdict = status_where(broker.port, device, "worse-1", T, |s| {
         s["state"] == "rolled_back"
     })
     .await;
     println!("rolled back: {verdict}");
+    (verdict, dir, obs, daemon, broker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_emitting_nan_is_rolled_back_by_itself() {
+    let (verdict, dir, mut obs, daemon, _broker) = rolled_back(
+        "gw-n",
+        "duration_s = 60\nmin_inferences = 10",
+        "activity_nan",
+        30,
+        30,
+    )
+    .await;
     let p = &verdict["figures"]["probation"];
     assert!(p["inferences"].as_u64().unwrap() >= 10, "{p}");
     assert_eq!(p["error_rate"], 1.0, "{p}");
@@ -716,59 +730,15 @@ async fn a_model_emitting_nan_is_rolled_back_by_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slower_model_is_rolled_back_on_its_p99() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (key, secret) = keys(dir.path());
     // The shadow (the old model on 10 % of inputs) must agree: same answers.
-    let ops = ops_section(
-        &dir.path().join("state"),
-        &key,
+    let (verdict, _dir, _obs, daemon, _broker) = rolled_back(
+        "gw-l",
         "duration_s = 120\nmin_inferences = 20\nmax_p99_ratio = 3.0",
-    );
-    let config = parse(&config_text(
-        &broker.url(),
-        "gw-l",
-        &format!("{ACTIVITY_PIPELINE}{ops}"),
-    ));
-    let mut obs = Observer::connect(
-        broker.port,
-        &[
-            "edgeinfer/gw-l/cmd/#",
-            "edgeinfer/gw-l/ops/+",
-            "edgeinfer/gw-l/results/#",
-        ],
+        "activity_slow",
+        60,
+        150,
     )
     .await;
-    let daemon = Daemon::start_online(config, broker.port).await;
-    stream_windows(&obs, 60).await;
-    assert_eq!(
-        obs.collect(60, T, |m| m.topic.contains("/results/"))
-            .await
-            .len(),
-        60
-    );
-
-    let slow = signed(
-        &repo().join("tests/fixtures/worse/activity_slow.toml"),
-        1,
-        bundle::now_s() + 3600,
-        &secret,
-    );
-    let swapped = request(
-        &mut obs,
-        "gw-l",
-        "model/update",
-        "slow-1",
-        inline("activity", &slow, json!({})),
-    )
-    .await;
-    assert_eq!(swapped["state"], "executing", "{swapped}");
-    stream_windows(&obs, 150).await;
-    let verdict = status_where(broker.port, "gw-l", "slow-1", T, |s| {
-        s["state"] == "rolled_back"
-    })
-    .await;
-    println!("rolled back: {verdict}");
     let p = &verdict["figures"]["probation"];
     assert!(
         p["p99_ms"].as_f64().unwrap() > 3.0 * p["previous_p99_ms"].as_f64().unwrap(),
