@@ -22,16 +22,16 @@ fn keys(dir: &Path) -> (PathBuf, String) {
     (path, secret)
 }
 
-/// A manifest for the bundled activity model under another name (the
-/// "new version" of an update: same weights, so the same answers).
-fn renamed_activity(dir: &Path, name: &str) -> PathBuf {
-    let text = std::fs::read_to_string(repo().join("models/activity.toml")).unwrap();
+/// A manifest for a bundled model under another name (the "new version"
+/// of an update: same weights, so the same answers).
+fn renamed(stem: &str, dir: &Path, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join(format!("models/{stem}.toml"))).unwrap();
     let text: String = text
         .lines()
         .filter(|l| !l.starts_with("name =") && !l.starts_with("file ="))
         .map(|l| format!("{l}\n"))
         .collect();
-    let onnx = repo().join("models/activity.onnx");
+    let onnx = repo().join(format!("models/{stem}.onnx"));
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(
         &path,
@@ -42,6 +42,10 @@ fn renamed_activity(dir: &Path, name: &str) -> PathBuf {
     )
     .unwrap();
     path
+}
+
+fn renamed_activity(dir: &Path, name: &str) -> PathBuf {
+    renamed("activity", dir, name)
 }
 
 struct Signed {
@@ -1358,5 +1362,89 @@ async fn reference_cases_gate_the_swap_and_a_canary_leaves_devices_out() {
         .unwrap()
         .json();
     assert_eq!(r["model"], "activity_v2");
+    daemon.stop().await;
+}
+
+/// A camera pipeline takes a new detector between frames; on probation its
+/// shadow runs the old detector on the same frames and finds the same
+/// objects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_pipeline_swaps_its_detector_and_the_shadow_agrees() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, secret) = keys(dir.path());
+    let ops = ops_section(
+        &dir.path().join("state"),
+        &key,
+        "duration_s = 3\nmin_inferences = 5\nshadow_percent = 100",
+    );
+    let camera = format!(
+        "[[pipeline]]\nname = \"cam\"\nkind = \"camera\"\ntopics = [\"cameras/+/cam\"]\nmodel = {:?}\nresults = \"edgeinfer/{{device}}/results/cam/{{1}}\"\n",
+        repo().join("models/objects.toml").display().to_string()
+    );
+    let config = parse(&config_text(
+        &broker.url(),
+        "gw-cam",
+        &format!("{camera}{ops}"),
+    ));
+    let mut obs = Observer::connect(
+        broker.port,
+        &["edgeinfer/gw-cam/cmd/#", "edgeinfer/gw-cam/results/#"],
+    )
+    .await;
+    let daemon = Daemon::start_online(config, broker.port).await;
+    let frames: Vec<Vec<u8>> = (0..6)
+        .map(|i| {
+            std::fs::read(repo().join(format!("models/samples/camera/scene_{i}.jpg"))).unwrap()
+        })
+        .collect();
+    let send = |obs: &Observer, frames: Vec<Vec<u8>>| {
+        let client = obs.client.clone();
+        async move {
+            for f in frames {
+                client
+                    .publish("cameras/door/cam", rumqttc::QoS::AtLeastOnce, false, f)
+                    .await
+                    .unwrap();
+                // One frame at a time: the camera slot keeps only the latest.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        }
+    };
+    send(&obs, frames.clone()).await;
+    let before = obs.collect(6, T, |m| m.topic.contains("/results/")).await;
+    assert_eq!(before.len(), 6);
+    assert!(before.iter().all(|m| m.json()["model"] == "objects"));
+
+    let update = signed(
+        &renamed("objects", dir.path(), "objects_v2"),
+        1,
+        bundle::now_s() + 3600,
+        &secret,
+    );
+    let swapped = request(
+        &mut obs,
+        "gw-cam",
+        "model/update",
+        "cam-1",
+        inline("cam", &update, json!({})),
+    )
+    .await;
+    assert_eq!(swapped["state"], "executing", "{swapped}");
+    send(&obs, frames.clone()).await;
+    let after = obs.collect(6, T, |m| m.topic.contains("/results/")).await;
+    assert_eq!(after.len(), 6);
+    for (a, b) in before.iter().zip(&after) {
+        let (a, b) = (a.json(), b.json());
+        assert_eq!(b["model"], "objects_v2");
+        assert_eq!(a["output"], b["output"], "same weights, same detections");
+    }
+    let kept = status_where(broker.port, "gw-cam", "cam-1", T, |s| {
+        s["state"] == "successful"
+    })
+    .await;
+    let p = &kept["figures"]["probation"];
+    assert!(p["shadow_compared"].as_u64().unwrap() >= 5, "{kept}");
+    assert_eq!(p["shadow_differed"], 0, "{kept}");
     daemon.stop().await;
 }
