@@ -1448,3 +1448,54 @@ async fn a_camera_pipeline_swaps_its_detector_and_the_shadow_agrees() {
     assert_eq!(p["shadow_differed"], 0, "{kept}");
     daemon.stop().await;
 }
+
+/// What systemd hears on a reload: `RELOADING=1` with `MONOTONIC_USEC=` in
+/// the same datagram (systemd 253+ fails a `Type=notify-reload` reload
+/// without it), then `READY=1` once it is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_notifies_systemd_with_the_monotonic_time_then_ready() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(T)).unwrap();
+    let config = dir.path().join("edgeinfer.toml");
+    let pipeline = ACTIVITY_PIPELINE.replace("models/activity.toml", &repo().join("models/activity.toml").display().to_string());
+    std::fs::write(&config, config_text(&broker.url(), "gw-sd", &pipeline)).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 4096];
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let until = |what: &str| {
+        for _ in 0..20 {
+            let m = next();
+            if m.contains(what) {
+                return m;
+            }
+        }
+        panic!("no {what}");
+    };
+    until("READY=1");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let reloading = until("RELOADING=1");
+    let usec: u64 = reloading
+        .lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"))
+        .parse()
+        .unwrap();
+    assert!(usec > 0);
+    assert!(next().contains("READY=1"), "READY=1 after the reload");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
