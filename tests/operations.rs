@@ -1460,7 +1460,10 @@ async fn a_reload_notifies_systemd_with_the_monotonic_time_then_ready() {
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(T)).unwrap();
     let config = dir.path().join("edgeinfer.toml");
-    let pipeline = ACTIVITY_PIPELINE.replace("models/activity.toml", &repo().join("models/activity.toml").display().to_string());
+    let pipeline = ACTIVITY_PIPELINE.replace(
+        "models/activity.toml",
+        &repo().join("models/activity.toml").display().to_string(),
+    );
     std::fs::write(&config, config_text(&broker.url(), "gw-sd", &pipeline)).unwrap();
     let mut child = Command::new(BIN)
         .args(["run", "-c"])
@@ -1486,7 +1489,11 @@ async fn a_reload_notifies_systemd_with_the_monotonic_time_then_ready() {
     };
     until("READY=1");
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
     let reloading = until("RELOADING=1");
     let usec: u64 = reloading
         .lines()
