@@ -193,12 +193,12 @@ async fn run_once(
         .enabled
         .then(|| Arc::new(mqtt::LatestResults::default()));
     let store = open_store(&config);
-    let overrides = store
+    let plan = store
         .as_ref()
         .map(|s| crate::ops::prepare_start(s, &config))
         .unwrap_or_default();
     let Started(pipelines, threads, kinds, entries) =
-        start_pipelines(&config, &outbox, &telemetry, latest.clone(), overrides).await;
+        start_pipelines(&config, &outbox, &telemetry, latest.clone(), plan).await;
     let queue_share = apply_memory_budget(&config, &telemetry, &outbox_rx);
     // Input over broker.max_packet_bytes (and the pipelines' own limits) is
     // still read, up to what the input queues may hold, so that it can be
@@ -789,7 +789,7 @@ async fn start_pipelines(
     outbox: &Outbox,
     telemetry: &Arc<Telemetry>,
     latest: Option<Arc<mqtt::LatestResults>>,
-    overrides: std::collections::HashMap<String, std::path::PathBuf>,
+    plan: crate::ops::StartPlan,
 ) -> Started {
     let (config, outbox, telemetry) = (config.clone(), outbox.clone(), Arc::clone(telemetry));
     tokio::task::spawn_blocking(move || {
@@ -797,11 +797,15 @@ async fn start_pipelines(
         let mut started = Started::default();
         for p in &config.pipelines {
             let stats = telemetry.pipeline(&p.name);
+            stats.disabled.store(
+                plan.disabled.contains(&p.name),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             // What Home Assistant shows as the pipeline's result; a pipeline
             // whose model fails keeps its entities (running: off).
             let mut kind = String::from("classification");
             let options = engine_options(&config, p);
-            let loaded = match overrides.get(&p.name) {
+            let loaded = match plan.overrides.get(&p.name) {
                 Some(installed) => registry.get_or_load(installed, &options).or_else(|e| {
                     tracing::error!(pipeline = %p.name, error = %e, "Installed model does not load; serving the configured one");
                     registry.get_or_load(&config.model_path(p), &options)

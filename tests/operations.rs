@@ -182,7 +182,7 @@ async fn operations_reply_with_their_id_and_refuse_what_they_must() {
         ],
     )
     .await;
-    let daemon = Daemon::start_online(config, broker.port).await;
+    let daemon = Daemon::start_online(config.clone(), broker.port).await;
 
     let list = obs
         .next_where(T, |m| m.topic == "edgeinfer/gw-o/ops")
@@ -216,9 +216,9 @@ async fn operations_reply_with_their_id_and_refuse_what_they_must() {
         .as_str()
         .unwrap()
         .contains("imu"));
-    let config = request(&mut obs, "gw-o", "config", "c-1", json!({})).await;
-    assert_eq!(config["config"]["device"]["id"], "gw-o");
-    assert_eq!(config["config"]["pipeline"][0]["name"], "activity");
+    let shown = request(&mut obs, "gw-o", "config", "c-1", json!({})).await;
+    assert_eq!(shown["config"]["device"]["id"], "gw-o");
+    assert_eq!(shown["config"]["pipeline"][0]["name"], "activity");
 
     // Malformed, unknown, not allowed, no id.
     obs.publish("edgeinfer/gw-o/cmd/status", "{not json").await;
@@ -324,6 +324,14 @@ async fn operations_reply_with_their_id_and_refuse_what_they_must() {
         (p["state"].clone(), p["ignored"].clone()),
         (json!("disabled"), json!(1)),
         "{p}"
+    );
+    // A restart keeps it disabled.
+    daemon.stop().await;
+    let daemon = Daemon::start_online(config, broker.port).await;
+    let status = request(&mut obs, "gw-o", "status", "s-2", json!({})).await;
+    assert_eq!(
+        status["pipelines"]["activity"]["state"], "disabled",
+        "{status}"
     );
     let unknown_pipeline = request(
         &mut obs,

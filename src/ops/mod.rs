@@ -112,10 +112,19 @@ async fn halt_point(stage: &str) {
     }
 }
 
+/// What the start finds in the store for the pipelines.
+#[derive(Debug, Default)]
+pub struct StartPlan {
+    /// Pipelines serving an installed model: its manifest.
+    pub overrides: HashMap<String, PathBuf>,
+    /// Pipelines left disabled by `pipeline/disable`.
+    pub disabled: HashSet<String>,
+}
+
 /// What the daemon does at start with the store: finishes what a crash
 /// left (a probation rolled back, unfinished operations failed) and says
-/// which pipelines serve an installed model.
-pub fn prepare_start(store: &Store, config: &Config) -> HashMap<String, PathBuf> {
+/// which pipelines serve an installed model and which stay disabled.
+pub fn prepare_start(store: &Store, config: &Config) -> StartPlan {
     let mut active = store.load_active();
     let mut changed = false;
     let mut records = read_records(store);
@@ -149,10 +158,15 @@ pub fn prepare_start(store: &Store, config: &Config) -> HashMap<String, PathBuf>
         save_record(store, r);
     }
     let mut overrides = HashMap::new();
+    let mut disabled = HashSet::new();
     for p in &config.pipelines {
         let Some(a) = active.pipelines.get_mut(&p.name) else {
             continue;
         };
+        if a.disabled {
+            tracing::warn!(pipeline = %p.name, "Pipeline stays disabled (pipeline/disable); pipeline/enable turns it on");
+            disabled.insert(p.name.clone());
+        }
         if let Some(inst) = &a.current {
             let path = store.manifest_path(&inst.sha256);
             if path.is_file() {
@@ -171,7 +185,10 @@ pub fn prepare_start(store: &Store, config: &Config) -> HashMap<String, PathBuf>
         }
     }
     store.prune(&active);
-    overrides
+    StartPlan {
+        overrides,
+        disabled,
+    }
 }
 
 fn describe(i: &Installed) -> String {
@@ -656,6 +673,17 @@ impl Ops {
             .shared
             .entry(&name)
             .ok_or_else(|| (State::Rejected, format!("no running pipeline {name:?}")))?;
+        if let Some(store) = &self.shared.store {
+            // Recorded first: a restart keeps what was asked.
+            let mut active = store.load_active();
+            active.pipelines.entry(name.clone()).or_default().disabled = !on;
+            store.save_active(&active).map_err(|e| {
+                (
+                    State::Failed,
+                    format!("cannot write the active model record: {e}"),
+                )
+            })?;
+        }
         let was_disabled = entry
             .stats
             .disabled

@@ -39,6 +39,9 @@ pub struct Active {
     /// Set while `current` is on probation: the operation watching it.
     #[serde(default)]
     pub probation: Option<String>,
+    /// `pipeline/disable`d: stays so across restarts until enabled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
 }
 
 /// The model a rollback returns to: an installed one, or (None) the config's.
