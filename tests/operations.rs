@@ -94,6 +94,38 @@ trusted_key_files = [{key:?}]
     )
 }
 
+/// A gateway for the operations tests: mosquitto, a signing key trusted by
+/// the daemon, the activity pipeline with every operation allowed and
+/// `probation`, an observer on `topics`, the daemon online.
+struct Rig {
+    broker: Mosquitto,
+    dir: tempfile::TempDir,
+    secret: String,
+    obs: Observer,
+    daemon: Daemon,
+}
+
+async fn rig(device: &str, probation: &str, topics: &[&str]) -> Rig {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, secret) = keys(dir.path());
+    let ops = ops_section(&dir.path().join("state"), &key, probation);
+    let config = parse(&config_text(
+        &broker.url(),
+        device,
+        &format!("{ACTIVITY_PIPELINE}{ops}"),
+    ));
+    let obs = Observer::connect(broker.port, topics).await;
+    let daemon = Daemon::start_online(config, broker.port).await;
+    Rig {
+        broker,
+        dir,
+        secret,
+        obs,
+        daemon,
+    }
+}
+
 /// Publishes a request and waits for its reply.
 async fn request(obs: &mut Observer, device: &str, op: &str, id: &str, args: Value) -> Value {
     obs.publish(
@@ -398,18 +430,14 @@ fn results(seen: &[Seen]) -> Vec<(u64, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_update_swaps_under_a_qos1_stream_with_every_input_answered_once() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (key, secret) = keys(dir.path());
-    let ops = ops_section(&dir.path().join("state"), &key, "duration_s = 0");
-    let config = parse(&config_text(
-        &broker.url(),
-        "gw-s",
-        &format!("{ACTIVITY_PIPELINE}{ops}"),
-    ));
-    let mut obs = Observer::connect(broker.port, &["edgeinfer/gw-s/cmd/#"]).await;
+    let Rig {
+        broker,
+        dir,
+        secret,
+        mut obs,
+        daemon,
+    } = rig("gw-s", "duration_s = 0", &["edgeinfer/gw-s/cmd/#"]).await;
     let mut res = Observer::connect(broker.port, &["edgeinfer/gw-s/results/#"]).await;
-    let daemon = Daemon::start_online(config, broker.port).await;
     let update = signed(
         &renamed_activity(dir.path(), "activity_v2"),
         1,
@@ -523,21 +551,18 @@ async fn a_model_update_swaps_under_a_qos1_stream_with_every_input_answered_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_signatures_replayed_and_expired_bundles_are_refused() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (key, secret) = keys(dir.path());
-    let ops = ops_section(&dir.path().join("state"), &key, "duration_s = 0");
-    let config = parse(&config_text(
-        &broker.url(),
+    let Rig {
+        broker,
+        dir,
+        secret,
+        mut obs,
+        daemon,
+    } = rig(
         "gw-b",
-        &format!("{ACTIVITY_PIPELINE}{ops}"),
-    ));
-    let mut obs = Observer::connect(
-        broker.port,
+        "duration_s = 0",
         &["edgeinfer/gw-b/cmd/#", "edgeinfer/gw-b/ops/+"],
     )
     .await;
-    let daemon = Daemon::start_online(config, broker.port).await;
     let model = renamed_activity(dir.path(), "activity_v2");
     let later = bundle::now_s() + 3600;
 
@@ -653,23 +678,14 @@ async fn rolled_back(
     fixture: &str,
     before: usize,
     after: usize,
-) -> (Value, tempfile::TempDir, Observer, Daemon, Mosquitto) {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (key, secret) = keys(dir.path());
-    let ops = ops_section(&dir.path().join("state"), &key, probation);
-    let config = parse(&config_text(
-        &broker.url(),
-        device,
-        &format!("{ACTIVITY_PIPELINE}{ops}"),
-    ));
+) -> (Value, Rig) {
     let topics = [
         format!("edgeinfer/{device}/cmd/#"),
         format!("edgeinfer/{device}/results/#"),
     ];
-    let mut obs = Observer::connect(broker.port, &[&topics[0], &topics[1]]).await;
-    let daemon = Daemon::start_online(config, broker.port).await;
-    stream_windows(&obs, before).await;
+    let mut r = rig(device, probation, &[&topics[0], &topics[1]]).await;
+    let obs = &mut r.obs;
+    stream_windows(obs, before).await;
     assert_eq!(
         obs.collect(before, T, |m| m.topic.contains("/results/"))
             .await
@@ -681,10 +697,10 @@ async fn rolled_back(
         &repo().join(format!("tests/fixtures/worse/{fixture}.toml")),
         1,
         bundle::now_s() + 3600,
-        &secret,
+        &r.secret,
     );
     let swapped = request(
-        &mut obs,
+        obs,
         device,
         "model/update",
         "worse-1",
@@ -693,18 +709,27 @@ async fn rolled_back(
     .await;
     assert_eq!(swapped["state"], "executing", "{swapped}");
     assert_eq!(swapped["record"]["stage"], "probation");
-    stream_windows(&obs, after).await;
-    let verdict = status_where(broker.port, device, "worse-1", T, |s| {
+    stream_windows(obs, after).await;
+    let verdict = status_where(r.broker.port, device, "worse-1", T, |s| {
         s["state"] == "rolled_back"
     })
     .await;
     println!("rolled back: {verdict}");
-    (verdict, dir, obs, daemon, broker)
+    (verdict, r)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_emitting_nan_is_rolled_back_by_itself() {
-    let (verdict, dir, mut obs, daemon, _broker) = rolled_back(
+    let (
+        verdict,
+        Rig {
+            dir,
+            mut obs,
+            daemon,
+            broker: _broker,
+            ..
+        },
+    ) = rolled_back(
         "gw-n",
         "duration_s = 60\nmin_inferences = 10",
         "activity_nan",
@@ -743,7 +768,7 @@ async fn a_model_emitting_nan_is_rolled_back_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slower_model_is_rolled_back_on_its_p99() {
     // The shadow (the old model on 10 % of inputs) must agree: same answers.
-    let (verdict, _dir, _obs, daemon, _broker) = rolled_back(
+    let (verdict, rig) = rolled_back(
         "gw-l",
         "duration_s = 120\nmin_inferences = 20\nmax_p99_ratio = 3.0",
         "activity_slow",
@@ -763,7 +788,7 @@ async fn a_slower_model_is_rolled_back_on_its_p99() {
     assert_eq!(p["error_rate"], 0.0);
     assert!(p["shadow_compared"].as_u64().unwrap() >= 5, "{p}");
     assert_eq!(p["shadow_differed"], 0, "same answers: {p}");
-    daemon.stop().await;
+    rig.daemon.stop().await;
 }
 
 fn spawn(config: &Path, log: &Path, halt_at: Option<&str>) -> Child {
@@ -1271,21 +1296,18 @@ fn bundles_signed_by_minisign_and_by_edgeinfer_verify_with_either() {
 /// the old model keeps serving. A canary of 0 % leaves every device out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_cases_gate_the_swap_and_a_canary_leaves_devices_out() {
-    let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let (key, secret) = keys(dir.path());
-    let ops = ops_section(&dir.path().join("state"), &key, "duration_s = 0");
-    let config = parse(&config_text(
-        &broker.url(),
+    let Rig {
+        broker: _broker,
+        dir,
+        secret,
+        mut obs,
+        daemon,
+    } = rig(
         "gw-ref",
-        &format!("{ACTIVITY_PIPELINE}{ops}"),
-    ));
-    let mut obs = Observer::connect(
-        broker.port,
+        "duration_s = 0",
         &["edgeinfer/gw-ref/cmd/#", "edgeinfer/gw-ref/results/#"],
     )
     .await;
-    let daemon = Daemon::start_online(config, broker.port).await;
     let model = renamed_activity(dir.path(), "activity_v2");
     let inputs = edgeinfer::ops::reference::read_inputs(
         &std::fs::read_to_string(repo().join("models/activity.reference.json")).unwrap(),
