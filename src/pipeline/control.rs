@@ -13,13 +13,16 @@ use super::post::Output;
 use super::spec::PipelineSpec;
 use crate::health::{percentile, Counter, ModelStats};
 use crate::model::{Model, Session};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub struct Control {
     generation: AtomicU64,
     current: Mutex<Serving>,
     probation: Mutex<Option<Arc<Probation>>>,
+    /// Whether `probation` is set: every inference asks, and without a
+    /// probation (nearly always) it must not take a lock to learn there is none.
+    on_probation: AtomicBool,
 }
 
 /// The spec in service and its model's latency record.
@@ -35,6 +38,7 @@ impl Control {
             generation: AtomicU64::new(0),
             current: Mutex::new(serving),
             probation: Mutex::new(None),
+            on_probation: AtomicBool::new(false),
         }
     }
 
@@ -54,12 +58,15 @@ impl Control {
     pub fn swap(&self, serving: Serving, probation: Option<Arc<Probation>>) {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         *current = serving;
+        self.on_probation
+            .store(probation.is_some(), Ordering::Release);
         *self.probation.lock().unwrap_or_else(|p| p.into_inner()) = probation;
         self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Ends the probation (the new model is kept, or was rolled back).
     pub fn end_probation(&self) -> Option<Arc<Probation>> {
+        self.on_probation.store(false, Ordering::Release);
         self.probation
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -67,6 +74,9 @@ impl Control {
     }
 
     pub fn probation(&self) -> Option<Arc<Probation>> {
+        if !self.on_probation.load(Ordering::Acquire) {
+            return None;
+        }
         self.probation
             .lock()
             .unwrap_or_else(|p| p.into_inner())
