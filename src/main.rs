@@ -570,7 +570,10 @@ fn models(
                 Some(e) => println!("  error    {e}"),
                 None => {
                     println!("  sha256   {}", r.sha256.as_deref().unwrap_or(""));
-                    println!("  backend  {}", r.backend);
+                    match r.engine.as_ref().and_then(|e| e.variant.as_deref()) {
+                        Some(v) => println!("  backend  {} ({v})", r.backend),
+                        None => println!("  backend  {}", r.backend),
+                    }
                     if let Some(e) = &r.engine {
                         println!("  chosen   {} ({})", e.reason, e.requested);
                         for p in &e.passed_over {
@@ -579,7 +582,7 @@ fn models(
                         for m in &e.measured {
                             println!(
                                 "  measured {} p50 {:.3} ms over {} runs{}",
-                                m.runs_on,
+                                m.label(),
                                 m.p50_ms,
                                 m.runs,
                                 m.max_abs_diff

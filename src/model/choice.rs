@@ -5,6 +5,7 @@
 use super::backend::{self, tract::TractEngine, BackendChoice, Engine, EngineOptions, Fact};
 use super::graph::{GraphFacts, QuantParams};
 use super::manifest::{Manifest, OutputKind};
+use super::qdq;
 use super::ModelErrorKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -25,6 +26,10 @@ pub struct EngineReport {
     pub requested: String,
     /// `tract-cpu`, `onnxruntime-cpu`, `onnxruntime-openvino`, …
     pub runs_on: String,
+    /// The form of the graph it runs, where the engine has several (tract's
+    /// `qdq-folded`); absent for the graph as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     pub reason: String,
     /// Engines and providers tried before, each with why it was passed over.
     pub passed_over: Vec<String>,
@@ -37,6 +42,8 @@ pub struct EngineReport {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Measurement {
     pub runs_on: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     pub p50_ms: f64,
     pub runs: usize,
     /// Largest |difference| from ONNX Runtime's outputs (dequantized), when
@@ -44,6 +51,16 @@ pub struct Measurement {
     pub max_abs_diff: Option<f32>,
     pub agrees: Option<bool>,
     pub detail: Option<String>,
+}
+
+impl Measurement {
+    /// `runs_on`, with the variant where there is one.
+    pub fn label(&self) -> String {
+        match &self.variant {
+            Some(v) => format!("{} ({v})", self.runs_on),
+            None => self.runs_on.clone(),
+        }
+    }
 }
 
 pub struct Placement {
@@ -67,6 +84,7 @@ pub fn place(
     let report = |runs_on: &str, reason: String, passed_over: Vec<String>| EngineReport {
         requested: options.backend.as_str().into(),
         runs_on: runs_on.into(),
+        variant: None,
         reason,
         passed_over,
         measured: vec![],
@@ -151,17 +169,24 @@ fn auto(
     options: &EngineOptions,
 ) -> Result<Placement, ModelErrorKind> {
     let status = backend::runtime_status(options.library.as_deref());
-    let key = status
-        .version
-        .as_ref()
-        .map(|v| cache_key(m.sha256, v, options));
+    // Without ONNX Runtime there is still a decision to keep when tract has
+    // several variants of the model.
+    let key = cache_key(
+        m.sha256,
+        status.version.as_deref().unwrap_or("none"),
+        options,
+    );
     let cache = cache_file(options);
-    if let (Some(key), Some(file)) = (&key, &cache) {
-        if let Some(mut cached) = read_cache(file).remove(key) {
+    if let Some(file) = &cache {
+        if let Some(mut cached) = read_cache(file).remove(&key) {
             let engine: Option<Arc<dyn Engine>> = if cached.runs_on == backend::tract::RUNS_ON {
-                TractEngine::load(m.proto, m.manifest, graph)
-                    .ok()
-                    .map(|e| Arc::new(e) as Arc<dyn Engine>)
+                match cached.variant.as_deref() {
+                    None => TractEngine::load(m.proto, m.manifest, graph).ok(),
+                    Some(v) => qdq::Fold::from_variant(v)
+                        .and_then(|how| load_folded(m, graph, how))
+                        .and_then(Result::ok),
+                }
+                .map(|e| Arc::new(e) as Arc<dyn Engine>)
             } else {
                 load_ort(m, options)
                     .ok()
@@ -169,6 +194,7 @@ fn auto(
                     .filter(|e| e.runs_on() == cached.runs_on)
             };
             if let Some(engine) = engine {
+                note_variant(engine.as_ref(), m, graph);
                 cached.from_cache = true;
                 return Ok(Placement {
                     engine,
@@ -179,43 +205,79 @@ fn auto(
     }
 
     let mut passed_over = Vec::new();
-    let tract = TractEngine::load(m.proto, m.manifest, graph);
+    let mut tracts: Vec<Arc<dyn Engine>> = Vec::new();
+    let mut tract_error = None;
+    match TractEngine::load(m.proto, m.manifest, graph) {
+        Ok(t) => {
+            tracts.push(Arc::new(t));
+            for how in [qdq::Fold::Round, qdq::Fold::Clip] {
+                match load_folded(m, graph, how) {
+                    Some(Ok(f)) => tracts.push(Arc::new(f)),
+                    Some(Err(e)) => passed_over.push(format!("tract ({}): {e}", how.variant())),
+                    None => {}
+                }
+            }
+        }
+        Err(e) => tract_error = Some(e),
+    }
     let ort = match &status.reason {
         Some(reason) => Err(vec![format!("onnxruntime: {reason}")]),
         None => load_ort(m, options),
     };
-    let report = |runs_on: &str, reason: String, passed_over: Vec<String>, measured| EngineReport {
-        requested: "auto".into(),
-        runs_on: runs_on.into(),
-        reason,
-        passed_over,
-        measured,
-        from_cache: false,
-    };
-    let placement = match (tract, ort) {
-        (Ok(t), Err(reasons)) => {
+    let report =
+        |engine: &dyn Engine, reason: String, passed_over: Vec<String>, measured| EngineReport {
+            requested: "auto".into(),
+            runs_on: engine.runs_on().into(),
+            variant: engine.variant().map(str::to_owned),
+            reason,
+            passed_over,
+            measured,
+            from_cache: false,
+        };
+    let placement = match (tracts.is_empty(), ort) {
+        (false, Err(reasons)) => {
             passed_over.extend(reasons);
-            let reason = if status.available {
-                "ONNX Runtime cannot load it".to_string()
+            let without = if status.available {
+                "ONNX Runtime cannot load it"
             } else {
-                "ONNX Runtime is not available".to_string()
+                "ONNX Runtime is not available"
             };
-            return Ok(Placement {
-                engine: Arc::new(t),
-                report: report(backend::tract::RUNS_ON, reason, passed_over, vec![]),
-            });
+            if tracts.len() == 1 {
+                let t = tracts.remove(0);
+                return Ok(Placement {
+                    report: report(t.as_ref(), without.into(), passed_over, vec![]),
+                    engine: t,
+                });
+            }
+            let (engine, reason, measured) =
+                contest(tracts, None, m, graph, options).map_err(ModelErrorKind::Engine)?;
+            Placement {
+                report: report(
+                    engine.as_ref(),
+                    format!("{without}; {reason}"),
+                    passed_over,
+                    measured,
+                ),
+                engine,
+            }
         }
-        (Err(e), Ok((o, passed, _))) => {
+        (true, Ok((o, passed, _))) => {
+            let e = tract_error.unwrap_or_else(|| ModelErrorKind::Engine("did not load".into()));
             passed_over.push(format!("tract: {e}"));
             passed_over.extend(passed);
             tracing::warn!(reason = %e, runs_on = o.runs_on(), "tract cannot load the model; ONNX Runtime serves it");
-            let runs_on = o.runs_on().to_owned();
             Placement {
+                report: report(
+                    o.as_ref(),
+                    "tract cannot load it".into(),
+                    passed_over,
+                    vec![],
+                ),
                 engine: o,
-                report: report(&runs_on, "tract cannot load it".into(), passed_over, vec![]),
             }
         }
-        (Err(e), Err(reasons)) => {
+        (true, Err(reasons)) => {
+            let e = tract_error.unwrap_or_else(|| ModelErrorKind::Engine("did not load".into()));
             if !status.available {
                 return Err(e);
             }
@@ -224,18 +286,21 @@ fn auto(
                 reasons.join("; ")
             )));
         }
-        (Ok(t), Ok((o, passed, _))) => {
+        (false, Ok((o, passed, _))) => {
             passed_over.extend(passed);
             let (engine, reason, measured) =
-                contest(Arc::new(t), o, m, graph, options).map_err(ModelErrorKind::Engine)?;
-            let runs_on = engine.runs_on().to_owned();
+                contest(tracts, Some(o), m, graph, options).map_err(ModelErrorKind::Engine)?;
             Placement {
+                report: report(engine.as_ref(), reason, passed_over, measured),
                 engine,
-                report: report(&runs_on, reason, passed_over, measured),
             }
         }
     };
-    if let (Some(key), Some(file)) = (key, cache) {
+    note_variant(placement.engine.as_ref(), m, graph);
+    if let (true, Some(file)) = (
+        status.available || !placement.report.measured.is_empty(),
+        cache,
+    ) {
         let mut all = read_cache(&file);
         all.insert(key, placement.report.clone());
         if let Err(e) = write_cache(&file, &all) {
@@ -243,6 +308,38 @@ fn auto(
         }
     }
     Ok(placement)
+}
+
+/// tract on the graph with its activation quantize/dequantize pairs folded
+/// away; `None` when the graph has none.
+fn load_folded(
+    m: &ModelFacts,
+    graph: &GraphFacts,
+    how: qdq::Fold,
+) -> Option<Result<TractEngine, ModelErrorKind>> {
+    let folded = qdq::fold_activations(m.proto, how)?;
+    // Its own load notes would repeat the graph-as-given's.
+    let mut scratch = graph.clone();
+    Some(
+        TractEngine::load(&folded.model, m.manifest, &mut scratch)
+            .map(|e| e.with_variant(how.variant())),
+    )
+}
+
+/// Says in the model's notes that tract serves a variant, and which.
+fn note_variant(engine: &dyn Engine, m: &ModelFacts, graph: &mut GraphFacts) {
+    let Some(how) = engine.variant().and_then(qdq::Fold::from_variant) else {
+        return;
+    };
+    let pairs = qdq::fold_activations(m.proto, how).map_or(0, |f| f.pairs);
+    let into = match how {
+        qdq::Fold::Clip => "Clip (float between layers, no rounding)",
+        qdq::Fold::Round => "Round and Clip in float (same answers)",
+    };
+    graph.rewrites.push(format!(
+        "tract runs the {} variant: {pairs} activation QuantizeLinear → DequantizeLinear pairs folded into {into}; chosen by measurement",
+        how.variant()
+    ));
 }
 
 /// The winner, why, and everyone's figures.
@@ -255,48 +352,54 @@ struct Entrant {
     serves: bool,
 }
 
-/// `auto` with both engines loaded: the reference is ONNX Runtime's CPU
-/// provider (an accelerator's int8 arithmetic may differ from it, and so
-/// may tract's); every engine allowed to serve must agree with it, and the
-/// fastest that does serves. Returns the engine, the reason and the figures.
+/// `auto` with several engines or variants loaded. With ONNX Runtime the
+/// reference is its CPU provider (an accelerator's int8 arithmetic may
+/// differ from it, and so may tract's); without it, tract on the graph as
+/// given (the first of `tracts`). Every engine allowed to serve must agree
+/// with the reference, and the fastest that does serves. Returns the
+/// engine, the reason and the figures.
 fn contest(
-    tract: Arc<dyn Engine>,
-    ort: Arc<dyn Engine>,
+    tracts: Vec<Arc<dyn Engine>>,
+    ort: Option<Arc<dyn Engine>>,
     m: &ModelFacts,
     graph: &GraphFacts,
     options: &EngineOptions,
 ) -> Result<Contested, String> {
     const CPU: &str = "onnxruntime-cpu";
-    let mut entrants = vec![
-        Entrant {
-            engine: tract,
+    let mut entrants: Vec<Entrant> = tracts
+        .into_iter()
+        .map(|engine| Entrant {
+            engine,
             serves: true,
-        },
-        Entrant {
-            engine: Arc::clone(&ort),
+        })
+        .collect();
+    let mut reference = 0;
+    if let Some(ort) = &ort {
+        entrants.push(Entrant {
+            engine: Arc::clone(ort),
             serves: true,
-        },
-    ];
-    let mut reference = 1;
-    if ort.runs_on() != CPU {
-        let cpu_only = EngineOptions {
-            providers: vec!["cpu".into()],
-            strict: false,
-            ..options.clone()
-        };
-        match load_ort(m, &cpu_only) {
-            Ok((cpu, _, _)) => {
-                entrants.push(Entrant {
-                    engine: cpu,
-                    serves: options.providers.iter().any(|p| p == "cpu"),
-                });
-                reference = 2;
+        });
+        reference = entrants.len() - 1;
+        if ort.runs_on() != CPU {
+            let cpu_only = EngineOptions {
+                providers: vec!["cpu".into()],
+                strict: false,
+                ..options.clone()
+            };
+            match load_ort(m, &cpu_only) {
+                Ok((cpu, _, _)) => {
+                    entrants.push(Entrant {
+                        engine: cpu,
+                        serves: options.providers.iter().any(|p| p == "cpu"),
+                    });
+                    reference = entrants.len() - 1;
+                }
+                Err(e) => tracing::warn!(
+                    "No ONNX Runtime CPU session to compare {} against ({}): it is the reference",
+                    ort.runs_on(),
+                    e.join("; ")
+                ),
             }
-            Err(e) => tracing::warn!(
-                "No ONNX Runtime CPU session to compare {} against ({}): it is the reference",
-                ort.runs_on(),
-                e.join("; ")
-            ),
         }
     }
     let measured = measure(
@@ -311,10 +414,10 @@ fn contest(
     let best = (0..entrants.len())
         .filter(|i| eligible(*i))
         .min_by(|a, b| measured[*a].p50_ms.total_cmp(&measured[*b].p50_ms));
-    let reference_name = &measured[reference].runs_on;
+    let reference_name = measured[reference].label();
     for (i, row) in measured.iter().enumerate() {
         if let (false, Some(why)) = (i == reference, &row.detail) {
-            tracing::warn!(runs_on = %row.runs_on, "Answers differently from {reference_name}: {why}");
+            tracing::warn!(runs_on = %row.label(), "Answers differently from {reference_name}: {why}");
         }
     }
     let figures = |i: usize| {
@@ -322,16 +425,16 @@ fn contest(
             .iter()
             .enumerate()
             .filter(|(j, _)| *j != i)
-            .map(|(_, r)| format!("{} {:.3} ms", r.runs_on, r.p50_ms))
+            .map(|(_, r)| format!("{} {:.3} ms", r.label(), r.p50_ms))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    Ok(match best {
-        Some(i) => {
+    Ok(match (best, ort) {
+        (Some(i), _) => {
             let differs: Vec<String> = measured
                 .iter()
                 .filter(|r| r.agrees == Some(false))
-                .map(|r| format!("{} answers differently: {}", r.runs_on, r.detail.as_deref().unwrap_or("")))
+                .map(|r| format!("{} answers differently: {}", r.label(), r.detail.as_deref().unwrap_or("")))
                 .collect();
             let mut reason = if i == reference {
                 format!("the fastest agreeing engine ({:.3} ms; {})", measured[i].p50_ms, figures(i))
@@ -347,13 +450,14 @@ fn contest(
             }
             (Arc::clone(&entrants[i].engine), reason, measured)
         }
-        None => (
+        (None, Some(ort)) => (
             ort,
             format!(
                 "no engine allowed to serve agrees with {reference_name}; serving with the first provider configured"
             ),
             measured,
         ),
+        (None, None) => unreachable!("the reference (tract as given) always serves"),
     })
 }
 
@@ -366,7 +470,7 @@ fn measure(
     graph: &GraphFacts,
     budget_ms: u64,
 ) -> Result<Vec<Measurement>, String> {
-    let label = |e: &Entrant| e.engine.runs_on().to_owned();
+    let label = |e: &Entrant| e.engine.label();
     let mut runs = Vec::new();
     for e in entrants {
         let names: Vec<String> = e
@@ -422,7 +526,8 @@ fn measure(
         .map(|(k, ((e, t), (diff, verdict)))| {
             let is_ref = k == reference;
             Measurement {
-                runs_on: label(e),
+                runs_on: e.engine.runs_on().to_owned(),
+                variant: e.engine.variant().map(str::to_owned),
                 p50_ms: median(t),
                 runs: t.len(),
                 max_abs_diff: (!is_ref).then_some(diff),

@@ -11,6 +11,7 @@ pub(crate) mod fold;
 pub mod graph;
 mod lower;
 pub mod manifest;
+mod qdq;
 mod session;
 
 pub use backend::{BackendChoice, EngineOptions, RuntimeStatus};

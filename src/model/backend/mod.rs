@@ -27,6 +27,18 @@ pub trait Engine: Send + Sync {
     /// What the model really runs on: `tract-cpu`, `onnxruntime-cpu`,
     /// `onnxruntime-openvino`, …
     fn runs_on(&self) -> &str;
+    /// Which form of the graph it runs, where an engine has several
+    /// (tract's `qdq-folded`); `None` for the graph as given.
+    fn variant(&self) -> Option<&str> {
+        None
+    }
+    /// `runs_on`, with the variant where there is one: for messages.
+    fn label(&self) -> String {
+        match self.variant() {
+            Some(v) => format!("{} ({v})", self.runs_on()),
+            None => self.runs_on().to_owned(),
+        }
+    }
     /// Graph inputs, in the order [`Runner::run`] takes them.
     fn inputs(&self) -> &[Fact];
     /// Graph outputs, in the order [`Runner::run`] returns them.

@@ -29,6 +29,7 @@ pub struct TractEngine {
     plan: Arc<TypedRunnableModel>,
     inputs: Vec<Fact>,
     outputs: Vec<Fact>,
+    variant: Option<&'static str>,
 }
 
 impl TractEngine {
@@ -103,13 +104,24 @@ impl TractEngine {
             plan: loaded,
             inputs,
             outputs,
+            variant: None,
         })
+    }
+
+    /// Names the form of the graph this engine was loaded from.
+    pub fn with_variant(mut self, variant: &'static str) -> TractEngine {
+        self.variant = Some(variant);
+        self
     }
 }
 
 impl Engine for TractEngine {
     fn runs_on(&self) -> &str {
         RUNS_ON
+    }
+
+    fn variant(&self) -> Option<&str> {
+        self.variant
     }
 
     fn inputs(&self) -> &[Fact] {

@@ -1,0 +1,264 @@
+//! A tract variant for QDQ models: activation QuantizeLinear →
+//! DequantizeLinear pairs folded away, so that tract runs float between the
+//! layers instead of quantizing every activation and dequantizing it again.
+//!
+//! tract 0.23.9 does not fuse QDQ convolutions into an integer kernel: it
+//! runs each Conv in f32 between element-wise QuantizeLinear and
+//! DequantizeLinear ops (QuantizeLinear alone is about a quarter of Visual
+//! Wake Words' time). Folding a pair keeps what it does to the range —
+//! `Clip` to what the quantized type can hold, which is also where a
+//! converter hides a fused ReLU/ReLU6 — and drops the rounding. Answers
+//! therefore move (by a few quantization steps at an int8 output), so the
+//! variant is never served blindly: `auto` holds it to the same agreement
+//! rule as any other engine (see `choice.rs`).
+//!
+//! Left as they are: the graph's input DequantizeLinear and output
+//! QuantizeLinear (the model's contract), weights' DequantizeLinear of
+//! initializers (tract folds those constants at load), per-channel
+//! activation quantization, and pairs whose parameters differ.
+
+use std::collections::{HashMap, HashSet};
+use tract_onnx::pb::{
+    attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, ModelProto, NodeProto,
+    TensorProto,
+};
+
+/// What [`fold_activations`] built: the edited model and how many pairs it
+/// folded.
+pub struct Folded {
+    pub model: ModelProto,
+    pub pairs: usize,
+}
+
+/// How a pair is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fold {
+    /// `Clip` to the quantized range: float between layers, the rounding
+    /// dropped (answers move by a few quantization steps).
+    Clip,
+    /// `Mul(Clip(Round(x / s), lo − zp, hi − zp), s)`: DequantizeLinear of
+    /// QuantizeLinear by its definition, in float ops, so answers stay
+    /// those of the graph as given.
+    Round,
+}
+
+impl Fold {
+    /// The variant's name in `models`, health and the engine-choice cache.
+    pub fn variant(self) -> &'static str {
+        match self {
+            Fold::Clip => "qdq-folded",
+            Fold::Round => "qdq-rounded",
+        }
+    }
+
+    pub fn from_variant(name: &str) -> Option<Fold> {
+        [Fold::Clip, Fold::Round]
+            .into_iter()
+            .find(|f| f.variant() == name)
+    }
+}
+
+/// The model with every foldable activation pair replaced as `how` says;
+/// `None` when there is nothing to fold (then the variant is the graph as
+/// given).
+pub fn fold_activations(model: &ModelProto, how: Fold) -> Option<Folded> {
+    let graph = model.graph.as_ref()?;
+    let opset = model
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map_or(1, |o| o.version);
+    let init: HashMap<&str, &TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for input in &n.input {
+            consumers.entry(input.as_str()).or_default().push(i);
+        }
+    }
+    let is =
+        |n: &NodeProto, op: &str| n.op_type == op && (n.domain.is_empty() || n.domain == "ai.onnx");
+
+    // Per folded QuantizeLinear (by index): the clip range; per folded
+    // DequantizeLinear: the QuantizeLinear it undoes.
+    let mut dropped: HashSet<usize> = HashSet::new();
+    let mut clip_for: HashMap<usize, (String, f32, f32, f32)> = HashMap::new();
+    for (qi, q) in graph.node.iter().enumerate() {
+        if !is(q, "QuantizeLinear") || q.output.len() != 1 {
+            continue;
+        }
+        let Some(params) = scalar_params(&init, q) else {
+            continue;
+        };
+        let out = q.output[0].as_str();
+        if outputs.contains(out) {
+            continue;
+        }
+        let Some(users) = consumers.get(out) else {
+            continue;
+        };
+        let all_undo = users.iter().all(|&d| {
+            let dq = &graph.node[d];
+            is(dq, "DequantizeLinear")
+                && dq.input.first().map(String::as_str) == Some(out)
+                && scalar_params(&init, dq) == Some(params)
+        });
+        if !all_undo {
+            continue;
+        }
+        let (scale, zero_point, lo, hi) = params;
+        let (low, high) = match how {
+            Fold::Clip => (
+                (lo - zero_point) as f32 * scale,
+                (hi - zero_point) as f32 * scale,
+            ),
+            Fold::Round => ((lo - zero_point) as f32, (hi - zero_point) as f32),
+        };
+        dropped.insert(qi);
+        for &d in users {
+            clip_for.insert(d, (q.input[0].clone(), low, high, scale));
+        }
+    }
+    if dropped.is_empty() {
+        return None;
+    }
+
+    let mut taken: HashSet<String> = super::graph::names_in_use(graph);
+    let mut nodes = Vec::with_capacity(graph.node.len());
+    let mut inits = Vec::new();
+    for (i, node) in graph.node.iter().enumerate() {
+        if dropped.contains(&i) {
+            continue;
+        }
+        let Some((x, low, high, scale)) = clip_for.get(&i) else {
+            nodes.push(node.clone());
+            continue;
+        };
+        let y = node.output[0].clone();
+        let t = &mut taken;
+        let mut constant = |t: &mut HashSet<String>, what: &str, v: f32| {
+            let name = fresh(t, &format!("{y}/{what}"));
+            inits.push(TensorProto {
+                name: name.clone(),
+                data_type: DataType::Float as i32,
+                float_data: vec![v],
+                ..Default::default()
+            });
+            name
+        };
+        let (min, max) = if opset >= 11 {
+            (
+                Some(constant(t, "min", *low)),
+                Some(constant(t, "max", *high)),
+            )
+        } else {
+            (None, None)
+        };
+        let s = (how == Fold::Round).then(|| constant(t, "scale", *scale));
+        let op =
+            |t: &mut HashSet<String>, op: &str, input: Vec<String>, output: String| NodeProto {
+                op_type: op.into(),
+                name: fresh(t, &format!("{output}/{op}")),
+                input,
+                output: vec![output],
+                ..Default::default()
+            };
+        let (clip_in, clip_out) = match how {
+            Fold::Clip => (x.clone(), y.clone()),
+            Fold::Round => (
+                fresh(t, &format!("{y}/rounded")),
+                fresh(t, &format!("{y}/clipped")),
+            ),
+        };
+        if let Some(s) = &s {
+            let scaled = fresh(t, &format!("{y}/scaled"));
+            nodes.push(op(t, "Div", vec![x.clone(), s.clone()], scaled.clone()));
+            nodes.push(op(t, "Round", vec![scaled], clip_in.clone()));
+        }
+        let mut clip = op(t, "Clip", vec![clip_in], clip_out.clone());
+        match (min, max) {
+            (Some(min), Some(max)) => clip.input.extend([min, max]),
+            _ => {
+                for (what, v) in [("min", *low), ("max", *high)] {
+                    clip.attribute.push(AttributeProto {
+                        name: what.into(),
+                        r#type: AttributeType::Float as i32,
+                        f: v,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        nodes.push(clip);
+        if let Some(s) = s {
+            nodes.push(op(t, "Mul", vec![clip_out, s], y));
+        }
+    }
+    let pairs = dropped.len();
+    let mut model = model.clone();
+    let g = model.graph.as_mut()?;
+    g.node = nodes;
+    g.initializer.extend(inits);
+    Some(Folded { model, pairs })
+}
+
+/// A name no node, tensor or initializer of the graph has yet.
+fn fresh(taken: &mut HashSet<String>, base: &str) -> String {
+    let mut name = format!("{base}/edgeinfer_fold");
+    let mut k = 1;
+    while !taken.insert(name.clone()) {
+        name = format!("{base}/edgeinfer_fold.{k}");
+        k += 1;
+    }
+    name
+}
+
+/// Scale, zero point and the integer range of a per-tensor
+/// QuantizeLinear/DequantizeLinear whose parameters are initializers.
+fn scalar_params(
+    init: &HashMap<&str, &TensorProto>,
+    node: &NodeProto,
+) -> Option<(f32, i64, i64, i64)> {
+    let scale = init.get(node.input.get(1)?.as_str())?;
+    if scale.dims.iter().product::<i64>() != 1 {
+        return None;
+    }
+    let scale = *tensor_values(scale)?.first()? as f32;
+    let (zero_point, lo, hi) = match node.input.get(2).filter(|z| !z.is_empty()) {
+        // ONNX: without a zero point the quantized type is uint8, zero 0.
+        None => (0, 0, 255),
+        Some(zp) => {
+            let zp = init.get(zp.as_str())?;
+            if zp.dims.iter().product::<i64>() != 1 {
+                return None;
+            }
+            let (lo, hi) = match DataType::try_from(zp.data_type).ok()? {
+                DataType::Int8 => (-128, 127),
+                DataType::Uint8 => (0, 255),
+                DataType::Int16 => (-32768, 32767),
+                DataType::Uint16 => (0, 65535),
+                _ => return None,
+            };
+            (*tensor_values(zp)?.first()? as i64, lo, hi)
+        }
+    };
+    (scale.is_finite() && scale > 0.0).then_some((scale, zero_point, lo, hi))
+}
+
+fn tensor_values(t: &TensorProto) -> Option<Vec<f64>> {
+    let resolver = tract_onnx::data_resolver::default();
+    let tensor = tract_onnx::tensor::load_tensor(&*resolver, t, None).ok()?;
+    let tensor = tensor.cast_to::<f64>().ok()?.into_owned();
+    Some(
+        tensor
+            .try_as_plain_ram()
+            .ok()?
+            .as_slice::<f64>()
+            .ok()?
+            .to_vec(),
+    )
+}
