@@ -262,3 +262,73 @@ fn tensor_values(t: &TensorProto) -> Option<Vec<f64>> {
             .to_vec(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture() -> ModelProto {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/quantized/qdq_u8s8.onnx"
+        );
+        crate::model::backend::tract::decode(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    fn count(m: &ModelProto, op: &str) -> usize {
+        let g = m.graph.as_ref().unwrap();
+        g.node.iter().filter(|n| n.op_type == op).count()
+    }
+
+    #[test]
+    fn activation_pairs_fold_and_the_model_contract_stays() {
+        let given = fixture();
+        let outputs: Vec<String> = given
+            .graph
+            .as_ref()
+            .unwrap()
+            .output
+            .iter()
+            .map(|o| o.name.clone())
+            .collect();
+        for how in [Fold::Clip, Fold::Round] {
+            let f = fold_activations(&given, how).expect("the fixture has activation pairs");
+            assert!(f.pairs > 0);
+            assert_eq!(
+                count(&f.model, "QuantizeLinear"),
+                count(&given, "QuantizeLinear") - f.pairs
+            );
+            assert_eq!(count(&f.model, "Clip"), count(&given, "Clip") + f.pairs);
+            if how == Fold::Round {
+                assert_eq!(count(&f.model, "Round"), count(&given, "Round") + f.pairs);
+            }
+            // What is left quantizes a graph output or feeds something other
+            // than a DequantizeLinear with its own parameters.
+            let g = f.model.graph.as_ref().unwrap();
+            for q in g.node.iter().filter(|n| n.op_type == "QuantizeLinear") {
+                let users: Vec<&NodeProto> = g
+                    .node
+                    .iter()
+                    .filter(|n| n.input.contains(&q.output[0]))
+                    .collect();
+                assert!(
+                    outputs.contains(&q.output[0])
+                        || users.iter().any(|u| u.op_type != "DequantizeLinear"),
+                    "{q:?} was foldable"
+                );
+            }
+            assert_eq!(Fold::from_variant(how.variant()), Some(how));
+        }
+    }
+
+    #[test]
+    fn a_graph_without_activation_pairs_has_no_variant() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/quantized/dyn_u8.onnx"
+        );
+        let m = crate::model::backend::tract::decode(&std::fs::read(path).unwrap()).unwrap();
+        assert!(fold_activations(&m, Fold::Clip).is_none());
+        assert!(fold_activations(&m, Fold::Round).is_none());
+    }
+}

@@ -1,0 +1,567 @@
+"""edgeinfer side by side with onnxruntime and a Python MQTT consumer.
+
+Run through benches/suite.sh (pinned environment, release build). Everything
+is measured in one run, interleaved where two things are compared, and the
+table printed at the end is also written as JSON (--out).
+
+Sections:
+  inference   per model: edgeinfer on tract as given, tract's best variant
+              (auto without ONNX Runtime), edgeinfer's auto with ONNX
+              Runtime, and onnxruntime's own Python API (one thread, inputs
+              of the same shape and type); p50/p99 as the median over rounds.
+  pipeline    the same sensor job (activity model, window 50, stride 50,
+              10 devices) through edgeinfer and through a paho-mqtt +
+              onnxruntime consumer on one local mosquitto: sustained
+              messages/s at QoS 1 from a raw-socket load generator (pre-
+              encoded PUBLISH packets; it is not the bottleneck), publish →
+              result latency at a fixed offered rate, peak RSS of each.
+  startup     `edgeinfer run` with the example config (bundled models):
+              time to the retained `online`, cold and warm engine cache,
+              idle RSS 4 s after.
+  sizes       the release binary, and the dist/ARM binaries when built.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import paho.mqtt.client as mqtt
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "models"
+DEVICES = 10
+WINDOW = 50
+
+
+# ---------------------------------------------------------------- helpers
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def proc_kib(pid, field):
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_s(pid):
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+class Broker:
+    def __init__(self):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="edgeinfer-suite-")
+        conf = Path(self.dir) / "mosquitto.conf"
+        # No queue limit: mosquitto's default drops for a lagging subscriber.
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                        "persistence false\nmax_queued_messages 0\nlog_dest none\nset_tcp_nodelay true\n")
+        exe = next(p for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] if os.path.exists(p))
+        self.proc = subprocess.Popen([exe, "-c", str(conf)])
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", self.port)).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise SystemExit("mosquitto did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+# ------------------------------------------------------------- inference
+
+def bench_models():
+    models = [REPO / "models" / f"{n}.toml" for n in ("activity", "motion", "objects")]
+    if SHARED.is_dir():
+        for f in ["mlperf-tiny/vww_96_int8.onnx", "mlperf-tiny/kws_ref_model.onnx",
+                  "mlperf-tiny/pretrainedResnet_quant.onnx", "mlperf-tiny/ad01_int8.onnx",
+                  "mlperf-tiny/str_ww_ref_model.onnx", "ultraface/version-RFB-320.onnx"]:
+            if (SHARED / f).exists():
+                models.append(SHARED / f)
+    return models
+
+
+def onnx_of(model):
+    if model.suffix == ".onnx":
+        return model
+    for line in model.read_text().splitlines():
+        if line.startswith("file"):
+            return model.parent / line.split("=", 1)[1].strip().strip('"')
+    raise SystemExit(f"{model}: no file")
+
+
+def edgeinfer_bench(binary, model, runs, args):
+    r = subprocess.run([binary, "bench", "-m", str(model), "--runs", str(runs), "--json", *args],
+                       capture_output=True, text=True, env={**os.environ, "RUST_LOG": "error"})
+    if r.returncode != 0:
+        return {"error": r.stderr.strip()[-200:]}
+    return json.loads(r.stdout)
+
+
+def python_ort(model, runs):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    s = ort.InferenceSession(str(onnx_of(model)), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    feeds = {}
+    types = {"tensor(float)": np.float32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+             "tensor(int64)": np.int64}
+    for i in s.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in i.shape]
+        t = types.get(i.type, np.float32)
+        if t == np.float32:
+            feeds[i.name] = rng.uniform(-1, 1, shape).astype(t)
+        else:
+            info = np.iinfo(t)
+            feeds[i.name] = rng.integers(info.min, info.max, shape, endpoint=True).astype(t)
+    s.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        s.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"p50_ms": times[len(times) // 2], "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))]}
+
+
+def inference(a):
+    nowhere = "/nonexistent/libonnxruntime.so"
+    configs = {
+        "tract as given": ["--backend", "tract"],
+        "tract best variant": ["--backend", "auto", "--onnxruntime-library", nowhere],
+        "edgeinfer auto": ["--backend", "auto", "--onnxruntime-library", a.onnxruntime_library],
+    }
+    rows = []
+    for model in bench_models():
+        # Runs per call: about 0.3 s of the slowest engine.
+        probe = edgeinfer_bench(a.binary, model, 20, configs["tract as given"])
+        p50 = probe.get("p50_ms", 1.0)
+        runs = int(max(50, min(2000, 300 / max(p50, 0.01))))
+        samples = {k: [] for k in [*configs, "onnxruntime (python)"]}
+        info = {}
+        for _ in range(a.rounds):
+            for name, args in configs.items():
+                r = edgeinfer_bench(a.binary, model, runs, args)
+                if "error" in r:
+                    info[name] = r["error"]
+                    continue
+                samples[name].append((r["p50_ms"], r["p99_ms"]))
+                e = r.get("engine") or {}
+                info[name] = e.get("runs_on", r.get("backend", "")) + (f" ({e['variant']})" if e.get("variant") else "")
+            r = python_ort(model, runs)
+            samples["onnxruntime (python)"].append((r["p50_ms"], r["p99_ms"]))
+        row = {"model": model.stem, "runs": runs, "engines": {}}
+        for name, s in samples.items():
+            if s:
+                row["engines"][name] = {"p50_ms": statistics.median(x[0] for x in s),
+                                        "p99_ms": statistics.median(x[1] for x in s),
+                                        "runs_on": info.get(name, "onnxruntime-cpu")}
+            else:
+                row["engines"][name] = {"error": info.get(name)}
+        ref = row["engines"]["onnxruntime (python)"]["p50_ms"]
+        for e in row["engines"].values():
+            if "p50_ms" in e:
+                e["vs_onnxruntime"] = e["p50_ms"] / ref
+        rows.append(row)
+        print(f"  {model.stem}: " + ", ".join(
+            f"{k} {v.get('p50_ms', float('nan')):.3f}" for k, v in row["engines"].items()), flush=True)
+    return rows
+
+
+# -------------------------------------------------------------- pipeline
+
+def mqtt_connect_packet(client_id):
+    cid = client_id.encode()
+    var = b"\x00\x04MQTT\x04\x02\x00\x3c"  # clean session, keep alive 60
+    payload = struct.pack("!H", len(cid)) + cid
+    return b"\x10" + remaining(len(var) + len(payload)) + var + payload
+
+
+def remaining(n):
+    out = bytearray()
+    while True:
+        b = n % 128
+        n //= 128
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def publish_packet(topic, payload, pid):
+    t = topic.encode()
+    body = struct.pack("!H", len(t)) + t + struct.pack("!H", pid) + payload
+    return b"\x32" + remaining(len(body)) + body  # PUBLISH, QoS 1
+
+
+class LoadGenerator:
+    """QoS 1 publisher on a raw socket: packets are encoded ahead and sent in
+    batches; a reader thread counts PUBACKs, and the sender keeps at most
+    `inflight` unacknowledged."""
+
+    def __init__(self, port, inflight=20000):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(mqtt_connect_packet(f"suite-load-{os.getpid()}"))
+        assert self.sock.recv(4)[:1] == b"\x20", "CONNACK"
+        self.acked = 0
+        self.sent = 0
+        self.inflight = inflight
+        self.lock = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        buf = b""
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                return
+            buf += data
+            n = 0
+            while len(buf) >= 4 and buf[0] == 0x40:
+                buf = buf[4:]
+                n += 1
+            with self.lock:
+                self.acked += n
+                self.lock.notify_all()
+
+    def send(self, packets):
+        with self.lock:
+            while self.sent - self.acked > self.inflight:
+                self.lock.wait()
+        self.sock.sendall(b"".join(packets))
+        self.sent += len(packets)
+
+    def drain(self):
+        with self.lock:
+            while self.acked < self.sent:
+                self.lock.wait(5)
+
+
+def sample_payload(k):
+    x = k * 0.1
+    vals = [np.sin(x) * 3, np.cos(x) * 3, -9.8, 0.01 * x, -0.02, 0.5]
+    return json.dumps({"ts": 1764331200000 + k, "values": [round(float(v), 4) for v in vals]}).encode()
+
+
+PY_CONSUMER = r'''
+import json, sys, time, collections
+import numpy as np, onnxruntime as ort, paho.mqtt.client as mqtt
+port, model, mean, std = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+so = ort.SessionOptions(); so.intra_op_num_threads = 1; so.inter_op_num_threads = 1
+s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+inp = s.get_inputs()[0].name
+mean = np.array(mean, np.float32); std = np.array(std, np.float32)
+labels = ["standing", "walking", "running", "badminton"]
+windows = collections.defaultdict(list); seqs = collections.Counter()
+def on_message(c, _, m):
+    dev = m.topic.split("/")[1]
+    w = windows[dev]
+    w.append(json.loads(m.payload)["values"])
+    if len(w) == 50:
+        x = ((np.array(w, np.float32) - mean) / std)[None]
+        logits = s.run(None, {inp: x})[0][0]
+        p = np.exp(logits - logits.max()); p /= p.sum()
+        top = np.argsort(-p)[:2]
+        c.publish(f"py/results/{dev}", json.dumps({"device": dev, "seq": seqs[dev], "ts": int(time.time() * 1000),
+                  "top": [{"label": labels[i], "score": float(p[i])} for i in top]}), qos=1)
+        seqs[dev] += 1
+        w.clear()
+def on_connect(c, *_):
+    c.subscribe("sensors/+/imu", qos=1)
+    c.publish("py/status", "online", qos=1, retain=True)
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="py-consumer", clean_session=False)
+c.max_inflight_messages_set(100); c.max_queued_messages_set(0)
+c.on_message = on_message; c.on_connect = on_connect
+c.connect("127.0.0.1", port, 60); c.loop_forever()
+'''
+
+
+def activity_norm():
+    mean = std = None
+    for line in (REPO / "models" / "activity.toml").read_text().splitlines():
+        if line.startswith("mean"):
+            mean = json.loads(line.split("=", 1)[1])
+        if line.startswith("std"):
+            std = json.loads(line.split("=", 1)[1])
+    return mean, std
+
+
+class Observer:
+    def __init__(self, port, topic, status_topic):
+        self.results = {}
+        self.online = threading.Event()
+        self.status_topic = status_topic
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"suite-obs-{topic[:6]}-{time.time()}")
+        self.c.on_message = self._msg
+        self.c.connect("127.0.0.1", port, 60)
+        self.c.subscribe([(topic, 0), (status_topic, 0)])
+        self.c.loop_start()
+
+    def _msg(self, c, u, m):
+        now = time.perf_counter()
+        if m.topic == self.status_topic:
+            if m.payload == b"online":
+                self.online.set()
+            return
+        v = json.loads(m.payload)
+        dev = m.topic.rsplit("/", 1)[1]
+        self.results[(dev, v["seq"])] = now
+
+    def stop(self):
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def start_consumer(kind, a, port, tmp):
+    if kind == "edgeinfer":
+        cfg = Path(tmp) / "edgeinfer.toml"
+        cfg.write_text(f'''[device]
+id = "suite"
+[broker]
+url = "mqtt://127.0.0.1:{port}"
+[health]
+interval_s = 3600
+[engine]
+backend = "tract"
+[[pipeline]]
+name = "activity"
+kind = "sensor"
+topics = ["sensors/+/imu"]
+model = "{REPO / 'models' / 'activity.toml'}"
+window = {{ size = {WINDOW}, stride = {WINDOW} }}
+results = "ei/results/{{1}}"
+qos = 1
+queue = 100000
+''')
+        p = subprocess.Popen([a.binary, "run", "-c", str(cfg)], env={**os.environ, "RUST_LOG": "warn"})
+        return p, "ei/results/+", "edgeinfer/suite/status"
+    mean, std = activity_norm()
+    p = subprocess.Popen([sys.executable, "-c", PY_CONSUMER, str(port), str(REPO / "models" / "activity.onnx"),
+                          json.dumps(mean), json.dumps(std)])
+    return p, "py/results/+", "py/status"
+
+
+def pipeline_run(kind, a):
+    broker = Broker()
+    tmp = tempfile.mkdtemp(prefix="edgeinfer-suite-")
+    proc, topic, status = start_consumer(kind, a, broker.port, tmp)
+    obs = Observer(broker.port, topic, status)
+    try:
+        if not obs.online.wait(30):
+            raise SystemExit(f"{kind} did not come online")
+        time.sleep(0.5)
+        gen = LoadGenerator(broker.port)
+        topics = [f"sensors/dev-{d}/imu" for d in range(DEVICES)]
+        payloads = [sample_payload(k) for k in range(WINDOW)]
+        pid = [0]
+
+        def packet(d, k):
+            pid[0] = pid[0] % 65535 + 1
+            return publish_packet(topics[d], payloads[k % WINDOW], pid[0])
+
+        # Latency at a fixed offered rate: one message per device per tick.
+        rate = a.latency_rate
+        sent_at = {}
+        per_dev = int(rate * a.latency_seconds / DEVICES) // WINDOW * WINDOW
+        t_next = time.perf_counter()
+        for k in range(per_dev):
+            t_next += DEVICES / rate
+            while time.perf_counter() < t_next:
+                pass
+            gen.send([packet(d, k) for d in range(DEVICES)])
+            if k % WINDOW == WINDOW - 1:
+                now = time.perf_counter()
+                for d in range(DEVICES):
+                    sent_at[(f"dev-{d}", k // WINDOW)] = now
+        deadline = time.time() + 20
+        while len([k for k in sent_at if k in obs.results]) < len(sent_at) and time.time() < deadline:
+            time.sleep(0.05)
+        lat = sorted((obs.results[k] - t) * 1e3 for k, t in sent_at.items() if k in obs.results)
+        latency = {"offered_msgs_per_s": rate, "windows": len(sent_at), "answered": len(lat),
+                   "p50_ms": lat[len(lat) // 2] if lat else None,
+                   "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None}
+
+        # Sustained throughput: as fast as the consumer takes them.
+        obs.results.clear()
+        base = per_dev // WINDOW
+        n = a.messages // DEVICES // WINDOW * WINDOW
+        expected = DEVICES * (n // WINDOW)
+        cpu0 = cpu_s(proc.pid)
+        t0 = time.perf_counter()
+        batch = []
+        for k in range(n):
+            for d in range(DEVICES):
+                batch.append(packet(d, k))
+            if len(batch) >= 2000:
+                gen.send(batch)
+                batch = []
+        gen.send(batch)
+        publish_s = time.perf_counter() - t0
+        deadline = time.time() + 300
+        while len([1 for (d, s) in obs.results if s >= base]) < expected and time.time() < deadline:
+            time.sleep(0.01)
+        done = [t for (d, s), t in obs.results.items() if s >= base]
+        elapsed = (max(done) if done else time.perf_counter()) - t0
+        throughput = {"messages": n * DEVICES, "results": len(done), "expected": expected,
+                      "msgs_per_s": n * DEVICES / elapsed, "publish_s": publish_s,
+                      "consumer_cpu_s": cpu_s(proc.pid) - cpu0,
+                      "peak_rss_mib": proc_kib(proc.pid, "VmHWM") / 1024}
+        return {"latency": latency, "throughput": throughput}
+    finally:
+        obs.stop()
+        proc.terminate()
+        proc.wait()
+        broker.stop()
+
+
+# --------------------------------------------------------------- startup
+
+def startup(a):
+    broker = Broker()
+    state = tempfile.mkdtemp(prefix="edgeinfer-suite-state-")
+    text = subprocess.run([a.binary, "print-config"], capture_output=True, text=True, check=True).stdout
+    text = text.replace("mqtt://127.0.0.1:1883", f"mqtt://127.0.0.1:{broker.port}")
+    cfg = Path(state) / "edgeinfer.toml"
+    cfg.write_text(text)
+    out = []
+    try:
+        for run in ["cold", "warm", "warm"]:
+            obs = Observer(broker.port, "edgeinfer/gw-01/none", "edgeinfer/gw-01/status")
+            time.sleep(0.3)
+            t0 = time.perf_counter()
+            p = subprocess.Popen([a.binary, "run", "-c", str(cfg)],
+                                 env={**os.environ, "RUST_LOG": "warn", "STATE_DIRECTORY": state,
+                                      "ORT_DYLIB_PATH": "/nonexistent/libonnxruntime.so"})
+            ok = obs.online.wait(30)
+            ms = (time.perf_counter() - t0) * 1e3
+            time.sleep(4)
+            out.append({"cache": run, "to_online_ms": ms if ok else None,
+                        "idle_rss_mib": proc_kib(p.pid, "VmRSS") / 1024})
+            p.terminate()
+            p.wait()
+            obs.stop()
+            # The retained online is replaced by offline at a clean stop.
+            time.sleep(0.3)
+    finally:
+        broker.stop()
+    return out
+
+
+def sizes():
+    out = {}
+    for name, p in [("x86-64 release", "target/release/edgeinfer"),
+                    ("x86-64 dist", "target/dist/edgeinfer"),
+                    ("aarch64 dist", "target/aarch64-unknown-linux-gnu/dist/edgeinfer"),
+                    ("armv7 dist", "target/armv7-unknown-linux-gnueabihf/dist/edgeinfer")]:
+        f = REPO / p
+        if f.exists():
+            out[name] = f.stat().st_size
+    return out
+
+
+# ------------------------------------------------------------------ main
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--onnxruntime-library", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS", 3)))
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--latency-rate", type=float, default=1000.0)
+    ap.add_argument("--latency-seconds", type=float, default=5.0)
+    ap.add_argument("--only", default="inference,pipeline,startup,sizes")
+    a = ap.parse_args()
+    only = a.only.split(",")
+    report = {"host": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t"),
+              "cpus": os.cpu_count(), "onnxruntime": ort.__version__, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if "inference" in only:
+        print("inference (p50 ms):", flush=True)
+        report["inference"] = inference(a)
+    if "pipeline" in only:
+        # Interleaved: edgeinfer, Python, edgeinfer, Python...
+        runs = {"edgeinfer": [], "python": []}
+        for _ in range(max(1, a.rounds - 1)):
+            for kind in runs:
+                runs[kind].append(pipeline_run(kind, a))
+                print(f"  pipeline {kind}: {json.dumps(runs[kind][-1])}", flush=True)
+        report["pipeline"] = runs
+    if "startup" in only:
+        report["startup"] = startup(a)
+    if "sizes" in only:
+        report["sizes_bytes"] = sizes()
+    Path(a.out).write_text(json.dumps(report, indent=1))
+    print_table(report)
+    print(f"\nwritten {a.out}")
+
+
+def print_table(r):
+    if "inference" in r:
+        names = list(r["inference"][0]["engines"])
+        print("\n| model | " + " | ".join(f"{n} p50 / p99 ms" for n in names) + " | tract best / ort | auto / ort |")
+        print("|---" * (len(names) + 3) + "|")
+        geo = {"tract best variant": [], "edgeinfer auto": []}
+        for row in r["inference"]:
+            e = row["engines"]
+            cells = []
+            for n in names:
+                v = e[n]
+                cells.append(f"{v['p50_ms']:.3f} / {v['p99_ms']:.3f}" + (f" ({v['runs_on']})" if n != "onnxruntime (python)" else "")
+                             if "p50_ms" in v else "fails")
+            ratios = []
+            for n in geo:
+                x = e[n].get("vs_onnxruntime")
+                ratios.append(f"{x:.2f}x" if x else "-")
+                if x:
+                    geo[n].append(x)
+            print(f"| {row['model']} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        for n, xs in geo.items():
+            if xs:
+                print(f"geometric mean {n} / onnxruntime: {np.exp(np.mean(np.log(xs))):.2f}x over {len(xs)} models")
+    if "pipeline" in r:
+        print("\n| consumer | msgs/s (QoS 1) | latency p50 / p99 ms at offered rate | peak RSS MiB | CPU s |")
+        print("|---|---|---|---|---|")
+        for kind, runs in r["pipeline"].items():
+            for x in runs:
+                t, l = x["throughput"], x["latency"]
+                lat = f"{l['p50_ms']:.2f} / {l['p99_ms']:.2f} ({l['answered']}/{l['windows']})" if l["p50_ms"] is not None else "none"
+                print(f"| {kind} | {t['msgs_per_s']:.0f} ({t['results']}/{t['expected']} results) | {lat} | {t['peak_rss_mib']:.1f} | {t['consumer_cpu_s']:.1f} |")
+    if "startup" in r:
+        print("\n| start | to online ms | idle RSS MiB |")
+        print("|---|---|---|")
+        for x in r["startup"]:
+            print(f"| {x['cache']} | {x['to_online_ms']:.0f} | {x['idle_rss_mib']:.1f} |")
+    if "sizes_bytes" in r:
+        print("\n" + ", ".join(f"{k}: {v / 1e6:.1f} MB" for k, v in r["sizes_bytes"].items()))
+
+
+if __name__ == "__main__":
+    main()
