@@ -184,7 +184,11 @@ fn auto(
                     None => TractEngine::load(m.proto, m.manifest, graph).ok(),
                     Some(v) => qdq::Fold::from_variant(v)
                         .and_then(|how| load_folded(m, graph, how))
-                        .and_then(Result::ok),
+                        .and_then(Result::ok)
+                        .map(|(e, note)| {
+                            graph.rewrites.push(note);
+                            e
+                        }),
                 }
                 .map(|e| Arc::new(e) as Arc<dyn Engine>)
             } else {
@@ -194,7 +198,6 @@ fn auto(
                     .filter(|e| e.runs_on() == cached.runs_on)
             };
             if let Some(engine) = engine {
-                note_variant(engine.as_ref(), m, graph);
                 cached.from_cache = true;
                 return Ok(Placement {
                     engine,
@@ -207,12 +210,17 @@ fn auto(
     let mut passed_over = Vec::new();
     let mut tracts: Vec<Arc<dyn Engine>> = Vec::new();
     let mut tract_error = None;
+    // Each variant's note, for the model's rewrites if it serves.
+    let mut variant_notes: Vec<(&'static str, String)> = Vec::new();
     match TractEngine::load(m.proto, m.manifest, graph) {
         Ok(t) => {
             tracts.push(Arc::new(t));
             for how in [qdq::Fold::Round, qdq::Fold::Clip] {
                 match load_folded(m, graph, how) {
-                    Some(Ok(f)) => tracts.push(Arc::new(f)),
+                    Some(Ok((f, note))) => {
+                        tracts.push(Arc::new(f));
+                        variant_notes.push((how.variant(), note));
+                    }
                     Some(Err(e)) => passed_over.push(format!("tract ({}): {e}", how.variant())),
                     None => {}
                 }
@@ -296,7 +304,11 @@ fn auto(
             }
         }
     };
-    note_variant(placement.engine.as_ref(), m, graph);
+    if let Some(v) = placement.engine.variant() {
+        if let Some((_, note)) = variant_notes.into_iter().find(|(name, _)| *name == v) {
+            graph.rewrites.push(note);
+        }
+    }
     if let (true, Some(file)) = (
         status.available || !placement.report.measured.is_empty(),
         cache,
@@ -311,35 +323,28 @@ fn auto(
 }
 
 /// tract on the graph with its activation quantize/dequantize pairs folded
-/// away; `None` when the graph has none.
+/// away, and the note that says so; `None` when the graph has none.
 fn load_folded(
     m: &ModelFacts,
     graph: &GraphFacts,
     how: qdq::Fold,
-) -> Option<Result<TractEngine, ModelErrorKind>> {
+) -> Option<Result<(TractEngine, String), ModelErrorKind>> {
     let folded = qdq::fold_activations(m.proto, how)?;
     // Its own load notes would repeat the graph-as-given's.
     let mut scratch = graph.clone();
-    Some(
-        TractEngine::load(&folded.model, m.manifest, &mut scratch)
-            .map(|e| e.with_variant(how.variant())),
-    )
-}
-
-/// Says in the model's notes that tract serves a variant, and which.
-fn note_variant(engine: &dyn Engine, m: &ModelFacts, graph: &mut GraphFacts) {
-    let Some(how) = engine.variant().and_then(qdq::Fold::from_variant) else {
-        return;
-    };
-    let pairs = qdq::fold_activations(m.proto, how).map_or(0, |f| f.pairs);
     let into = match how {
         qdq::Fold::Clip => "Clip (float between layers, no rounding)",
         qdq::Fold::Round => "Round and Clip in float (same answers)",
     };
-    graph.rewrites.push(format!(
-        "tract runs the {} variant: {pairs} activation QuantizeLinear → DequantizeLinear pairs folded into {into}; chosen by measurement",
-        how.variant()
-    ));
+    let note = format!(
+        "tract runs the {} variant: {} activation QuantizeLinear → DequantizeLinear pairs folded into {into}; chosen by measurement",
+        how.variant(),
+        folded.pairs
+    );
+    Some(
+        TractEngine::load(&folded.model, m.manifest, &mut scratch)
+            .map(|e| (e.with_variant(how.variant()), note)),
+    )
 }
 
 /// The winner, why, and everyone's figures.

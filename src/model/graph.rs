@@ -39,7 +39,7 @@ const LAYOUT_OPS: &[&str] = &[
     "Flatten",
 ];
 
-fn scalar(init: &HashMap<&str, &TensorProto>, name: &str) -> Option<f64> {
+pub(super) fn scalar(init: &HashMap<&str, &TensorProto>, name: &str) -> Option<f64> {
     let t = init.get(name)?;
     if t.dims.iter().product::<i64>() != 1 {
         return None; // per-channel parameters are not a single scalar

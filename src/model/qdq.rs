@@ -17,6 +17,7 @@
 //! initializers (tract folds those constants at load), per-channel
 //! activation quantization, and pairs whose parameters differ.
 
+use super::graph::scalar;
 use std::collections::{HashMap, HashSet};
 use tract_onnx::pb::{
     attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, ModelProto, NodeProto,
@@ -223,44 +224,22 @@ fn scalar_params(
     init: &HashMap<&str, &TensorProto>,
     node: &NodeProto,
 ) -> Option<(f32, i64, i64, i64)> {
-    let scale = init.get(node.input.get(1)?.as_str())?;
-    if scale.dims.iter().product::<i64>() != 1 {
-        return None;
-    }
-    let scale = *tensor_values(scale)?.first()? as f32;
+    let scale = scalar(init, node.input.get(1)?)? as f32;
     let (zero_point, lo, hi) = match node.input.get(2).filter(|z| !z.is_empty()) {
         // ONNX: without a zero point the quantized type is uint8, zero 0.
         None => (0, 0, 255),
         Some(zp) => {
-            let zp = init.get(zp.as_str())?;
-            if zp.dims.iter().product::<i64>() != 1 {
-                return None;
-            }
-            let (lo, hi) = match DataType::try_from(zp.data_type).ok()? {
+            let (lo, hi) = match DataType::try_from(init.get(zp.as_str())?.data_type).ok()? {
                 DataType::Int8 => (-128, 127),
                 DataType::Uint8 => (0, 255),
                 DataType::Int16 => (-32768, 32767),
                 DataType::Uint16 => (0, 65535),
                 _ => return None,
             };
-            (*tensor_values(zp)?.first()? as i64, lo, hi)
+            (scalar(init, zp)? as i64, lo, hi)
         }
     };
     (scale.is_finite() && scale > 0.0).then_some((scale, zero_point, lo, hi))
-}
-
-fn tensor_values(t: &TensorProto) -> Option<Vec<f64>> {
-    let resolver = tract_onnx::data_resolver::default();
-    let tensor = tract_onnx::tensor::load_tensor(&*resolver, t, None).ok()?;
-    let tensor = tensor.cast_to::<f64>().ok()?.into_owned();
-    Some(
-        tensor
-            .try_as_plain_ram()
-            .ok()?
-            .as_slice::<f64>()
-            .ok()?
-            .to_vec(),
-    )
 }
 
 #[cfg(test)]
