@@ -225,12 +225,15 @@ pub async fn run(seconds: u64) -> Result<DemoSummary, String> {
         showing: Mutex::new(HashMap::new()),
     });
     // Devices start once the daemon says `online` (it publishes that after
-    // its subscriptions): earlier messages would find no subscriber.
+    // its subscriptions): earlier messages would find no subscriber. A
+    // first start measures tract's variants of the QDQ models (about a
+    // second here; under qemu-user, the ARM tests, the detector's runs take
+    // seconds each), so the wait is generous.
     let online = CancellationToken::new();
     let observer = tokio::spawn(observe(port, Arc::clone(&shared), online.clone()));
-    tokio::time::timeout(Duration::from_secs(10), online.cancelled())
+    tokio::time::timeout(Duration::from_secs(90), online.cancelled())
         .await
-        .map_err(|_| "the daemon did not come online within 10 s".to_string())?;
+        .map_err(|_| "the daemon did not come online within 90 s".to_string())?;
 
     let streams: Streams =
         serde_json::from_str(bundled::ACTIVITY_STREAM).map_err(|e| e.to_string())?;
