@@ -56,10 +56,7 @@ pub struct Measurement {
 impl Measurement {
     /// `runs_on`, with the variant where there is one.
     pub fn label(&self) -> String {
-        match &self.variant {
-            Some(v) => format!("{} ({v})", self.runs_on),
-            None => self.runs_on.clone(),
-        }
+        backend::label(&self.runs_on, self.variant.as_deref())
     }
 }
 
@@ -242,8 +239,8 @@ fn auto(
             measured,
             from_cache: false,
         };
-    let placement = match (tracts.is_empty(), ort) {
-        (false, Err(reasons)) => {
+    let placement = match (tract_error, ort) {
+        (None, Err(reasons)) => {
             passed_over.extend(reasons);
             let without = if status.available {
                 "ONNX Runtime cannot load it"
@@ -269,8 +266,7 @@ fn auto(
                 engine,
             }
         }
-        (true, Ok((o, passed, _))) => {
-            let e = tract_error.unwrap_or_else(|| ModelErrorKind::Engine("did not load".into()));
+        (Some(e), Ok((o, passed, _))) => {
             passed_over.push(format!("tract: {e}"));
             passed_over.extend(passed);
             tracing::warn!(reason = %e, runs_on = o.runs_on(), "tract cannot load the model; ONNX Runtime serves it");
@@ -284,8 +280,7 @@ fn auto(
                 engine: o,
             }
         }
-        (true, Err(reasons)) => {
-            let e = tract_error.unwrap_or_else(|| ModelErrorKind::Engine("did not load".into()));
+        (Some(e), Err(reasons)) => {
             if !status.available {
                 return Err(e);
             }
@@ -294,7 +289,7 @@ fn auto(
                 reasons.join("; ")
             )));
         }
-        (false, Ok((o, passed, _))) => {
+        (None, Ok((o, passed, _))) => {
             passed_over.extend(passed);
             let (engine, reason, measured) =
                 contest(tracts, Some(o), m, graph, options).map_err(ModelErrorKind::Engine)?;

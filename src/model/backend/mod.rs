@@ -34,10 +34,7 @@ pub trait Engine: Send + Sync {
     }
     /// `runs_on`, with the variant where there is one: for messages.
     fn label(&self) -> String {
-        match self.variant() {
-            Some(v) => format!("{} ({v})", self.runs_on()),
-            None => self.runs_on().to_owned(),
-        }
+        label(self.runs_on(), self.variant())
     }
     /// Graph inputs, in the order [`Runner::run`] takes them.
     fn inputs(&self) -> &[Fact];
@@ -45,6 +42,15 @@ pub trait Engine: Send + Sync {
     fn outputs(&self) -> &[Fact];
     /// A private handle for one worker thread.
     fn runner(&self) -> Result<Box<dyn Runner>, ModelErrorKind>;
+}
+
+/// `tract-cpu (qdq-rounded)`: what runs, and in which form where there are
+/// several.
+pub fn label(runs_on: &str, variant: Option<&str>) -> String {
+    match variant {
+        Some(v) => format!("{runs_on} ({v})"),
+        None => runs_on.to_owned(),
+    }
 }
 
 /// One worker's handle: runs the graph on every input at once.
