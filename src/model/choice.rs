@@ -179,13 +179,15 @@ fn auto(
             let engine: Option<Arc<dyn Engine>> = if cached.runs_on == backend::tract::RUNS_ON {
                 match cached.variant.as_deref() {
                     None => TractEngine::load(m.proto, m.manifest, graph).ok(),
-                    Some(v) => qdq::Fold::from_variant(v)
-                        .and_then(|how| load_folded(m, graph, how))
-                        .and_then(Result::ok)
-                        .map(|(e, note)| {
-                            graph.rewrites.push(note);
-                            e
-                        }),
+                    Some(qdq::VARIANT) => {
+                        load_folded(m, graph)
+                            .and_then(Result::ok)
+                            .map(|(e, facts)| {
+                                *graph = facts;
+                                e
+                            })
+                    }
+                    Some(_) => None,
                 }
                 .map(|e| Arc::new(e) as Arc<dyn Engine>)
             } else {
@@ -207,20 +209,19 @@ fn auto(
     let mut passed_over = Vec::new();
     let mut tracts: Vec<Arc<dyn Engine>> = Vec::new();
     let mut tract_error = None;
-    // Each variant's note, for the model's rewrites if it serves.
-    let mut variant_notes: Vec<(&'static str, String)> = Vec::new();
+    // The variant's facts (its notes), which become the model's if it serves.
+    let mut variant_facts = None;
+    let before = graph.clone();
     match TractEngine::load(m.proto, m.manifest, graph) {
         Ok(t) => {
             tracts.push(Arc::new(t));
-            for how in [qdq::Fold::Round, qdq::Fold::Clip] {
-                match load_folded(m, graph, how) {
-                    Some(Ok((f, note))) => {
-                        tracts.push(Arc::new(f));
-                        variant_notes.push((how.variant(), note));
-                    }
-                    Some(Err(e)) => passed_over.push(format!("tract ({}): {e}", how.variant())),
-                    None => {}
+            match load_folded(m, &before) {
+                Some(Ok((f, facts))) => {
+                    tracts.push(Arc::new(f));
+                    variant_facts = Some(facts);
                 }
+                Some(Err(e)) => passed_over.push(format!("tract ({}): {e}", qdq::VARIANT)),
+                None => {}
             }
         }
         Err(e) => tract_error = Some(e),
@@ -299,10 +300,8 @@ fn auto(
             }
         }
     };
-    if let Some(v) = placement.engine.variant() {
-        if let Some((_, note)) = variant_notes.into_iter().find(|(name, _)| *name == v) {
-            graph.rewrites.push(note);
-        }
+    if let (Some(qdq::VARIANT), Some(facts)) = (placement.engine.variant(), variant_facts) {
+        *graph = facts;
     }
     if let (true, Some(file)) = (
         status.available || !placement.report.measured.is_empty(),
@@ -318,27 +317,24 @@ fn auto(
 }
 
 /// tract on the graph with its activation quantize/dequantize pairs folded
-/// away, and the note that says so; `None` when the graph has none.
+/// into `Clip`, and the model's facts if it serves (`before`'s, with its
+/// own load notes and the note that says so); `None` when the graph has no
+/// such pairs.
 fn load_folded(
     m: &ModelFacts,
-    graph: &GraphFacts,
-    how: qdq::Fold,
-) -> Option<Result<(TractEngine, String), ModelErrorKind>> {
-    let folded = qdq::fold_activations(m.proto, how)?;
-    // Its own load notes would repeat the graph-as-given's.
-    let mut scratch = graph.clone();
-    let into = match how {
-        qdq::Fold::Clip => "Clip (float between layers, no rounding)",
-        qdq::Fold::Round => "Round and Clip in float (same answers)",
-    };
-    let note = format!(
-        "tract runs the {} variant: {} activation QuantizeLinear → DequantizeLinear pairs folded into {into}; chosen by measurement",
-        how.variant(),
-        folded.pairs
-    );
+    before: &GraphFacts,
+) -> Option<Result<(TractEngine, GraphFacts), ModelErrorKind>> {
+    let folded = qdq::fold_activations(m.proto)?;
+    let mut facts = before.clone();
     Some(
-        TractEngine::load(&folded.model, m.manifest, &mut scratch)
-            .map(|e| (e.with_variant(how.variant()), note)),
+        TractEngine::load(&folded.model, m.manifest, &mut facts).map(|e| {
+            facts.rewrites.push(format!(
+                "tract runs the {} variant: {} activation QuantizeLinear → DequantizeLinear pairs folded into Clip (float between layers, no rounding); chosen by measurement",
+                qdq::VARIANT,
+                folded.pairs
+            ));
+            (e.with_variant(qdq::VARIANT), facts)
+        }),
     )
 }
 

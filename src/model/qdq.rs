@@ -1,16 +1,16 @@
 //! A tract variant for QDQ models: activation QuantizeLinear →
 //! DequantizeLinear pairs folded away, so that tract runs float between the
-//! layers instead of quantizing every activation and dequantizing it again.
+//! layers instead of rounding every activation onto the int8 grid.
 //!
 //! tract 0.23.9 does not fuse QDQ convolutions into an integer kernel: it
-//! runs each Conv in f32 between element-wise QuantizeLinear and
-//! DequantizeLinear ops (QuantizeLinear alone is about a quarter of Visual
-//! Wake Words' time). Folding a pair keeps what it does to the range —
-//! `Clip` to what the quantized type can hold, which is also where a
-//! converter hides a fused ReLU/ReLU6 — and drops the rounding. Answers
-//! therefore move (by a few quantization steps at an int8 output), so the
-//! variant is never served blindly: `auto` holds it to the same agreement
-//! rule as any other engine (see `choice.rs`).
+//! runs each Conv in f32, and each activation pair between them (one fused
+//! pass since `backend/fakequant.rs`, which keeps tract's answers).
+//! Folding a pair keeps what it does to the range — `Clip` to what the
+//! quantized type can hold, which is also where a converter hides a fused
+//! ReLU/ReLU6 — and drops the rounding. Answers therefore move (by a few
+//! quantization steps at an int8 output), so the variant is never served
+//! blindly: `auto` holds it to the same agreement rule as any other engine
+//! (see `choice.rs`).
 //!
 //! Left as they are: the graph's input DequantizeLinear and output
 //! QuantizeLinear (the model's contract), weights' DequantizeLinear of
@@ -31,38 +31,13 @@ pub struct Folded {
     pub pairs: usize,
 }
 
-/// How a pair is replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fold {
-    /// `Clip` to the quantized range: float between layers, the rounding
-    /// dropped (answers move by a few quantization steps).
-    Clip,
-    /// `Mul(Clip(Round(x / s), lo − zp, hi − zp), s)`: DequantizeLinear of
-    /// QuantizeLinear by its definition, in float ops, so answers stay
-    /// those of the graph as given.
-    Round,
-}
+/// The variant's name in `models`, health and the engine-choice cache.
+pub const VARIANT: &str = "qdq-folded";
 
-impl Fold {
-    /// The variant's name in `models`, health and the engine-choice cache.
-    pub fn variant(self) -> &'static str {
-        match self {
-            Fold::Clip => "qdq-folded",
-            Fold::Round => "qdq-rounded",
-        }
-    }
-
-    pub fn from_variant(name: &str) -> Option<Fold> {
-        [Fold::Clip, Fold::Round]
-            .into_iter()
-            .find(|f| f.variant() == name)
-    }
-}
-
-/// The model with every foldable activation pair replaced as `how` says;
-/// `None` when there is nothing to fold (then the variant is the graph as
-/// given).
-pub fn fold_activations(model: &ModelProto, how: Fold) -> Option<Folded> {
+/// The model with every foldable activation pair replaced by a `Clip` to
+/// the quantized range; `None` when there is nothing to fold (then the
+/// variant is the graph as given).
+pub fn fold_activations(model: &ModelProto) -> Option<Folded> {
     let graph = model.graph.as_ref()?;
     let opset = model
         .opset_import
@@ -87,7 +62,7 @@ pub fn fold_activations(model: &ModelProto, how: Fold) -> Option<Folded> {
     // Per folded QuantizeLinear (by index): the clip range; per folded
     // DequantizeLinear: the QuantizeLinear it undoes.
     let mut dropped: HashSet<usize> = HashSet::new();
-    let mut clip_for: HashMap<usize, (String, f32, f32, f32)> = HashMap::new();
+    let mut clip_for: HashMap<usize, (String, f32, f32)> = HashMap::new();
     for (qi, q) in graph.node.iter().enumerate() {
         if !is(q, "QuantizeLinear") || q.output.len() != 1 {
             continue;
@@ -112,16 +87,11 @@ pub fn fold_activations(model: &ModelProto, how: Fold) -> Option<Folded> {
             continue;
         }
         let (scale, zero_point, lo, hi) = params;
-        let (low, high) = match how {
-            Fold::Clip => (
-                (lo - zero_point) as f32 * scale,
-                (hi - zero_point) as f32 * scale,
-            ),
-            Fold::Round => ((lo - zero_point) as f32, (hi - zero_point) as f32),
-        };
+        let low = (lo - zero_point) as f32 * scale;
+        let high = (hi - zero_point) as f32 * scale;
         dropped.insert(qi);
         for &d in users {
-            clip_for.insert(d, (q.input[0].clone(), low, high, scale));
+            clip_for.insert(d, (q.input[0].clone(), low, high));
         }
     }
     if dropped.is_empty() {
@@ -135,7 +105,7 @@ pub fn fold_activations(model: &ModelProto, how: Fold) -> Option<Folded> {
         if dropped.contains(&i) {
             continue;
         }
-        let Some((x, low, high, scale)) = clip_for.get(&i) else {
+        let Some((x, low, high)) = clip_for.get(&i) else {
             nodes.push(node.clone());
             continue;
         };
@@ -159,28 +129,13 @@ pub fn fold_activations(model: &ModelProto, how: Fold) -> Option<Folded> {
         } else {
             (None, None)
         };
-        let s = (how == Fold::Round).then(|| constant(t, "scale", *scale));
-        let op =
-            |t: &mut HashSet<String>, op: &str, input: Vec<String>, output: String| NodeProto {
-                op_type: op.into(),
-                name: fresh(t, &format!("{output}/{op}")),
-                input,
-                output: vec![output],
-                ..Default::default()
-            };
-        let (clip_in, clip_out) = match how {
-            Fold::Clip => (x.clone(), y.clone()),
-            Fold::Round => (
-                fresh(t, &format!("{y}/rounded")),
-                fresh(t, &format!("{y}/clipped")),
-            ),
+        let mut clip = NodeProto {
+            op_type: "Clip".into(),
+            name: fresh(t, &format!("{y}/Clip")),
+            input: vec![x.clone()],
+            output: vec![y],
+            ..Default::default()
         };
-        if let Some(s) = &s {
-            let scaled = fresh(t, &format!("{y}/scaled"));
-            nodes.push(op(t, "Div", vec![x.clone(), s.clone()], scaled.clone()));
-            nodes.push(op(t, "Round", vec![scaled], clip_in.clone()));
-        }
-        let mut clip = op(t, "Clip", vec![clip_in], clip_out.clone());
         match (min, max) {
             (Some(min), Some(max)) => clip.input.extend([min, max]),
             _ => {
@@ -195,9 +150,6 @@ pub fn fold_activations(model: &ModelProto, how: Fold) -> Option<Folded> {
             }
         }
         nodes.push(clip);
-        if let Some(s) = s {
-            nodes.push(op(t, "Mul", vec![clip_out, s], y));
-        }
     }
     let pairs = dropped.len();
     let mut model = model.clone();
@@ -270,17 +222,14 @@ mod tests {
             .iter()
             .map(|o| o.name.clone())
             .collect();
-        for how in [Fold::Clip, Fold::Round] {
-            let f = fold_activations(&given, how).expect("the fixture has activation pairs");
+        {
+            let f = fold_activations(&given).expect("the fixture has activation pairs");
             assert!(f.pairs > 0);
             assert_eq!(
                 count(&f.model, "QuantizeLinear"),
                 count(&given, "QuantizeLinear") - f.pairs
             );
             assert_eq!(count(&f.model, "Clip"), count(&given, "Clip") + f.pairs);
-            if how == Fold::Round {
-                assert_eq!(count(&f.model, "Round"), count(&given, "Round") + f.pairs);
-            }
             // What is left quantizes a graph output or feeds something other
             // than a DequantizeLinear with its own parameters.
             let g = f.model.graph.as_ref().unwrap();
@@ -296,7 +245,6 @@ mod tests {
                     "{q:?} was foldable"
                 );
             }
-            assert_eq!(Fold::from_variant(how.variant()), Some(how));
         }
     }
 
@@ -307,7 +255,6 @@ mod tests {
             "/tests/fixtures/quantized/dyn_u8.onnx"
         );
         let m = crate::model::backend::tract::decode(&std::fs::read(path).unwrap()).unwrap();
-        assert!(fold_activations(&m, Fold::Clip).is_none());
-        assert!(fold_activations(&m, Fold::Round).is_none());
+        assert!(fold_activations(&m).is_none());
     }
 }

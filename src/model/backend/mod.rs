@@ -14,6 +14,7 @@
 //! How a vendor runtime (RKNN, HailoRT) would fit is written down in the
 //! README's "Engines" section.
 
+mod fakequant;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
 pub mod tract;
@@ -44,7 +45,7 @@ pub trait Engine: Send + Sync {
     fn runner(&self) -> Result<Box<dyn Runner>, ModelErrorKind>;
 }
 
-/// `tract-cpu (qdq-rounded)`: what runs, and in which form where there are
+/// `tract-cpu (qdq-folded)`: what runs, and in which form where there are
 /// several.
 pub fn label(runs_on: &str, variant: Option<&str>) -> String {
     match variant {

@@ -185,22 +185,28 @@ fn build_plan(
         fold_shape_branches(&loader, proto, manifest, facts)
     };
     let proto = folded.as_ref().unwrap_or(proto);
-    match plan_from_proto(&loader, proto, manifest) {
-        Ok(plan) => Ok(plan),
+    let (plan, fused) = match plan_from_proto(&loader, proto, manifest) {
+        Ok(loaded) => loaded,
         Err(strict) => {
             // Some exporters declare value info or output shapes that tract
             // disagrees with; such models often load once those are ignored.
             let relaxed = tract_onnx::onnx()
                 .with_ignore_value_info(true)
                 .with_ignore_output_shapes(true);
-            let plan = plan_from_proto(&relaxed, proto, manifest)
+            let loaded = plan_from_proto(&relaxed, proto, manifest)
                 .map_err(|_| with_branch_hint(strict, facts))?;
             facts
                 .rewrites
                 .push("loaded ignoring the graph's declared value info and output shapes".into());
-            Ok(plan)
+            loaded
         }
+    };
+    if fused > 0 {
+        facts.rewrites.push(format!(
+            "{fused} activation QuantizeLinear → DequantizeLinear pairs run as one fused op each (same answers, one pass)"
+        ));
     }
+    Ok(plan)
 }
 
 /// A load failure in a graph that branches on data says so: tract analyses
@@ -367,7 +373,7 @@ fn plan_from_proto(
     loader: &tract_onnx::Onnx,
     proto: &tract_onnx::pb::ModelProto,
     manifest: &Manifest,
-) -> Result<Arc<TypedRunnableModel>, ModelErrorKind> {
+) -> Result<(Arc<TypedRunnableModel>, usize), ModelErrorKind> {
     let engine = |e: TractError| ModelErrorKind::Engine(chain(&e));
     let mut inference = loader.model_for_proto_model(proto).map_err(engine)?;
     fill_open_dims(&mut inference, manifest).map_err(engine)?;
@@ -428,6 +434,8 @@ fn plan_from_proto(
     } else {
         typed.set_symbols(&subs).map_err(engine)?
     };
+    let mut typed = typed.into_decluttered().map_err(engine)?;
+    let fused = super::fakequant::fuse_pairs(&mut typed).map_err(engine)?;
     let optimized = typed.into_optimized().map_err(engine)?;
-    optimized.into_runnable().map_err(engine)
+    Ok((optimized.into_runnable().map_err(engine)?, fused))
 }

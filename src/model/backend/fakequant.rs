@@ -1,0 +1,256 @@
+//! An activation QuantizeLinear → DequantizeLinear pair as one tract op.
+//!
+//! A QDQ graph puts such a pair after nearly every layer: it rounds the
+//! float activation onto the int8 grid and back. tract runs the pair as two
+//! passes (f32 → i8 into a new buffer, i8 → f32 into another) and its
+//! rounding calls libm's `rintf` per element on x86-64, where the baseline
+//! has no rounding instruction: a quarter of Visual Wake Words' time. The
+//! pair is one element-wise map, `((clamp(round(x / s), lo − zp, hi − zp) +
+//! zp − zp') · s'`, done here in place in one pass that the compiler
+//! vectorises, and the answers are bit for bit tract's own (the tests hold
+//! it to tract's two ops).
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::element_wise::{ElementWiseMiniOp, ElementWiseOp};
+use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8, QuantizeLinearU8};
+
+/// 1.5 · 2²³: for |t| < 2²², `(t + ROUND) − ROUND` is `t` rounded to the
+/// nearest integer, ties to even (IEEE round-to-nearest does it), with no
+/// rounding instruction or libm call.
+const ROUND: f32 = 12_582_912.0;
+
+/// `QuantizeLinear(x; 1/inv_scale, zp)` then `DequantizeLinear(·; scale, zp')`
+/// on f32, in place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FakeQuantize {
+    /// tract's quantize multiplies by the reciprocal of the ONNX scale.
+    inv_scale: f32,
+    /// The quantized range less the zero point: `qmin − zp`, `qmax − zp`.
+    lo: f32,
+    hi: f32,
+    /// `zp − zp'`: the quantize's zero point less the dequantize's.
+    shift: f32,
+    scale: f32,
+}
+
+impl Eq for FakeQuantize {}
+
+impl FakeQuantize {
+    /// The pair's op when `quantize` is an activation QuantizeLinear tract
+    /// can fuse (i8 or u8, one scale) and `dequantize` takes its output.
+    fn of(quantize: &TypedNode, dequantize: &TypedNode) -> Option<FakeQuantize> {
+        let q = quantize.op_as::<ElementWiseOp>()?;
+        let dq = dequantize.op_as::<DequantizeLinearF32>()?;
+        let (inv_scale, zp, qmin, qmax) = if let Some(q) = q.0.downcast_ref::<QuantizeLinearI8>() {
+            (q.scale, q.zero_point as i32, i8::MIN as i32, i8::MAX as i32)
+        } else if let Some(q) = q.0.downcast_ref::<QuantizeLinearU8>() {
+            (q.scale, q.zero_point as i32, u8::MIN as i32, u8::MAX as i32)
+        } else {
+            return None;
+        };
+        Some(FakeQuantize {
+            inv_scale,
+            lo: (qmin - zp) as f32,
+            hi: (qmax - zp) as f32,
+            shift: (zp - dq.zero_point) as f32,
+            scale: dq.scale,
+        })
+    }
+
+    /// One element, as tract's QuantizeLinear then DequantizeLinear give
+    /// it: NaN quantizes to the zero point (tract's `as i32` of NaN is 0),
+    /// and clamping before rounding is the same as after, the bounds being
+    /// integers.
+    #[inline(always)]
+    fn map(&self, x: f32) -> f32 {
+        let t = x * self.inv_scale;
+        let t = if t.is_nan() {
+            0.0
+        } else {
+            t.max(self.lo).min(self.hi)
+        };
+        let rounded = (t + ROUND) - ROUND;
+        (rounded + self.shift) * self.scale
+    }
+}
+
+impl ElementWiseMiniOp for FakeQuantize {
+    fn name(&self) -> String {
+        "FakeQuantize".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "1/scale: {} range: {}..{} shift: {} scale: {}",
+            self.inv_scale, self.lo, self.hi, self.shift, self.scale
+        )])
+    }
+
+    fn eval_in_place(&self, t: &mut Tensor, _out_dt: Option<DatumType>) -> TractResult<()> {
+        let mut plain = t.try_as_plain_ram_mut()?;
+        for x in plain.as_slice_mut::<f32>()? {
+            *x = self.map(*x);
+        }
+        Ok(())
+    }
+}
+
+/// Replaces every activation QuantizeLinear → DequantizeLinear pair of a
+/// decluttered `model` (the quantize's output read by the dequantize alone)
+/// with one [`FakeQuantize`]; returns how many.
+pub fn fuse_pairs(model: &mut TypedModel) -> TractResult<usize> {
+    let mut pairs = Vec::new();
+    for node in model.nodes() {
+        if let Some(next) = model.single_succ(node.id)? {
+            if model.outputs.contains(&OutletId::new(node.id, 0)) {
+                continue;
+            }
+            if let Some(op) = FakeQuantize::of(node, next) {
+                pairs.push((node.id, next.id, op));
+            }
+        }
+    }
+    for (q, dq, op) in &pairs {
+        // Read the input now: an earlier patch may have rewired it.
+        let input = model.node(*q).inputs[0];
+        let mut patch = TypedModelPatch::default();
+        let wire = patch.tap_model(model, input)?;
+        let name = model.node(*dq).name.clone();
+        let fused = patch.wire_node(name, ElementWiseOp(Box::new(op.clone()), None), &[wire])?[0];
+        patch.shunt_outside(model, OutletId::new(*dq, 0), fused)?;
+        patch.apply(model)?;
+    }
+    if !pairs.is_empty() {
+        model.compact()?;
+    }
+    Ok(pairs.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tract_onnx::tract_core::ops::quant::{quantize_linear_f32_i8, quantize_linear_f32_u8};
+
+    fn op(inv_scale: f32, zp: i32, signed: bool, dq_zp: i32, scale: f32) -> FakeQuantize {
+        let (qmin, qmax) = if signed { (-128, 127) } else { (0, 255) };
+        FakeQuantize {
+            inv_scale,
+            lo: (qmin - zp) as f32,
+            hi: (qmax - zp) as f32,
+            shift: (zp - dq_zp) as f32,
+            scale,
+        }
+    }
+
+    /// tract's two ops on one element.
+    fn tract_pair(x: f32, inv_scale: f32, zp: i32, signed: bool, dq_zp: i32, scale: f32) -> f32 {
+        let q = if signed {
+            quantize_linear_f32_i8(x, inv_scale, zp) as i32
+        } else {
+            quantize_linear_f32_u8(x, inv_scale, zp) as i32
+        };
+        (q - dq_zp) as f32 * scale
+    }
+
+    fn any_input() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            -300.0f32..300.0,
+            // Exact ties once scaled by 1/0.5 = 2: k/2 + 1/4 → k + 0.5.
+            (-600i32..600).prop_map(|k| k as f32 * 0.5 + 0.25),
+            (-260i32..260).prop_map(|k| k as f32 + 0.5),
+            Just(f32::NAN),
+            Just(-0.0),
+            // Far out of range (tract's own `as i32 + zp` would overflow
+            // past ±2³¹, where this op saturates instead).
+            Just(1e6),
+            Just(-1e6),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn one_pass_is_bit_for_bit_tracts_two_ops(
+            x in any_input(),
+            inv_scale in prop_oneof![Just(1.0f32), Just(2.0f32), 0.01f32..50.0],
+            signed in any::<bool>(),
+            zp in -20i32..20,
+            dq_zp in -20i32..20,
+            scale in 0.001f32..2.0,
+        ) {
+            let zp = if signed { zp } else { zp + 128 };
+            let dq_zp = if signed { dq_zp } else { dq_zp + 128 };
+            let fused = op(inv_scale, zp, signed, dq_zp, scale).map(x);
+            let pair = tract_pair(x, inv_scale, zp, signed, dq_zp, scale);
+            prop_assert_eq!(fused.to_bits(), pair.to_bits(), "x = {}", x);
+        }
+    }
+
+    #[test]
+    fn ties_round_to_even_like_tract() {
+        let q = op(1.0, 0, true, 0, 1.0);
+        for (x, want) in [
+            (0.5, 0.0),
+            (1.5, 2.0),
+            (2.5, 2.0),
+            (-0.5, 0.0),
+            (-1.5, -2.0),
+            (126.5, 126.0),
+        ] {
+            assert_eq!(q.map(x), want, "{x}");
+            assert_eq!(tract_pair(x, 1.0, 0, true, 0, 1.0), want, "{x}");
+        }
+        // Saturation at the int8 range, and NaN at the zero point.
+        assert_eq!(q.map(1000.0), 127.0);
+        assert_eq!(q.map(-1000.0), -128.0);
+        assert_eq!(q.map(f32::INFINITY), 127.0);
+        assert_eq!(q.map(f32::NEG_INFINITY), -128.0);
+        assert_eq!(op(1.0, 3, true, 0, 0.5).map(f32::NAN), 1.5);
+    }
+
+    /// A real QDQ graph, planned with and without the fusion: same outputs,
+    /// bit for bit, on inputs that reach every layer.
+    fn plans_agree(path: &str, input: &[usize]) -> usize {
+        let path = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
+        let typed = tract_onnx::onnx()
+            .with_ignore_value_info(true)
+            .with_ignore_output_shapes(true)
+            .model_for_path(&path)
+            .unwrap()
+            .into_typed()
+            .unwrap()
+            .into_decluttered()
+            .unwrap();
+        let mut fused = typed.clone();
+        let pairs = fuse_pairs(&mut fused).unwrap();
+        let fused_ops = |m: &TypedModel| {
+            m.nodes()
+                .iter()
+                .filter(|n| n.op.name() == "FakeQuantize")
+                .count()
+        };
+        assert_eq!(fused_ops(&fused), pairs);
+        assert_eq!(fused_ops(&typed), 0);
+        let given = typed.into_optimized().unwrap().into_runnable().unwrap();
+        let fused = fused.into_optimized().unwrap().into_runnable().unwrap();
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..8 {
+            let n: usize = input.iter().product();
+            let x: Vec<f32> = (0..n).map(|_| rng.f32() * 6.0 - 3.0).collect();
+            let x = tract_ndarray::Array::from_shape_vec(input, x).unwrap();
+            let a = given.run(tvec!(Tensor::from(x.clone()).into())).unwrap();
+            let b = fused.run(tvec!(Tensor::from(x).into())).unwrap();
+            assert_eq!(a.len(), b.len());
+            for (a, b) in a.iter().zip(&b) {
+                assert_eq!(**a, **b, "{path}");
+            }
+        }
+        pairs
+    }
+
+    #[test]
+    fn a_qdq_graph_gives_the_same_answers_with_its_pairs_fused() {
+        assert!(plans_agree("models/objects.onnx", &[1, 3, 120, 160]) >= 10);
+        assert!(plans_agree("models/activity.onnx", &[1, 50, 6]) >= 4);
+    }
+}
