@@ -175,10 +175,15 @@ impl Preprocessor {
 }
 
 fn quantize(x: f32, scale: f32, zero_point: i32, lo: i32, hi: i32) -> i32 {
-    // Round half to even, as ONNX QuantizeLinear does.
-    ((x / scale).round_ties_even() as i32)
-        .saturating_add(zero_point)
-        .clamp(lo, hi)
+    // Round half to even, as ONNX QuantizeLinear does; clamped first (the
+    // bounds are integers, so that is the same) and NaN to the zero point.
+    let t = x / scale;
+    let t = if t.is_nan() {
+        0.0
+    } else {
+        t.max((lo - zero_point) as f32).min((hi - zero_point) as f32)
+    };
+    crate::model::backend::fakequant::round_ties_even_small(t) as i32 + zero_point
 }
 
 #[cfg(test)]
@@ -192,5 +197,10 @@ mod tests {
         assert_eq!(quantize(1000.0, 0.1, 0, -128, 127), 127);
         assert_eq!(quantize(-1.0, 0.5, 3, 0, 255), 1);
         assert_eq!(quantize(-1000.0, 1.0, 0, 0, 255), 0);
+        assert_eq!(quantize(2.5, 1.0, 0, -128, 127), 2);
+        assert_eq!(quantize(-2.5, 1.0, 0, -128, 127), -2);
+        assert_eq!(quantize(f32::NAN, 1.0, 5, -128, 127), 5);
+        assert_eq!(quantize(f32::INFINITY, 1.0, 5, -128, 127), 127);
+        assert_eq!(quantize(f32::NEG_INFINITY, 1.0, 200, 0, 255), 0);
     }
 }

@@ -19,6 +19,14 @@ use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8, 
 /// rounding instruction or libm call.
 const ROUND: f32 = 12_582_912.0;
 
+/// `t.round_ties_even()` for |t| < 2²² (callers clamp first), in two adds
+/// that vectorise: x86-64's baseline has no rounding instruction, and
+/// `round_ties_even` is a call to libm's `rintf` there.
+#[inline(always)]
+pub(crate) fn round_ties_even_small(t: f32) -> f32 {
+    (t + ROUND) - ROUND
+}
+
 /// `QuantizeLinear(x; 1/inv_scale, zp)` then `DequantizeLinear(·; scale, zp')`
 /// on f32, in place.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,7 +77,7 @@ impl FakeQuantize {
         } else {
             t.max(self.lo).min(self.hi)
         };
-        let rounded = (t + ROUND) - ROUND;
+        let rounded = round_ties_even_small(t);
         (rounded + self.shift) * self.scale
     }
 }
