@@ -181,7 +181,8 @@ fn quantize(x: f32, scale: f32, zero_point: i32, lo: i32, hi: i32) -> i32 {
     let t = if t.is_nan() {
         0.0
     } else {
-        t.max((lo - zero_point) as f32).min((hi - zero_point) as f32)
+        t.max((lo - zero_point) as f32)
+            .min((hi - zero_point) as f32)
     };
     crate::model::backend::fakequant::round_ties_even_small(t) as i32 + zero_point
 }

@@ -14,6 +14,7 @@
 //! How a vendor runtime (RKNN, HailoRT) would fit is written down in the
 //! README's "Engines" section.
 
+mod depthwise;
 pub(crate) mod fakequant;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;

@@ -185,7 +185,7 @@ fn build_plan(
         fold_shape_branches(&loader, proto, manifest, facts)
     };
     let proto = folded.as_ref().unwrap_or(proto);
-    let (plan, fused) = match plan_from_proto(&loader, proto, manifest) {
+    let (plan, ours) = match plan_from_proto(&loader, proto, manifest) {
         Ok(loaded) => loaded,
         Err(strict) => {
             // Some exporters declare value info or output shapes that tract
@@ -201,9 +201,16 @@ fn build_plan(
             loaded
         }
     };
-    if fused > 0 {
+    if ours.fake_quantize > 0 {
         facts.rewrites.push(format!(
-            "{fused} activation QuantizeLinear → DequantizeLinear pairs run as one fused op each (same answers, one pass)"
+            "{} activation QuantizeLinear → DequantizeLinear pairs run as one fused op each (same answers, one pass)",
+            ours.fake_quantize
+        ));
+    }
+    if ours.depthwise > 0 {
+        facts.rewrites.push(format!(
+            "{} depthwise convolutions run channel-last, vectorised over channels (same answers)",
+            ours.depthwise
         ));
     }
     Ok(plan)
@@ -373,7 +380,7 @@ fn plan_from_proto(
     loader: &tract_onnx::Onnx,
     proto: &tract_onnx::pb::ModelProto,
     manifest: &Manifest,
-) -> Result<(Arc<TypedRunnableModel>, usize), ModelErrorKind> {
+) -> Result<(Arc<TypedRunnableModel>, OwnOps), ModelErrorKind> {
     let engine = |e: TractError| ModelErrorKind::Engine(chain(&e));
     let mut inference = loader.model_for_proto_model(proto).map_err(engine)?;
     fill_open_dims(&mut inference, manifest).map_err(engine)?;
@@ -435,7 +442,27 @@ fn plan_from_proto(
         typed.set_symbols(&subs).map_err(engine)?
     };
     let mut typed = typed.into_decluttered().map_err(engine)?;
-    let fused = super::fakequant::fuse_pairs(&mut typed).map_err(engine)?;
+    let ours = if own_ops_wanted() {
+        OwnOps {
+            fake_quantize: super::fakequant::fuse_pairs(&mut typed).map_err(engine)?,
+            depthwise: super::depthwise::substitute(&mut typed).map_err(engine)?,
+        }
+    } else {
+        OwnOps::default()
+    };
     let optimized = typed.into_optimized().map_err(engine)?;
-    Ok((optimized.into_runnable().map_err(engine)?, fused))
+    Ok((optimized.into_runnable().map_err(engine)?, ours))
+}
+
+/// `EDGEINFER_OWN_OPS=0` plans with tract's ops alone: to compare, or to
+/// rule ours out when a model answers unexpectedly (README "Engines").
+fn own_ops_wanted() -> bool {
+    std::env::var_os("EDGEINFER_OWN_OPS").is_none_or(|v| v != "0")
+}
+
+/// How many of edgeinfer's own ops a plan runs in place of tract's.
+#[derive(Debug, Clone, Copy, Default)]
+struct OwnOps {
+    fake_quantize: usize,
+    depthwise: usize,
 }
