@@ -245,13 +245,7 @@ fn substitute_where(
         }
     }
     for (id, op) in &found {
-        let node = model.node(*id);
-        let (name, input) = (node.name.clone(), node.inputs[0]);
-        let mut patch = TypedModelPatch::default();
-        let wire = patch.tap_model(model, input)?;
-        let out = patch.wire_node(name, op.clone(), &[wire])?[0];
-        patch.shunt_outside(model, OutletId::new(*id, 0), out)?;
-        patch.apply(model)?;
+        super::tract::replace_with(model, *id, *id, op.clone())?;
     }
     if !found.is_empty() {
         model.compact()?;

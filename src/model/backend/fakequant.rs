@@ -119,14 +119,8 @@ pub fn fuse_pairs(model: &mut TypedModel) -> TractResult<usize> {
         }
     }
     for (q, dq, op) in &pairs {
-        // Read the input now: an earlier patch may have rewired it.
-        let input = model.node(*q).inputs[0];
-        let mut patch = TypedModelPatch::default();
-        let wire = patch.tap_model(model, input)?;
-        let name = model.node(*dq).name.clone();
-        let fused = patch.wire_node(name, ElementWiseOp(Box::new(op.clone()), None), &[wire])?[0];
-        patch.shunt_outside(model, OutletId::new(*dq, 0), fused)?;
-        patch.apply(model)?;
+        let fused = ElementWiseOp(Box::new(op.clone()), None);
+        super::tract::replace_with(model, *q, *dq, fused)?;
     }
     if !pairs.is_empty() {
         model.compact()?;

@@ -454,6 +454,25 @@ fn plan_from_proto(
     Ok((optimized.into_runnable().map_err(engine)?, ours))
 }
 
+/// Puts `op` in place of node `replaced` (its first output), reading the
+/// first input of node `reads`: one of our ops for a node or a chain of
+/// tract's. The input is read when the patch is made, as an earlier patch
+/// may have rewired it.
+pub(super) fn replace_with(
+    model: &mut TypedModel,
+    reads: usize,
+    replaced: usize,
+    op: impl Into<Box<dyn TypedOp>>,
+) -> TractResult<()> {
+    let input = model.node(reads).inputs[0];
+    let name = model.node(replaced).name.clone();
+    let mut patch = TypedModelPatch::default();
+    let wire = patch.tap_model(model, input)?;
+    let out = patch.wire_node(name, op, &[wire])?[0];
+    patch.shunt_outside(model, OutletId::new(replaced, 0), out)?;
+    patch.apply(model)
+}
+
 /// `EDGEINFER_OWN_OPS=0` plans with tract's ops alone: to compare, or to
 /// rule ours out when a model answers unexpectedly (README "Engines").
 fn own_ops_wanted() -> bool {
