@@ -229,9 +229,16 @@ impl TypedOp for DepthwiseConv {
 }
 
 /// Replaces each depthwise convolution of a decluttered `model` where
-/// [`DepthwiseConv`] is the faster; returns how many.
+/// [`DepthwiseConv`] is the faster; returns how many. x86-64 only: there
+/// tract adds without fused multiply-adds and the answers are equal; its
+/// AArch64 kernel rounds differently (outputs one ulp apart under
+/// qemu-aarch64), and the rule was measured on x86-64 alone.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
-    substitute_where(model, DepthwiseConv::pays)
+    if cfg!(target_arch = "x86_64") {
+        substitute_where(model, DepthwiseConv::pays)
+    } else {
+        Ok(0)
+    }
 }
 
 fn substitute_where(
@@ -438,8 +445,15 @@ mod tests {
         fn the_same_answers_as_tracts_depthwise(case in cases()) {
             let (n, given, ours) = both(&case);
             prop_assert_eq!(n, 1);
-            // Equal as numbers (a zero's sign aside), in tract's own order.
-            prop_assert_eq!(given, ours, "{:?}", case);
+            // Equal as numbers (a zero's sign aside), in tract's own order;
+            // on other CPUs tract's own kernel rounds differently.
+            if cfg!(target_arch = "x86_64") {
+                prop_assert_eq!(given, ours, "{:?}", case);
+            } else {
+                for (a, b) in given.iter().zip(&ours) {
+                    prop_assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{} vs {} {:?}", a, b, case);
+                }
+            }
         }
     }
 
@@ -471,14 +485,15 @@ mod tests {
 
         // Where it pays: strided or short rows, small planes.
         let pays = |case: &Case| {
-            let mut typed = tract_onnx::onnx()
+            let typed = tract_onnx::onnx()
                 .model_for_proto_model(&model(case))
                 .unwrap()
                 .into_typed()
                 .unwrap()
                 .into_decluttered()
                 .unwrap();
-            substitute(&mut typed).unwrap() == 1
+            let conv = typed.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap();
+            DepthwiseConv::of(&typed, conv).unwrap().unwrap().pays()
         };
         assert!(pays(&base));
         let stride_one = Case {
