@@ -213,10 +213,8 @@ impl EvalOp for DepthwiseConv {
             "depthwise input of {} values",
             x.len()
         );
-        let y = self.run(x);
-        Ok(tvec!(
-            Tensor::from_shape(&self.output_shape, &y)?.into_tvalue()
-        ))
+        let y = tract_ndarray::ArrayD::from_shape_vec(&*self.output_shape, self.run(x))?;
+        Ok(tvec!(Tensor::from(y).into_tvalue()))
     }
 }
 
@@ -383,17 +381,21 @@ mod tests {
         }
     }
 
-    /// tract's plan and ours (every depthwise convolution [`DepthwiseConv`]
-    /// can take, whether it pays or not) on one random input:
-    /// (substituted, tract's output, ours).
-    fn both(case: &Case) -> (usize, Vec<f32>, Vec<f32>) {
-        let typed = tract_onnx::onnx()
+    fn decluttered(case: &Case) -> TypedModel {
+        tract_onnx::onnx()
             .model_for_proto_model(&model(case))
             .unwrap()
             .into_typed()
             .unwrap()
             .into_decluttered()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// tract's plan and ours (every depthwise convolution [`DepthwiseConv`]
+    /// can take, whether it pays or not) on one random input:
+    /// (substituted, tract's output, ours).
+    fn both(case: &Case) -> (usize, Vec<f32>, Vec<f32>) {
+        let typed = decluttered(case);
         let mut ours = typed.clone();
         let n = substitute_where(&mut ours, |_| true).unwrap();
         let given = typed.into_optimized().unwrap().into_runnable().unwrap();
@@ -485,13 +487,7 @@ mod tests {
 
         // Where it pays: strided or short rows, small planes.
         let pays = |case: &Case| {
-            let typed = tract_onnx::onnx()
-                .model_for_proto_model(&model(case))
-                .unwrap()
-                .into_typed()
-                .unwrap()
-                .into_decluttered()
-                .unwrap();
+            let typed = decluttered(case);
             let conv = typed.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap();
             DepthwiseConv::of(&typed, conv).unwrap().unwrap().pays()
         };
