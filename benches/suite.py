@@ -9,6 +9,12 @@ Sections:
               (auto without ONNX Runtime), edgeinfer's auto with ONNX
               Runtime, and onnxruntime's own Python API (one thread, inputs
               of the same shape and type); p50/p99 as the median over rounds.
+  input       the stage before inference, edgeinfer (`bench`'s `pre`)
+              against the same work in Python (json + numpy; Pillow +
+              numpy): a window of JSON sensor messages decoded, windowed
+              and normalised; a 640x480 JPEG (the astronaut photo, quality
+              85) decoded, resized bilinear to the model's input and
+              normalised.
   pipeline    the same sensor job (activity model, window 50, stride 50,
               10 devices) through edgeinfer and through a paho-mqtt +
               onnxruntime consumer on one local mosquitto: sustained
@@ -22,6 +28,7 @@ Sections:
 """
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -32,11 +39,13 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import paho.mqtt.client as mqtt
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "models"
@@ -193,6 +202,110 @@ def inference(a):
         rows.append(row)
         print(f"  {model.stem}: " + ", ".join(
             f"{k} {v.get('p50_ms', float('nan')):.3f}" for k, v in row["engines"].items()), flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------- input
+
+def manifest_of(model):
+    if model.suffix == ".toml":
+        return tomllib.loads(model.read_text())
+    return {}
+
+
+def timed(fn, runs):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"p50_ms": times[len(times) // 2], "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))]}
+
+
+def normaliser(model, channels):
+    pre = manifest_of(model).get("preprocess", {})
+    per = lambda v, d: np.array(v if isinstance(v, list) else [d if v is None else v] * channels, np.float32)
+    return np.float32(pre.get("scale", 1.0)), per(pre.get("mean"), 0.0), per(pre.get("std"), 1.0)
+
+
+def python_sensor_stage(model, runs):
+    """A window of JSON messages (one sample each) → the input tensor, as
+    the Python consumer does it."""
+    s = ort.InferenceSession(str(onnx_of(model)), providers=["CPUExecutionProvider"])
+    shape = [d if isinstance(d, int) else 1 for d in s.get_inputs()[0].shape]
+    channels = shape[-1]
+    samples = int(np.prod(shape)) // channels
+    rng = np.random.default_rng(7)
+    msgs = [json.dumps({"ts": 1764331200000 + k, "values": [round(float(v), 4) for v in rng.uniform(-10, 10, channels)]}).encode()
+            for k in range(samples)]
+    scale, mean, std = normaliser(model, channels)
+
+    def run():
+        w = [json.loads(m)["values"] for m in msgs]
+        return ((np.array(w, np.float32) * scale - mean) / std).reshape(shape)
+    return timed(run, runs)
+
+
+def python_image_stage(model, jpeg, runs):
+    """Decode, resize (bilinear) and normalise one frame, as a Pillow +
+    numpy consumer does it. An int8 input is quantized (with a stand-in
+    scale: the work, not the values, is what is timed)."""
+    s = ort.InferenceSession(str(onnx_of(model)), providers=["CPUExecutionProvider"])
+    i = s.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in i.shape]
+    nchw = shape[1] in (1, 3)
+    c, h, w = (shape[1], shape[2], shape[3]) if nchw else (shape[3], shape[1], shape[2])
+    scale, mean, std = normaliser(model, c)
+    data = jpeg.read_bytes()
+
+    def run():
+        im = Image.open(io.BytesIO(data)).convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
+        x = (np.asarray(im, np.float32).reshape(h, w, c) * scale - mean) / std
+        if nchw:
+            x = x.transpose(2, 0, 1)
+        x = np.ascontiguousarray(x[None])
+        if i.type == "tensor(int8)":
+            x = np.clip(np.rint(x / 0.0078125) - 1, -128, 127).astype(np.int8)
+        return x
+    return timed(run, runs)
+
+
+def input_stages(a):
+    tmp = Path(tempfile.mkdtemp(prefix="edgeinfer-suite-"))
+    jpeg = None
+    photo = SHARED.parent / "samples" / "images" / "astronaut.png"
+    if photo.exists():
+        jpeg = tmp / "astronaut-640x480.jpg"
+        Image.open(photo).convert("RGB").resize((640, 480), Image.BILINEAR).save(jpeg, quality=85)
+    jobs = [(REPO / "models" / "activity.toml", None), (REPO / "models" / "motion.toml", None)]
+    if jpeg:
+        jobs.append((REPO / "models" / "objects.toml", jpeg))
+        for f in ["mlperf-tiny/vww_96_int8.onnx", "ultraface/version-RFB-320.onnx"]:
+            if (SHARED / f).exists():
+                jobs.append((SHARED / f, jpeg))
+    rows = []
+    for model, image in jobs:
+        ours, theirs, what = [], [], ""
+        for _ in range(a.rounds):
+            args = ["--backend", "tract"] + (["--image", str(image)] if image else [])
+            r = edgeinfer_bench(a.binary, model, 300, args)
+            if "pre" not in r:
+                what = r.get("error", "no input stage reported")
+                break
+            what = r["pre"]["what"]
+            ours.append((r["pre"]["p50_ms"], r["pre"]["p99_ms"]))
+            theirs.append(tuple((python_image_stage(model, image, 300) if image else python_sensor_stage(model, 300)).values()))
+        row = {"model": model.stem, "what": what}
+        for name, xs in [("edgeinfer", ours), ("python", theirs)]:
+            if xs:
+                row[name] = {"p50_ms": statistics.median(x[0] for x in xs), "p99_ms": statistics.median(x[1] for x in xs)}
+        if ours:
+            row["edgeinfer_vs_python"] = row["edgeinfer"]["p50_ms"] / row["python"]["p50_ms"]
+        rows.append(row)
+        print(f"  {model.stem}: {json.dumps(row)}", flush=True)
     return rows
 
 
@@ -500,7 +613,7 @@ def main():
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--latency-rate", type=float, default=1000.0)
     ap.add_argument("--latency-seconds", type=float, default=5.0)
-    ap.add_argument("--only", default="inference,pipeline,startup,sizes")
+    ap.add_argument("--only", default="inference,input,pipeline,startup,sizes")
     a = ap.parse_args()
     # Threads hand the GIL over every 0.2 ms, not 5: the observer stamps
     # results as they arrive.
@@ -511,6 +624,9 @@ def main():
     if "inference" in only:
         print("inference (p50 ms):", flush=True)
         report["inference"] = inference(a)
+    if "input" in only:
+        print("input stages:", flush=True)
+        report["input"] = input_stages(a)
     if "pipeline" in only:
         # Interleaved: edgeinfer, Python, edgeinfer, Python...
         runs = {"edgeinfer": [], "python": []}
@@ -551,6 +667,16 @@ def print_table(r):
         for n, xs in geo.items():
             if xs:
                 print(f"geometric mean {n} / onnxruntime: {np.exp(np.mean(np.log(xs))):.2f}x over {len(xs)} models")
+    if "input" in r:
+        print("\n| input stage | what | edgeinfer p50 / p99 ms | Python p50 / p99 ms | edgeinfer / Python |")
+        print("|---|---|---|---|---|")
+        for x in r["input"]:
+            if "edgeinfer" not in x:
+                print(f"| {x['model']} | fails: {x['what']} | | | |")
+                continue
+            e, p = x["edgeinfer"], x["python"]
+            print(f"| {x['model']} | {x['what']} | {e['p50_ms']:.3f} / {e['p99_ms']:.3f} | "
+                  f"{p['p50_ms']:.3f} / {p['p99_ms']:.3f} | {x['edgeinfer_vs_python']:.2f}x |")
     if "pipeline" in r:
         print("\n| consumer | msgs/s (QoS 1) | latency p50 / p99 ms at offered rate | peak RSS MiB | CPU s |")
         print("|---|---|---|---|---|")

@@ -68,6 +68,14 @@ enum Command {
         model: PathBuf,
         #[arg(long, default_value_t = 1000)]
         runs: usize,
+        /// An image model infers on this JPEG or PNG, and its decode and
+        /// fit are timed too (a sensor model's windowing always is).
+        #[arg(long, value_name = "FILE")]
+        image: Option<PathBuf>,
+        /// Also time every operator of the plan (tract) and print where
+        /// inference spends its time.
+        #[arg(long)]
+        profile: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -400,10 +408,12 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Bench {
             model,
             runs,
+            image,
+            profile,
             json,
             engine,
         } => {
-            let r = commands::bench(&model, runs, &engine.options())?;
+            let r = commands::bench(&model, runs, &engine.options(), image.as_deref(), profile)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -413,7 +423,31 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     "inference  p50 {:.4} ms  p90 {:.4} ms  p99 {:.4} ms  mean {:.4} ms  ({} runs)",
                     r.p50_ms, r.p90_ms, r.p99_ms, r.mean_ms, r.runs
                 );
+                if let Some(pre) = &r.pre {
+                    println!(
+                        "input      p50 {:.4} ms  p99 {:.4} ms  ({})",
+                        pre.p50_ms, pre.p99_ms, pre.what
+                    );
+                }
                 println!("peak RSS   {:.1} MiB", r.peak_rss_bytes as f64 / 1048576.0);
+                if let Some(p) = &r.profile {
+                    println!(
+                        "\nprofile    {:.4} ms per run over {} runs, by operator:",
+                        p.ms_per_run, p.runs
+                    );
+                    for (title, rows) in [("operator", &p.ops), ("slowest node", &p.nodes)] {
+                        println!("  {:>6}  {:>9}  {title}", "share", "ms/run");
+                        for o in rows.iter().take(12) {
+                            println!(
+                                "  {:>5.1}%  {:>9.4}  {} ({})",
+                                o.share * 100.0,
+                                o.ms_per_run,
+                                o.op,
+                                o.of
+                            );
+                        }
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

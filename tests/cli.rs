@@ -297,6 +297,60 @@ fn bench_json_has_the_documented_fields() {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
     }
     assert!(v["p50_ms"].as_f64() <= v["p99_ms"].as_f64());
+    // A sensor model's input stage: one window of JSON messages.
+    assert_eq!(v["pre"]["runs"], 50);
+    assert!(
+        v["pre"]["what"].as_str().unwrap().contains("JSON messages"),
+        "{v}"
+    );
+    assert!(v["pre"]["p50_ms"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+#[test]
+fn bench_times_an_images_decode_and_fit_and_refuses_what_it_cannot_use() {
+    let objects = repo().join("models/objects.toml");
+    let jpeg = repo().join("tests/fixtures/progressive_small.jpg");
+    let bench = |model: &std::path::Path, image: &std::path::Path| {
+        edgeinfer(&[
+            "bench",
+            "-m",
+            model.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--runs",
+            "5",
+            "--json",
+        ])
+    };
+    let out = bench(&objects, &jpeg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let what = v["pre"]["what"].as_str().unwrap();
+    assert!(
+        what.contains("JPEG decoded") && what.ends_with("to 160x120, normalised"),
+        "{what}"
+    );
+    assert!(v["pre"]["p50_ms"].as_f64().unwrap() > 0.0, "{v}");
+
+    // A sensor model has no image input; a cut-off JPEG does not decode.
+    let out = bench(&repo().join("models/motion.toml"), &jpeg);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--image needs an image model"));
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.jpg");
+    let bytes = std::fs::read(&jpeg).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = bench(&objects, &cut);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("truncated JPEG"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

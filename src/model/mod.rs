@@ -14,7 +14,7 @@ pub mod manifest;
 mod qdq;
 mod session;
 
-pub use backend::{BackendChoice, EngineOptions, RuntimeStatus};
+pub use backend::{BackendChoice, EngineOptions, NodeTime, RuntimeStatus};
 pub use choice::EngineReport;
 pub use graph::{GraphFacts, QuantParams};
 pub use manifest::{AnomalyScore, Manifest, OutputKind};

@@ -1,7 +1,7 @@
 //! A worker's handle on a model: the shared model plus its own runner on
 //! the model's engine.
 
-use super::backend::Runner;
+use super::backend::{NodeTime, Runner};
 use super::choice::dequantized;
 use super::{Model, ModelError, ModelErrorKind, QuantParams};
 use std::sync::Arc;
@@ -52,6 +52,20 @@ impl Session {
             .collect()
     }
 
+    /// Runs once, adding each node's time to `nodes`; false where the
+    /// engine cannot time its nodes.
+    pub fn profile(
+        &mut self,
+        input: Tensor,
+        nodes: &mut Vec<NodeTime>,
+    ) -> Result<bool, ModelError> {
+        let state = self.model.initial_state.clone();
+        let inputs = self.inputs(input, &state);
+        self.runner
+            .profile(inputs, nodes)
+            .map_err(|kind| self.error(kind))
+    }
+
     fn error(&self, kind: ModelErrorKind) -> ModelError {
         ModelError {
             model: self.model.name.clone(),
@@ -60,17 +74,21 @@ impl Session {
     }
 
     fn run_values(&mut self, input: Tensor, state: &[Tensor]) -> Result<TVec<TValue>, ModelError> {
+        let inputs = self.inputs(input, state);
+        self.runner.run(inputs).map_err(|kind| self.error(kind))
+    }
+
+    /// The data input and the state, in the graph's order of inputs.
+    fn inputs(&self, input: Tensor, state: &[Tensor]) -> TVec<TValue> {
         let model = &self.model;
         let mut fed: Vec<Option<TValue>> = vec![None; model.inputs.len()];
         fed[model.data_input] = Some(input.into_tvalue());
         for (k, (i, _)) in model.state_io.iter().enumerate() {
             fed[*i] = Some(state[k].clone().into_tvalue());
         }
-        let inputs: TVec<TValue> = fed
-            .into_iter()
+        fed.into_iter()
             .map(|v| v.expect("every input is data or state"))
-            .collect();
-        self.runner.run(inputs).map_err(|kind| self.error(kind))
+            .collect()
     }
 }
 

@@ -58,6 +58,24 @@ pub fn label(runs_on: &str, variant: Option<&str>) -> String {
 /// One worker's handle: runs the graph on every input at once.
 pub trait Runner: Send {
     fn run(&mut self, inputs: TVec<TValue>) -> Result<TVec<TValue>, ModelErrorKind>;
+
+    /// Runs once and adds each node's time to `nodes` (indexed by node id);
+    /// false where the engine cannot time its nodes (ONNX Runtime).
+    fn profile(
+        &mut self,
+        _inputs: TVec<TValue>,
+        _nodes: &mut Vec<NodeTime>,
+    ) -> Result<bool, ModelErrorKind> {
+        Ok(false)
+    }
+}
+
+/// Time spent in one node of a plan, summed over profiled runs.
+#[derive(Debug, Clone, Default)]
+pub struct NodeTime {
+    pub op: String,
+    pub node: String,
+    pub total: std::time::Duration,
 }
 
 /// A graph input or output: its description and the element type the

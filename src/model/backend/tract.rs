@@ -1,7 +1,7 @@
 //! tract: from ONNX bytes to an optimised plan (graph preparation in
 //! `graph.rs`, a strict load and a relaxed retry), and its runner.
 
-use super::{Engine, Fact, Runner};
+use super::{Engine, Fact, NodeTime, Runner};
 use crate::model::graph::{self, GraphFacts};
 use crate::model::manifest::Manifest;
 use crate::model::{chain, panic_message, ModelErrorKind, TensorInfo};
@@ -152,16 +152,52 @@ impl Runner for TractRunner {
         match catch_unwind(AssertUnwindSafe(|| self.state.run(inputs))) {
             Ok(Ok(outputs)) => Ok(outputs),
             Ok(Err(e)) => Err(ModelErrorKind::Inference(chain(&e))),
-            Err(panic) => {
-                // The state may be half-updated: start from a fresh one.
-                self.state =
-                    SimpleState::new(&self.plan).map_err(|e| ModelErrorKind::Engine(chain(&e)))?;
-                Err(ModelErrorKind::Panic {
-                    stage: "running",
-                    message: panic_message(panic),
-                })
-            }
+            Err(panic) => self.after_panic(panic),
         }
+    }
+
+    fn profile(
+        &mut self,
+        inputs: TVec<TValue>,
+        nodes: &mut Vec<NodeTime>,
+    ) -> Result<bool, ModelErrorKind> {
+        let model = self.plan.model();
+        if nodes.len() < model.nodes().len() {
+            nodes.resize(model.nodes().len(), NodeTime::default());
+        }
+        let run = || {
+            self.state
+                .run_plan_with_eval(inputs, |ctx, state, node, input| {
+                    let t = std::time::Instant::now();
+                    let out = tract_onnx::tract_core::plan::eval(ctx, state, node, input);
+                    let slot = &mut nodes[node.id];
+                    if slot.op.is_empty() {
+                        slot.op = node.op.name().into_owned();
+                        slot.node = node.name.clone();
+                    }
+                    slot.total += t.elapsed();
+                    out
+                })
+        };
+        match catch_unwind(AssertUnwindSafe(run)) {
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) => Err(ModelErrorKind::Inference(chain(&e))),
+            Err(panic) => self.after_panic(panic),
+        }
+    }
+}
+
+impl TractRunner {
+    /// The state may be half-updated after a panic: start from a fresh one.
+    fn after_panic<T>(
+        &mut self,
+        panic: Box<dyn std::any::Any + Send>,
+    ) -> Result<T, ModelErrorKind> {
+        self.state = SimpleState::new(&self.plan).map_err(|e| ModelErrorKind::Engine(chain(&e)))?;
+        Err(ModelErrorKind::Panic {
+            stage: "running",
+            message: panic_message(panic),
+        })
     }
 }
 
