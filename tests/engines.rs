@@ -100,6 +100,24 @@ fn fastest_agreeing(row: &Value) -> &Value {
 
 /// `auto`'s rule: with both engines loaded and agreeing, the faster serves;
 /// when tract disagrees, ONNX Runtime does.
+/// Whether onnxruntime's CPU provider multiplies int8 exactly on this host.
+/// On x86-64 without VNNI its u8 x s8 kernels add pairs of products in
+/// saturating 16-bit integers (the "saturation issue" of AVX2 and AVX-512
+/// without VNNI in onnxruntime's quantization guide), so its int8 answers
+/// can be steps away from the exact ones tract gives: seen on an AMD EPYC
+/// with AVX2 (the detector's boxes 5 px apart, ResNet-8 and VWW one output
+/// step), not on a Xeon with AVX-512 VNNI. On ARM its dot products are exact.
+fn onnxruntime_int8_is_exact() -> bool {
+    if !cfg!(target_arch = "x86_64") {
+        return true;
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpuinfo.lines().filter(|l| l.starts_with("flags")).any(|l| {
+        l.split_whitespace()
+            .any(|f| f == "avx512_vnni" || f == "avx_vnni")
+    })
+}
+
 fn assert_auto_rule(row: &Value) {
     assert!(
         row["error"].is_null(),
@@ -133,8 +151,16 @@ fn auto_measures_both_engines_and_serves_every_bundled_model_with_the_faster_agr
     for row in &rows {
         assert_auto_rule(row);
         // The bundled models are the ones whose answers the golden tests pin:
-        // both engines agree on them.
-        assert_eq!(measured(row, "tract-cpu")["agrees"], true, "{row:#}");
+        // both engines agree on them, where onnxruntime's int8 arithmetic
+        // is exact (the QDQ detector is the one with tract variants).
+        let qdq = row["engine"]["measured"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m.get("variant").is_some());
+        if !qdq || onnxruntime_int8_is_exact() {
+            assert_eq!(measured(row, "tract-cpu")["agrees"], true, "{row:#}");
+        }
     }
 }
 
@@ -618,8 +644,14 @@ fn auto_holds_an_accelerator_to_the_cpu_provider_and_does_not_pick_it_when_it_di
             "{row:#}"
         );
         assert_eq!(measured[2]["detail"], "reference");
-        // tract gives the CPU provider's integers exactly on both.
-        assert_eq!(measured[0]["max_abs_diff"], 0.0, "{row:#}");
+        // tract gives the CPU provider's integers exactly on both, where the
+        // provider's are exact; elsewhere within a few output steps (1/256).
+        let diff = measured[0]["max_abs_diff"].as_f64().unwrap();
+        if onnxruntime_int8_is_exact() {
+            assert_eq!(diff, 0.0, "{row:#}");
+        } else {
+            assert!(diff <= 4.0 / 256.0, "{row:#}");
+        }
     }
     // Whether OpenVINO's int8 arithmetic matches the CPU provider's depends
     // on the host: ResNet-8 was 16 steps off on an AVX2 machine and is
