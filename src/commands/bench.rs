@@ -86,9 +86,8 @@ struct Stage {
 /// Loads a model and times `runs` inferences (after 10 warm-up runs). A
 /// sensor model (one whose input cannot be an image's, or whose manifest
 /// gives a sensor layout) infers on a fixed pseudo-random window, and its
-/// stage is one
-/// window's worth of JSON messages (one sample each) decoded, windowed and
-/// normalised. With `image`, an image model infers on that file fitted to
+/// stage is one window's worth of JSON messages (one sample each) decoded,
+/// windowed and normalised. With `image`, an image model infers on that file fitted to
 /// its input, and its stage is the decode, the resize and the normalising.
 /// Other models infer on pseudo-random values and report no stage.
 pub fn bench(
