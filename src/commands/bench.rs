@@ -87,8 +87,9 @@ struct Stage {
 /// sensor model (one whose input cannot be an image's, or whose manifest
 /// gives a sensor layout) infers on a fixed pseudo-random window, and its
 /// stage is one window's worth of JSON messages (one sample each) decoded,
-/// windowed and normalised. With `image`, an image model infers on that file fitted to
-/// its input, and its stage is the decode, the resize and the normalising.
+/// windowed and normalised. With `image`, an image model infers on that
+/// file fitted to its input, and its stage is the decode, the resize and
+/// the normalising.
 /// Other models infer on pseudo-random values and report no stage.
 pub fn bench(
     model_path: &Path,
@@ -236,7 +237,7 @@ fn time_stage(stage: &mut Stage, runs: usize) -> Result<StageReport, String> {
 
 /// The JSON messages of one window, one sample each, as a device sends
 /// them: `{"ts": …, "values": [...]}` (values pseudo-random, 4 decimals).
-pub fn sensor_messages(samples: usize, channels: usize) -> Vec<Vec<u8>> {
+fn sensor_messages(samples: usize, channels: usize) -> Vec<Vec<u8>> {
     let mut rng = fastrand::Rng::with_seed(7);
     (0..samples)
         .map(|k| {
@@ -306,7 +307,8 @@ fn image_stage(model: &Arc<Model>, file: &Path) -> Result<Stage, OneShotError> {
     } else {
         pre
     };
-    let limits = FrameLimits::pixels(16_000_000);
+    // The daemon's default frame limit (`[limits] max_image_pixels`).
+    let limits = FrameLimits::pixels(crate::config::Limits::default().max_image_pixels);
     let frame = decode(&bytes, FrameFormat::Encoded, &limits)
         .map_err(|e| OneShotError::Other(format!("{}: {e}", file.display())))?;
     let mut fitter = Fitter::default();
