@@ -331,6 +331,7 @@ async fn run_once(
     ));
     systemd::notify_ready();
     tracing::info!(device = %device, pipelines = config.pipelines.len(), broker = %config.broker.url, "Started");
+    crate::pageout::after_loading();
 
     let restart = tokio::select! {
         _ = shutdown.cancelled() => None,
@@ -428,6 +429,7 @@ async fn reload_loop(
             Ok(Reloaded::InPlace(report)) => {
                 tracing::info!(report = %report, "Configuration reloaded in place");
                 systemd::notify_ready();
+                crate::pageout::after_loading();
                 Ok(report)
             }
             Ok(Reloaded::Restart(config, why)) => {

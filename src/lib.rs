@@ -13,7 +13,9 @@
 //! ```
 // Denied, not forbidden: two loops of our tract ops (backend/depthwise.rs,
 // backend/fakequant.rs) call their AVX builds after checking the CPU has
-// AVX, the one thing safe Rust cannot say (README "Engines").
+// AVX, the one thing safe Rust cannot say (README "Engines"); pageout.rs
+// unmaps the executable's read-only pages once the daemon serves (README
+// "Memory").
 #![deny(unsafe_code)]
 
 pub mod bundled;
@@ -28,6 +30,7 @@ pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod ops;
+pub mod pageout;
 pub mod pipeline;
 pub mod systemd;
 pub mod topic;

@@ -420,3 +420,55 @@ async fn frames_that_would_blow_the_memory_budget_are_refused_before_decoding() 
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// The executable's resident size, from `/proc/self/smaps`.
+fn exe_rss_kib() -> u64 {
+    let exe = std::fs::read_link("/proc/self/exe").unwrap();
+    let maps =
+        edgeinfer::pageout::parse_smaps(&std::fs::read_to_string("/proc/self/smaps").unwrap());
+    maps.iter()
+        .filter(|m| Path::new(&m.path) == exe)
+        .map(|m| m.rss_kib)
+        .sum()
+}
+
+/// Handing back the start-up code (what the daemon does once ready): the
+/// executable's resident pages go, and a model loaded before still answers
+/// bit for bit the same, its code and constants refaulted from the file.
+/// Not run under qemu-user (the ARM lists in .ci/run), which ignores
+/// madvise hints.
+#[test]
+fn start_up_code_pages_are_handed_back_and_refault_unchanged() {
+    use edgeinfer::pipeline::pre::Preprocessor;
+    let model = std::sync::Arc::new(
+        edgeinfer::model::Model::load(&repo().join("models/activity.toml")).unwrap(),
+    );
+    let case = &activity_reference().cases[0];
+    let raw: Vec<f32> = case.input.iter().flatten().copied().collect();
+    let answer = || {
+        let channels = *model.input().shape.last().unwrap();
+        let mut pre = Preprocessor::new(&model, channels).unwrap();
+        let mut normalised = Vec::new();
+        let tensor = pre.tensor(&raw, &mut normalised);
+        model.session().unwrap().run(tensor).unwrap()
+    };
+    let before = answer();
+
+    let resident = exe_rss_kib();
+    let released = edgeinfer::pageout::release_code_pages().unwrap();
+    let after_release = exe_rss_kib();
+    assert!(released.mappings >= 1, "{released:?}");
+    assert!(released.bytes > 0, "{released:?}");
+    assert!(
+        after_release * 2 < resident,
+        "executable still {after_release} KiB resident of {resident} KiB"
+    );
+
+    let again = answer();
+    assert_eq!(
+        before.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        again.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    // The second call finds the pages the model just faulted back in.
+    assert!(edgeinfer::pageout::release_code_pages().unwrap().bytes > 0);
+}

@@ -1,0 +1,233 @@
+//! Handing back the start-up code's pages once the daemon serves.
+//!
+//! Loading models runs a large share of the binary once (tract's ONNX
+//! parser, its optimiser, the engines' agreement checks); those pages of
+//! the executable stay mapped afterwards and are most of an idle daemon's
+//! RSS (about 22 of 30 MiB). Once the daemon is ready, [`release_code_pages`]
+//! unmaps them with `madvise(MADV_DONTNEED)`: the next instruction fetched
+//! from such a page refaults it from the page cache, so serving code comes
+//! back on first use and start-up code stays out. Only read-only mappings of
+//! the executable with no private (copy-on-write) pages are touched, so no
+//! content can change: the kernel refills every page from the file.
+//!
+//! The pages stay in the page cache until the kernel needs the memory
+//! (unmapped clean pages are the first it reclaims); a cgroup's
+//! `memory.current` counts them until then. `EDGEINFER_KEEP_STARTUP_CODE=1`
+//! skips all this (README "Memory").
+
+use std::io;
+use std::path::Path;
+
+/// One mapping read from `/proc/self/smaps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: usize,
+    pub end: usize,
+    /// `r-xp` and the like.
+    pub perms: String,
+    /// The mapped file, or `[heap]` and the like; empty for anonymous memory.
+    pub path: String,
+    pub rss_kib: u64,
+    /// Private pages the process wrote (or the loader relocated).
+    pub anonymous_kib: u64,
+}
+
+impl Mapping {
+    /// Whether unmapping this mapping's pages can never change what the
+    /// process reads back: read-only, and every page still the file's.
+    fn refills_from_file(&self) -> bool {
+        !self.perms.contains('w') && self.anonymous_kib == 0 && self.end > self.start
+    }
+}
+
+/// What [`release_code_pages`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Released {
+    pub mappings: usize,
+    /// Resident bytes of those mappings just before.
+    pub bytes: u64,
+}
+
+/// The mappings in `/proc/<pid>/smaps` text. Lines it does not know are
+/// skipped; a header without the fields after it gives zeroes.
+pub fn parse_smaps(text: &str) -> Vec<Mapping> {
+    let mut out: Vec<Mapping> = Vec::new();
+    for line in text.lines() {
+        if let Some(m) = parse_header(line) {
+            out.push(m);
+            continue;
+        }
+        let Some(current) = out.last_mut() else {
+            continue;
+        };
+        let mut fields = line.split_whitespace();
+        let (Some(key), Some(value)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Ok(value) = value.parse::<u64>() else {
+            continue;
+        };
+        match key {
+            "Rss:" => current.rss_kib = value,
+            "Anonymous:" => current.anonymous_kib = value,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `start-end perms offset dev inode [path]`; the path may hold spaces.
+fn parse_header(line: &str) -> Option<Mapping> {
+    let mut rest = line;
+    let mut next = || {
+        let t = rest.trim_start();
+        let end = t.find(char::is_whitespace).unwrap_or(t.len());
+        let (field, tail) = t.split_at(end);
+        rest = tail;
+        field
+    };
+    let range = next();
+    let perms = next();
+    let (offset, dev, inode) = (next(), next(), next());
+    let (start, end) = range.split_once('-')?;
+    let start = usize::from_str_radix(start, 16).ok()?;
+    let end = usize::from_str_radix(end, 16).ok()?;
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if perms.len() != 4 || !hex(offset) || !dev.contains(':') || inode.parse::<u64>().is_err() {
+        return None;
+    }
+    Some(Mapping {
+        start,
+        end,
+        perms: perms.to_owned(),
+        path: rest.trim().to_owned(),
+        rss_kib: 0,
+        anonymous_kib: 0,
+    })
+}
+
+/// The mappings whose pages [`release_code_pages`] may drop: the
+/// executable's, matched by path (device numbers differ on overlay file
+/// systems), and only those that refill from the file.
+pub fn releasable<'a>(maps: &'a [Mapping], exe: &Path) -> impl Iterator<Item = &'a Mapping> {
+    let exe = exe.to_string_lossy().into_owned();
+    maps.iter()
+        .filter(move |m| m.path == exe && m.refills_from_file())
+}
+
+/// Unmaps the resident pages of the executable's read-only mappings (see
+/// the module's comment). A kernel or seccomp filter that refuses
+/// `madvise` ends it quietly with what was done.
+pub fn release_code_pages() -> io::Result<Released> {
+    let exe = std::fs::read_link("/proc/self/exe")?;
+    let maps = parse_smaps(&std::fs::read_to_string("/proc/self/smaps")?);
+    let mut done = Released::default();
+    for m in releasable(&maps, &exe) {
+        if m.rss_kib == 0 {
+            continue;
+        }
+        // SAFETY: the range is one whole mapping of this process's own
+        // executable, read from /proc/self/smaps just above, read-only and
+        // with no private pages (`refills_from_file`). MADV_DONTNEED on such
+        // a range only drops page-table entries: every later access refaults
+        // the same bytes from the file, so no reference into it (code,
+        // string literals, statics) sees a change. The executable is never
+        // unmapped while the process runs, so the range stays valid.
+        #[allow(unsafe_code)]
+        let r = unsafe {
+            rustix::mm::madvise(
+                m.start as *mut std::ffi::c_void,
+                m.end - m.start,
+                rustix::mm::Advice::LinuxDontNeed,
+            )
+        };
+        match r {
+            Ok(()) => {
+                done.mappings += 1;
+                done.bytes += m.rss_kib * 1024;
+            }
+            Err(e) if done.mappings == 0 => return Err(e.into()),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
+}
+
+/// The daemon's call once it is ready (after a start, a restart or a reload
+/// in place) and after a model update loaded a model: does it unless
+/// `EDGEINFER_KEEP_STARTUP_CODE=1`, and logs what it gave back.
+pub fn after_loading() {
+    if std::env::var_os("EDGEINFER_KEEP_STARTUP_CODE").is_some_and(|v| v == "1") {
+        return;
+    }
+    match release_code_pages() {
+        Ok(r) => tracing::debug!(
+            mappings = r.mappings,
+            mib = format_args!("{:.1}", r.bytes as f64 / (1024.0 * 1024.0)),
+            "Gave back the start-up code's pages"
+        ),
+        Err(e) => tracing::debug!(error = %e, "Kept the start-up code's pages"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+564b009b5000-564b01125000 r--p 00000000 fe:00 5313060                    /opt/edge infer/edgeinfer
+Size:               7616 kB
+Rss:                3980 kB
+Anonymous:             0 kB
+VmFlags: rd mr mw me sd
+564b01125000-564b02e2e000 r-xp 0076f000 fe:00 5313060                    /opt/edge infer/edgeinfer
+Rss:               17484 kB
+Anonymous:             0 kB
+564b02e2e000-564b02f0c000 r--p 02477000 fe:00 5313060                    /opt/edge infer/edgeinfer
+Rss:                 888 kB
+Anonymous:           884 kB
+564b02f0c000-564b02f12000 rw-p 02554000 fe:00 5313060                    /opt/edge infer/edgeinfer
+Rss:                  24 kB
+Anonymous:            24 kB
+7fc48c000000-7fc48c4e2000 rw-p 00000000 00:00 0 
+Rss:                4984 kB
+Anonymous:          4984 kB
+7fc49491b000-7fc494a71000 r-xp 00026000 fe:00 326279                     /usr/lib/libc.so.6
+Rss:                1044 kB
+Anonymous:             0 kB
+";
+
+    #[test]
+    fn smaps_headers_and_fields_are_read() {
+        let maps = parse_smaps(SAMPLE);
+        assert_eq!(maps.len(), 6);
+        assert_eq!(maps[1].start, 0x564b_0112_5000);
+        assert_eq!(maps[1].end, 0x564b_02e2_e000);
+        assert_eq!(maps[1].perms, "r-xp");
+        assert_eq!(maps[1].path, "/opt/edge infer/edgeinfer");
+        assert_eq!(maps[1].rss_kib, 17484);
+        assert_eq!(maps[2].anonymous_kib, 884);
+        assert_eq!(maps[4].path, "");
+        assert_eq!(maps[4].rss_kib, 4984);
+    }
+
+    #[test]
+    fn only_the_executables_pure_read_only_mappings_are_releasable() {
+        let maps = parse_smaps(SAMPLE);
+        let picked: Vec<_> = releasable(&maps, Path::new("/opt/edge infer/edgeinfer"))
+            .map(|m| m.start)
+            .collect();
+        // Not the relocated read-only part (copy-on-write pages), not the
+        // writable data, not the heap, not another file's code.
+        assert_eq!(picked, vec![0x564b_009b_5000, 0x564b_0112_5000]);
+        assert_eq!(releasable(&maps, Path::new("/usr/bin/other")).count(), 0);
+    }
+
+    #[test]
+    fn lines_that_are_not_headers_are_not_taken_for_one() {
+        assert!(parse_header("Rss:                3980 kB").is_none());
+        assert!(parse_header("VmFlags: rd mr mw me sd").is_none());
+        assert!(parse_header("").is_none());
+        assert!(parse_header("zz-10 r-xp 0 fe:00 1 /x").is_none());
+    }
+}
