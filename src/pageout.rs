@@ -28,15 +28,19 @@ pub struct Mapping {
     /// The mapped file, or `[heap]` and the like; empty for anonymous memory.
     pub path: String,
     pub rss_kib: u64,
-    /// Private pages the process wrote (or the loader relocated).
-    pub anonymous_kib: u64,
+    /// Pages the process wrote (or the loader relocated) and so owns, no
+    /// longer the file's: `None` where the kernel (or an emulator's
+    /// imitation of smaps) leaves the field out. Not `Private_Dirty`: that
+    /// also counts page-cache pages not yet written back (a binary just
+    /// linked), which refill from the cache unchanged.
+    pub anonymous_kib: Option<u64>,
 }
 
 impl Mapping {
     /// Whether unmapping this mapping's pages can never change what the
     /// process reads back: read-only, and every page still the file's.
     fn refills_from_file(&self) -> bool {
-        !self.perms.contains('w') && self.anonymous_kib == 0 && self.end > self.start
+        !self.perms.contains('w') && self.anonymous_kib == Some(0) && self.end > self.start
     }
 }
 
@@ -49,7 +53,7 @@ pub struct Released {
 }
 
 /// The mappings in `/proc/<pid>/smaps` text. Lines it does not know are
-/// skipped; a header without the fields after it gives zeroes.
+/// skipped; fields a header lacks are zero (`Rss`) or `None`.
 pub fn parse_smaps(text: &str) -> Vec<Mapping> {
     let mut out: Vec<Mapping> = Vec::new();
     for line in text.lines() {
@@ -69,7 +73,7 @@ pub fn parse_smaps(text: &str) -> Vec<Mapping> {
         };
         match key {
             "Rss:" => current.rss_kib = value,
-            "Anonymous:" => current.anonymous_kib = value,
+            "Anonymous:" => current.anonymous_kib = Some(value),
             _ => {}
         }
     }
@@ -102,7 +106,7 @@ fn parse_header(line: &str) -> Option<Mapping> {
         perms: perms.to_owned(),
         path: rest.trim().to_owned(),
         rss_kib: 0,
-        anonymous_kib: 0,
+        anonymous_kib: None,
     })
 }
 
@@ -178,13 +182,16 @@ mod tests {
 564b009b5000-564b01125000 r--p 00000000 fe:00 5313060                    /opt/edge infer/edgeinfer
 Size:               7616 kB
 Rss:                3980 kB
+Private_Dirty:         0 kB
 Anonymous:             0 kB
 VmFlags: rd mr mw me sd
 564b01125000-564b02e2e000 r-xp 0076f000 fe:00 5313060                    /opt/edge infer/edgeinfer
 Rss:               17484 kB
+Private_Dirty:     17484 kB
 Anonymous:             0 kB
 564b02e2e000-564b02f0c000 r--p 02477000 fe:00 5313060                    /opt/edge infer/edgeinfer
 Rss:                 888 kB
+Private_Dirty:       884 kB
 Anonymous:           884 kB
 564b02f0c000-564b02f12000 rw-p 02554000 fe:00 5313060                    /opt/edge infer/edgeinfer
 Rss:                  24 kB
@@ -206,7 +213,8 @@ Anonymous:             0 kB
         assert_eq!(maps[1].perms, "r-xp");
         assert_eq!(maps[1].path, "/opt/edge infer/edgeinfer");
         assert_eq!(maps[1].rss_kib, 17484);
-        assert_eq!(maps[2].anonymous_kib, 884);
+        assert_eq!(maps[2].anonymous_kib, Some(884));
+        assert_eq!(maps[5].anonymous_kib, Some(0));
         assert_eq!(maps[4].path, "");
         assert_eq!(maps[4].rss_kib, 4984);
     }
@@ -221,6 +229,11 @@ Anonymous:             0 kB
         // writable data, not the heap, not another file's code.
         assert_eq!(picked, vec![0x564b_009b_5000, 0x564b_0112_5000]);
         assert_eq!(releasable(&maps, Path::new("/usr/bin/other")).count(), 0);
+        // A mapping whose smaps entry does not say it has no private pages
+        // (an emulator's imitation) is left alone.
+        let mut unsure = maps[1].clone();
+        unsure.anonymous_kib = None;
+        assert!(!unsure.refills_from_file());
     }
 
     #[test]
