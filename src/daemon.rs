@@ -429,7 +429,6 @@ async fn reload_loop(
             Ok(Reloaded::InPlace(report)) => {
                 tracing::info!(report = %report, "Configuration reloaded in place");
                 systemd::notify_ready();
-                crate::pageout::after_loading();
                 Ok(report)
             }
             Ok(Reloaded::Restart(config, why)) => {

@@ -157,8 +157,9 @@ pub fn release_code_pages() -> io::Result<Released> {
     Ok(done)
 }
 
-/// The daemon's call once it is ready (after a start, a restart or a reload
-/// in place) and after a model update loaded a model: does it unless
+/// The daemon's call once it is ready (after a start or a restart) and
+/// after each model loaded later (`ops::load_spec`: a reload in place, a
+/// model update): does it unless
 /// `EDGEINFER_KEEP_STARTUP_CODE=1`, and logs what it gave back.
 pub fn after_loading() {
     if std::env::var_os("EDGEINFER_KEEP_STARTUP_CODE").is_some_and(|v| v == "1") {

@@ -1237,7 +1237,8 @@ pub fn load_spec(
             None
         }
     };
-    // The parser and optimiser ran again; their pages go back too.
+    // The parser and optimiser ran again (a reload or a model update); their
+    // pages go back too.
     crate::pageout::after_loading();
     Ok((spec, checked))
 }
