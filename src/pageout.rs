@@ -113,15 +113,16 @@ fn parse_header(line: &str) -> Option<Mapping> {
 /// The mappings whose pages [`release_code_pages`] may drop: the
 /// executable's, matched by path (device numbers differ on overlay file
 /// systems), and only those that refill from the file.
-pub fn releasable<'a>(maps: &'a [Mapping], exe: &Path) -> impl Iterator<Item = &'a Mapping> {
-    let exe = exe.to_string_lossy().into_owned();
+pub fn releasable<'a>(maps: &'a [Mapping], exe: &'a Path) -> impl Iterator<Item = &'a Mapping> {
     maps.iter()
-        .filter(move |m| m.path == exe && m.refills_from_file())
+        .filter(move |m| Path::new(&m.path) == exe && m.refills_from_file())
 }
 
 /// Unmaps the resident pages of the executable's read-only mappings (see
-/// the module's comment). A kernel or seccomp filter that refuses
-/// `madvise` ends it quietly with what was done.
+/// the module's comment). If `madvise` is refused (a seccomp filter), the
+/// first refusal is the error; a later one ends it with what was done.
+/// Mappings shown with no resident pages are skipped, which also leaves
+/// alone an emulator's smaps that reports zeroes (qemu-user).
 pub fn release_code_pages() -> io::Result<Released> {
     let exe = std::fs::read_link("/proc/self/exe")?;
     let maps = parse_smaps(&std::fs::read_to_string("/proc/self/smaps")?);
