@@ -1018,13 +1018,26 @@ results = "edgeinfer/{{device}}/results/b/{{1}}"
     )
     .unwrap();
     hup_tx.send(()).unwrap();
-    obs.publish("sensors/w1/b", batch(&rows)).await;
-    let r = obs
-        .next_where(T, |m| m.topic == "edgeinfer/gw-r/results/b/w1")
-        .await
-        .unwrap()
-        .json();
-    assert_eq!(r["model"], "activity", "{r}");
+    // SIGHUP has no reply: windows published before the swap are answered
+    // by the model still serving, so publish until the new one answers.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        obs.publish("sensors/w1/b", batch(&rows)).await;
+        let r = obs
+            .next_where(T, |m| m.topic == "edgeinfer/gw-r/results/b/w1")
+            .await
+            .expect("a result for every full window")
+            .json();
+        if r["model"] == "activity" {
+            break;
+        }
+        assert_eq!(r["model"], "activity_v2", "{r}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the SIGHUP reload never swapped the model in: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let flap = obs
         .next_where(Duration::from_secs(1), |m| m.topic.ends_with("/status"))
         .await;
