@@ -34,6 +34,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import socket
 import statistics
 import struct
@@ -552,6 +553,7 @@ def pipeline_run(kind, a):
         expected = DEVICES * (n // WINDOW)
         sampler = RssSampler(proc.pid)
         cpu0 = cpu_s(proc.pid)
+        broker_cpu0 = cpu_s(broker.proc.pid)
         t0 = time.perf_counter()
         batch = []
         for k in range(n):
@@ -571,6 +573,8 @@ def pipeline_run(kind, a):
         throughput = {"messages": n * DEVICES, "results": len(done), "expected": expected,
                       "msgs_per_s": n * DEVICES / elapsed, "publish_s": publish_s,
                       "consumer_cpu_s": cpu_s(proc.pid) - cpu0,
+                      # mosquitto is one thread: near 1.0 means it set the pace.
+                      "broker_busy": (cpu_s(broker.proc.pid) - broker_cpu0) / elapsed,
                       "peak_rss_mib": load_peak_kib / 1024,
                       "vmhwm_mib": proc_kib(proc.pid, "VmHWM") / 1024}
         return {"latency": latency, "throughput": throughput}
@@ -578,6 +582,63 @@ def pipeline_run(kind, a):
         obs.stop()
         proc.terminate()
         proc.wait()
+        broker.stop()
+
+
+CEILING = "broker ceiling: mosquitto_sub, no work"
+
+
+def broker_ceiling(a):
+    """The same sustained load delivered to mosquitto_sub (C, QoS 1, no work
+    per message): how many messages/s this broker hands one subscriber on
+    this host. A consumer cannot go faster than this, whatever it does."""
+    broker = Broker()
+    n = a.messages // DEVICES // WINDOW * WINDOW
+    total = n * DEVICES
+    exe = shutil.which("mosquitto_sub")
+    if exe is None:
+        broker.stop()
+        return None
+    proc = subprocess.Popen([exe, "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-t", "sensors/+/imu",
+                             "-C", str(total), "-i", f"suite-ceiling-{os.getpid()}"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # subscribed: a local SUBSCRIBE takes well under this
+        gen = LoadGenerator(broker.port)
+        topics = [f"sensors/dev-{d}/imu" for d in range(DEVICES)]
+        payloads = [sample_payload(k) for k in range(WINDOW)]
+        sampler = RssSampler(proc.pid)
+        cpu0 = cpu_s(proc.pid)
+        broker_cpu0 = cpu_s(broker.proc.pid)
+        t0 = time.perf_counter()
+        batch, pid = [], 0
+        for k in range(n):
+            for d in range(DEVICES):
+                pid = pid % 65535 + 1
+                batch.append(publish_packet(topics[d], payloads[k % WINDOW], pid))
+            if len(batch) >= 2000:
+                gen.send(batch)
+                batch = []
+        gen.send(batch)
+        publish_s = time.perf_counter() - t0
+        # Wait for the exit without reaping: a zombie's stat still has its CPU time.
+        guard = threading.Timer(300, proc.kill)
+        guard.start()
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        guard.cancel()
+        elapsed = time.perf_counter() - t0
+        cpu = cpu_s(proc.pid) - cpu0
+        broker_busy = (cpu_s(broker.proc.pid) - broker_cpu0) / elapsed
+        peak = sampler.stop()
+        if proc.wait() != 0:
+            raise SystemExit(f"mosquitto_sub did not get all {total} messages in 300 s")
+        return {"latency": {"offered_msgs_per_s": None, "windows": 0, "answered": 0, "p50_ms": None, "p99_ms": None},
+                "throughput": {"messages": total, "results": 0, "expected": 0, "msgs_per_s": total / elapsed,
+                               "publish_s": publish_s, "consumer_cpu_s": cpu, "broker_busy": broker_busy,
+                               "peak_rss_mib": peak / 1024}}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         broker.stop()
 
 
@@ -657,11 +718,13 @@ def main():
         report["input"] = input_stages(a)
     if "pipeline" in only:
         # Interleaved: edgeinfer, Python, edgeinfer, Python...
-        runs = {"edgeinfer": [], "python": []}
+        runs = {"edgeinfer": [], "python": [], CEILING: []}
         for _ in range(max(1, a.rounds - 1)):
             for kind in runs:
-                runs[kind].append(pipeline_run(kind, a))
-                print(f"  pipeline {kind}: {json.dumps(runs[kind][-1])}", flush=True)
+                run = broker_ceiling(a) if kind == CEILING else pipeline_run(kind, a)
+                if run is not None:
+                    runs[kind].append(run)
+                    print(f"  pipeline {kind}: {json.dumps(run)}", flush=True)
         report["pipeline"] = runs
     if "startup" in only:
         report["startup"] = startup(a)
@@ -706,13 +769,13 @@ def print_table(r):
             print(f"| {x['model']} | {x['what']} | {e['p50_ms']:.3f} / {e['p99_ms']:.3f} | "
                   f"{p['p50_ms']:.3f} / {p['p99_ms']:.3f} | {x['edgeinfer_vs_python']:.2f}x |")
     if "pipeline" in r:
-        print("\n| consumer | msgs/s (QoS 1) | latency p50 / p99 ms at offered rate | peak RSS under load MiB (VmHWM) | CPU s |")
-        print("|---|---|---|---|---|")
+        print("\n| consumer | msgs/s (QoS 1) | latency p50 / p99 ms at offered rate | peak RSS under load MiB (VmHWM) | CPU s | broker busy |")
+        print("|---|---|---|---|---|---|")
         for kind, runs in r["pipeline"].items():
             for x in runs:
                 t, l = x["throughput"], x["latency"]
                 lat = f"{l['p50_ms']:.2f} / {l['p99_ms']:.2f} ({l['answered']}/{l['windows']})" if l["p50_ms"] is not None else "none"
-                print(f"| {kind} | {t['msgs_per_s']:.0f} ({t['results']}/{t['expected']} results) | {lat} | {t['peak_rss_mib']:.1f} ({t.get('vmhwm_mib', 0):.1f}) | {t['consumer_cpu_s']:.1f} |")
+                print(f"| {kind} | {t['msgs_per_s']:.0f} ({t['results']}/{t['expected']} results) | {lat} | {t['peak_rss_mib']:.1f} ({t.get('vmhwm_mib', 0):.1f}) | {t['consumer_cpu_s']:.1f} | {t.get('broker_busy', 0):.0%} |")
     if "startup" in r:
         print("\n| start | to online ms | idle RSS MiB |")
         print("|---|---|---|")

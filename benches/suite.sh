@@ -6,6 +6,7 @@
 #   ROUNDS=5 benches/suite.sh        # more interleaved rounds
 #
 # Needs mosquitto (tests/install-deps.sh installs it) and python3 with venv;
+# installs mosquitto-clients (mosquitto_sub) when missing;
 # makes its pinned environment in ~/.cache/edgeinfer/suite-venv once, and
 # builds the release binary. Reads ../shared/models when it is there.
 set -eu
@@ -16,6 +17,10 @@ if [ ! -x "$venv/bin/python" ] || ! cmp -s "$here/requirements-suite.txt" "$venv
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements-suite.txt"
     cp "$here/requirements-suite.txt" "$venv/requirements-suite.txt"
+fi
+# mosquitto_sub: the broker's own ceiling, measured beside the consumers.
+if ! command -v mosquitto_sub >/dev/null 2>&1; then
+    "$repo/tests/apt-install.sh" mosquitto-clients
 fi
 (cd "$repo" && cargo build --release --locked --quiet)
 # The ONNX Runtime library edgeinfer loads is the one inside the pinned wheel,
