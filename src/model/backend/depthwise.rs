@@ -1,16 +1,29 @@
 //! Depthwise 2-D convolution (one 2-D filter per channel, f32) as our own
-//! tract op, vectorised across channels.
+//! tract op, in one of two layouts chosen per layer.
 //!
 //! MobileNet-style models spend much of their time here. tract 0.23.9
 //! walks each channel's plane along its rows: its AVX kernel needs a
 //! stride-1 row of at least 8 outputs, so strided layers and the small
 //! planes of the late layers (6×6, 3×3 in Visual Wake Words) run its
-//! scalar loop. This op works channel-last instead: for every output point
-//! and tap, one multiply-add over all channels, which the compiler
-//! vectorises whatever the stride and plane size. Each output is the bias
-//! plus `tap · input` for the taps inside the image, added in kernel order
-//! with no fused multiply-add — tract's own arithmetic in tract's order, so
-//! the answers are tract's, number for number (the tests hold it to that).
+//! scalar loop, and even its vectorised rows are short runs with the
+//! padding tested at every tap.
+//!
+//! - [`Layout::ChannelLast`], for small planes of many channels: for
+//!   every output point and tap, one multiply-add over all channels, which
+//!   the compiler vectorises whatever the stride and plane size; the
+//!   copies to and from channel-last are the price.
+//! - [`Layout::Planes`], for large planes and few channels: each channel's
+//!   plane is copied once into a zero-padded plane — split by stride
+//!   phase, so that for a stride-2 layer the even and odd columns (and
+//!   rows) are planes of their own — and then every tap is one long
+//!   contiguous multiply-add over the whole output plane, read at a
+//!   constant offset. The output is computed on the padded width and the
+//!   extra columns dropped.
+//!
+//! Each output is the bias plus `tap · input` over the kernel in kernel
+//! order with no fused multiply-add — tract's own arithmetic in tract's
+//! order (a tap over the padding adds a zero), so the answers are
+//! tract's, number for number (the tests hold both layouts to that).
 
 use std::sync::Arc;
 use tract_onnx::prelude::*;
@@ -19,7 +32,7 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 /// Below this many channels a vector over channels is too short to beat
-/// tract's row kernel (measured on VWW's 8-channel first layer).
+/// the per-plane layout (measured on VWW's 8-channel first layer).
 const MIN_CHANNELS: usize = 16;
 
 /// Channels summed at once in registers: two AVX vectors, four SSE ones.
@@ -28,11 +41,20 @@ const LANES: usize = 16;
 /// tract's AVX depthwise kernel takes stride-1 rows of at least 8 outputs.
 const TRACT_ROW: usize = 8;
 
-/// Above this many points per channel plane the copies to and from
-/// channel-last cost more than they save: with no limit UltraFace's
-/// 160×120 and 80×60 planes ran 1.6x slower; 1024 and 4096 measured the
-/// same within noise, and 4096 also takes VWW's 48×48 strided layer.
-const MAX_PLANE: usize = 4096;
+/// Above this many points per channel plane the per-plane layout is the
+/// faster: VWW's strided 48×48 layer (16 channels) took 45 µs in planes
+/// against 61 µs channel-last, its 24×24 one (32 channels) 31 against 27
+/// (a micro-benchmark of both layouts, x86-64 with AVX). Channel-last
+/// with no limit ran UltraFace's 160×120 and 80×60 planes 1.6x slower
+/// than tract's own op.
+const MAX_PLANE: usize = 1024;
+
+/// How [`DepthwiseConv`] lays out its work (see the module's notes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    ChannelLast,
+    Planes,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DepthwiseConv {
@@ -43,8 +65,11 @@ pub struct DepthwiseConv {
     strides: [usize; 2],
     dilations: [usize; 2],
     pad_before: [usize; 2],
+    layout: Layout,
     /// Tap-major, `[ky · kw + kx][channel]`.
     taps: Arc<Vec<f32>>,
+    /// Channel-major, `[channel][ky · kw + kx]` (the ONNX order).
+    kernel: Arc<Vec<f32>>,
     bias: Arc<Vec<f32>>,
     /// The output's shape (`[1, C, H, W]` or `[C, H, W]`, as the input's).
     output_shape: TVec<usize>,
@@ -55,8 +80,9 @@ impl Eq for DepthwiseConv {}
 impl DepthwiseConv {
     /// The op for a decluttered `Conv` node that is a depthwise f32
     /// convolution tract would run with its own depthwise op: channel-first
-    /// data of batch 1, one filter per channel, constant kernel and bias,
-    /// concrete shapes, at least [`MIN_CHANNELS`] channels.
+    /// data of batch 1, two or more channels with one filter each, constant finite kernel and
+    /// bias, concrete shapes. Its layout is [`Layout::ChannelLast`] until
+    /// [`choose`](Self::choose) says otherwise.
     fn of(model: &TypedModel, node: &TypedNode) -> TractResult<Option<DepthwiseConv>> {
         let Some(conv) = node.op_as::<Conv>() else {
             return Ok(None);
@@ -65,7 +91,9 @@ impl DepthwiseConv {
         let c = spec.input_channels;
         if conv.q_params.is_some()
             || conv.kernel_fmt != KernelFormat::OIHW
-            || c < MIN_CHANNELS
+            // One channel is a plain convolution to tract (im2col and a
+            // matrix product, another order of sums).
+            || c < 2
             || conv.group != c
             || spec.output_channels != c
             || spec.kernel_shape.len() != 2
@@ -83,7 +111,7 @@ impl DepthwiseConv {
             }
             _ => return Ok(None),
         };
-        if x.datum_type != f32::datum_type() {
+        if x.datum_type != f32::datum_type() || hw.contains(&0) {
             return Ok(None);
         }
         let kernel = model.outlet_fact(node.inputs[1])?;
@@ -100,6 +128,11 @@ impl DepthwiseConv {
             return Ok(None);
         }
         let kernel = super::plain_slice::<f32>(kernel)?;
+        // A tap over the padding adds `tap · 0`, which is 0 only for a
+        // finite tap.
+        if kernel.iter().any(|k| !k.is_finite()) {
+            return Ok(None);
+        }
         let mut taps = vec![0f32; kh * kw * c];
         for ch in 0..c {
             for t in 0..kh * kw {
@@ -124,18 +157,41 @@ impl DepthwiseConv {
             strides: [strides[0], strides[1]],
             dilations: [dilations[0], dilations[1]],
             pad_before: [padding[0].pad_before, padding[1].pad_before],
+            layout: Layout::ChannelLast,
             taps: Arc::new(taps),
+            kernel: Arc::new(kernel.to_vec()),
             bias: Arc::new(bias),
             output_shape,
         }))
     }
 
-    /// Whether it beats tract's own op (measured on x86-64, see README):
-    /// not where tract's row kernel runs vectorised, nor on planes so large
-    /// that the channel-last copies cost more than they save.
-    fn pays(&self) -> bool {
+    /// The layout that beats tract's own op here (measured on x86-64, see
+    /// README): channel-last for small planes of many channels where
+    /// tract's row kernel does not run vectorised, planes everywhere else.
+    fn choose(&self) -> Option<Layout> {
         let tract_vectorises = self.strides[1] == 1 && self.output_hw[1] >= TRACT_ROW;
-        !tract_vectorises && self.input_hw[0] * self.input_hw[1] <= MAX_PLANE
+        let small = self.input_hw[0] * self.input_hw[1] <= MAX_PLANE;
+        if !tract_vectorises && small && self.channels >= MIN_CHANNELS {
+            Some(Layout::ChannelLast)
+        } else {
+            Some(Layout::Planes)
+        }
+    }
+
+    fn with_layout(self, layout: Layout) -> DepthwiseConv {
+        DepthwiseConv { layout, ..self }
+    }
+
+    /// Rows and columns of each stride-phase plane in [`Layout::Planes`]:
+    /// enough for every input point (after the padding before it) and for
+    /// every read an output makes.
+    fn phase_hw(&self) -> [usize; 2] {
+        std::array::from_fn(|a| {
+            let [s, d] = [self.strides[a], self.dilations[a]];
+            let holds = (self.pad_before[a] + self.input_hw[a]).div_ceil(s);
+            let reads = self.output_hw[a] + (self.kernel_hw[a] - 1) * d / s;
+            holds.max(reads)
+        })
     }
 
     /// Where tap `k` of output coordinate `o` reads along an axis, if
@@ -168,6 +224,73 @@ impl DepthwiseConv {
 
     #[inline(always)]
     fn run_portable(&self, x: &[f32]) -> Vec<f32> {
+        match self.layout {
+            Layout::ChannelLast => self.run_channel_last(x),
+            Layout::Planes => self.run_planes(x),
+        }
+    }
+
+    #[inline(always)]
+    fn run_planes(&self, x: &[f32]) -> Vec<f32> {
+        let [h, w] = self.input_hw;
+        let [oh, ow] = self.output_hw;
+        let [kh, kw] = self.kernel_hw;
+        let [sy, sx] = self.strides;
+        let [dy, dx] = self.dilations;
+        let [pt, pl] = self.pad_before;
+        let [ph, pw] = self.phase_hw();
+        // The last output row reads up to this far past its phase plane.
+        let plane = ph * pw + (kw - 1) * dx / sx;
+        // Every channel writes the same points; the padding stays zero.
+        let mut phases = vec![0f32; sy * sx * plane];
+        // Where each tap reads, in kernel order: its phase plane, shifted.
+        let reads: Vec<usize> = (0..kh * kw)
+            .map(|t| {
+                let [ry, rx] = [t / kw * dy, t % kw * dx];
+                let phase = (ry % sy) * sx + rx % sx;
+                phase * plane + ry / sy * pw + rx / sx
+            })
+            .collect();
+        let n = oh * pw;
+        let mut acc = vec![0f32; n];
+        let mut y = vec![0f32; self.channels * oh * ow];
+        let channels = x.chunks_exact(h * w).zip(y.chunks_exact_mut(oh * ow));
+        for (ch, (input, output)) in channels.enumerate() {
+            for (iy, row) in input.chunks_exact(w).enumerate() {
+                let py = iy + pt;
+                let base = (py % sy) * sx * plane + py / sy * pw;
+                if sx == 1 {
+                    phases[base + pl..][..w].copy_from_slice(row);
+                    continue;
+                }
+                for q in 0..sx {
+                    // The input columns that land in column phase `q`.
+                    let first = (q + sx - pl % sx) % sx;
+                    if first >= w {
+                        continue;
+                    }
+                    let to = &mut phases[base + q * plane + (first + pl) / sx..];
+                    for (t, v) in to.iter_mut().zip(row[first..].iter().step_by(sx)) {
+                        *t = *v;
+                    }
+                }
+            }
+            acc.fill(self.bias[ch]);
+            let kernel = &self.kernel[ch * kh * kw..][..kh * kw];
+            for (tap, at) in kernel.iter().zip(&reads) {
+                for (a, v) in acc.iter_mut().zip(&phases[*at..][..n]) {
+                    *a += *tap * *v;
+                }
+            }
+            for (out, wide) in output.chunks_exact_mut(ow).zip(acc.chunks_exact(pw)) {
+                out.copy_from_slice(&wide[..ow]);
+            }
+        }
+        y
+    }
+
+    #[inline(always)]
+    fn run_channel_last(&self, x: &[f32]) -> Vec<f32> {
         let c = self.channels;
         let [h, w] = self.input_hw;
         let [oh, ow] = self.output_hw;
@@ -238,8 +361,8 @@ impl Op for DepthwiseConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{} channels, {:?} → {:?}, kernel {:?}, strides {:?}",
-            self.channels, self.input_hw, self.output_hw, self.kernel_hw, self.strides
+            "{:?}, {} channels, {:?} → {:?}, kernel {:?}, strides {:?}",
+            self.layout, self.channels, self.input_hw, self.output_hw, self.kernel_hw, self.strides
         )])
     }
 
@@ -277,7 +400,7 @@ impl TypedOp for DepthwiseConv {
 /// qemu-aarch64), and the rule was measured on x86-64 alone.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     if cfg!(target_arch = "x86_64") {
-        substitute_where(model, DepthwiseConv::pays)
+        substitute_where(model, DepthwiseConv::choose)
     } else {
         Ok(0)
     }
@@ -285,12 +408,14 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
 
 fn substitute_where(
     model: &mut TypedModel,
-    wanted: impl Fn(&DepthwiseConv) -> bool,
+    choose: impl Fn(&DepthwiseConv) -> Option<Layout>,
 ) -> TractResult<usize> {
     let mut found = Vec::new();
     for node in model.nodes() {
-        if let Some(op) = DepthwiseConv::of(model, node)?.filter(|op| wanted(op)) {
-            found.push((node.id, op));
+        if let Some(op) = DepthwiseConv::of(model, node)? {
+            if let Some(layout) = choose(&op) {
+                found.push((node.id, op.with_layout(layout)));
+            }
         }
     }
     for (id, op) in &found {
@@ -436,12 +561,12 @@ mod tests {
     }
 
     /// tract's plan and ours (every depthwise convolution [`DepthwiseConv`]
-    /// can take, whether it pays or not) on one random input:
+    /// can take, in `layout`, whether it pays or not) on one random input:
     /// (substituted, tract's output, ours).
-    fn both(case: &Case) -> (usize, Vec<f32>, Vec<f32>) {
+    fn both(case: &Case, layout: Layout) -> (usize, Vec<f32>, Vec<f32>) {
         let typed = decluttered(case);
         let mut ours = typed.clone();
-        let n = substitute_where(&mut ours, |_| true).unwrap();
+        let n = substitute_where(&mut ours, |_| Some(layout)).unwrap();
         let given = typed.into_optimized().unwrap().into_runnable().unwrap();
         let ours = ours.into_optimized().unwrap().into_runnable().unwrap();
         let [h, w] = case.hw;
@@ -459,7 +584,7 @@ mod tests {
 
     fn cases() -> impl Strategy<Value = Case> {
         (
-            (MIN_CHANNELS..48, 1usize..14, 1usize..14),
+            (2usize..48, 1usize..14, 1usize..14),
             (1usize..6, 1usize..6, 1usize..4, 1usize..4),
             (
                 1usize..3,
@@ -486,15 +611,19 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(ProptestConfig::with_cases(128))]
         #[test]
-        fn the_same_answers_as_tracts_depthwise(case in cases()) {
-            let (n, given, ours) = both(&case);
+        fn the_same_answers_as_tracts_depthwise(
+            case in cases(),
+            planes in any::<bool>(),
+        ) {
+            let layout = if planes { Layout::Planes } else { Layout::ChannelLast };
+            let (n, given, ours) = both(&case, layout);
             prop_assert_eq!(n, 1);
             // Equal as numbers (a zero's sign aside), in tract's own order;
             // on other CPUs tract's own kernel rounds differently.
             if cfg!(target_arch = "x86_64") {
-                prop_assert_eq!(given, ours, "{:?}", case);
+                prop_assert_eq!(given, ours, "{:?} {:?}", layout, case);
             } else {
                 for (a, b) in given.iter().zip(&ours) {
                     prop_assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{} vs {} {:?}", a, b, case);
@@ -504,7 +633,7 @@ mod tests {
     }
 
     #[test]
-    fn grouped_narrow_and_wide_convolutions_stay_tracts() {
+    fn grouped_convolutions_stay_tracts_and_each_layer_gets_its_layout() {
         let base = Case {
             channels: 32,
             group: 32,
@@ -515,42 +644,78 @@ mod tests {
             pads: [1, 1, 1, 1],
             bias: true,
         };
-        let (n, given, ours) = both(&base);
-        assert_eq!((n, given == ours), (1, true));
+        for layout in [Layout::ChannelLast, Layout::Planes] {
+            let (n, given, ours) = both(&base, layout);
+            assert_eq!((n, given == ours), (1, true), "{layout:?}");
+        }
         let grouped = Case {
             group: 8,
             ..base.clone()
         };
-        assert_eq!(both(&grouped).0, 0);
+        assert_eq!(both(&grouped, Layout::Planes).0, 0);
+
+        let chosen = |case: &Case| {
+            let typed = decluttered(case);
+            let conv = typed.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap();
+            DepthwiseConv::of(&typed, conv).unwrap().unwrap().choose()
+        };
+        assert_eq!(chosen(&base), Some(Layout::ChannelLast), "strided, small");
         let narrow = Case {
             channels: 8,
             group: 8,
             ..base.clone()
         };
-        assert_eq!(both(&narrow).0, 0);
-
-        // Where it pays: strided or short rows, small planes.
-        let pays = |case: &Case| {
-            let typed = decluttered(case);
-            let conv = typed.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap();
-            DepthwiseConv::of(&typed, conv).unwrap().unwrap().pays()
-        };
-        assert!(pays(&base));
+        assert_eq!(chosen(&narrow), Some(Layout::Planes), "8 channels");
         let stride_one = Case {
             strides: [1, 1],
             hw: [6, 6],
             ..base.clone()
         };
-        assert!(pays(&stride_one), "6 outputs a row: tract's loop is scalar");
+        assert_eq!(
+            chosen(&stride_one),
+            Some(Layout::ChannelLast),
+            "6 outputs a row"
+        );
         let wide = Case {
             hw: [8, 12],
             ..stride_one
         };
-        assert!(!pays(&wide), "12 outputs a row: tract's kernel vectorises");
+        assert_eq!(chosen(&wide), Some(Layout::Planes), "12 outputs a row");
         let large = Case {
             hw: [80, 80],
             ..base
         };
-        assert!(!pays(&large), "6400 points a plane");
+        assert_eq!(chosen(&large), Some(Layout::Planes), "6400 points a plane");
+    }
+
+    #[test]
+    fn a_kernel_with_a_non_finite_tap_stays_tracts() {
+        let case = Case {
+            channels: 16,
+            group: 16,
+            hw: [6, 6],
+            kernel: [3, 3],
+            strides: [1, 1],
+            dilations: [1, 1],
+            pads: [1, 1, 1, 1],
+            bias: false,
+        };
+        let mut proto = model(&case);
+        let graph = proto.graph.as_mut().unwrap();
+        graph.initializer[0].float_data[4] = f32::INFINITY;
+        let typed = tract_onnx::onnx()
+            .model_for_proto_model(&proto)
+            .unwrap()
+            .into_typed()
+            .unwrap()
+            .into_decluttered()
+            .unwrap();
+        let conv = typed.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap();
+        assert!(DepthwiseConv::of(&typed, conv).unwrap().is_none());
+        let mut same = typed.clone();
+        assert_eq!(
+            substitute_where(&mut same, |_| Some(Layout::Planes)).unwrap(),
+            0
+        );
     }
 }

@@ -245,7 +245,7 @@ fn build_plan(
     }
     if ours.depthwise > 0 {
         facts.rewrites.push(format!(
-            "{} depthwise convolutions run channel-last, vectorised over channels (same answers)",
+            "{} depthwise convolutions run as edgeinfer's own vectorised op, channel-last or plane by plane (same answers)",
             ours.depthwise
         ));
     }
