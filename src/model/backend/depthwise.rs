@@ -65,13 +65,16 @@ pub struct DepthwiseConv {
     strides: [usize; 2],
     dilations: [usize; 2],
     pad_before: [usize; 2],
+    /// The data is `[1, H, W, C]` or `[H, W, C]` (else channel-first).
+    channels_last_data: bool,
     layout: Layout,
     /// Tap-major, `[ky · kw + kx][channel]`.
     taps: Arc<Vec<f32>>,
     /// Channel-major, `[channel][ky · kw + kx]` (the ONNX order).
     kernel: Arc<Vec<f32>>,
     bias: Arc<Vec<f32>>,
-    /// The output's shape (`[1, C, H, W]` or `[C, H, W]`, as the input's).
+    /// The output's shape (`[1, C, H, W]`, `[C, H, W]`, `[1, H, W, C]` or
+    /// `[H, W, C]`, as the input's).
     output_shape: TVec<usize>,
 }
 
@@ -79,8 +82,8 @@ impl Eq for DepthwiseConv {}
 
 impl DepthwiseConv {
     /// The op for a decluttered `Conv` node that is a depthwise f32
-    /// convolution tract would run with its own depthwise op: channel-first
-    /// data of batch 1, two or more channels with one filter each, constant finite kernel and
+    /// convolution tract would run with its own depthwise op: data of
+    /// batch 1 (channel-first or channel-last), two or more channels with one filter each, constant finite kernel and
     /// bias, concrete shapes. Its layout is [`Layout::ChannelLast`] until
     /// [`choose`](Self::choose) says otherwise.
     fn of(model: &TypedModel, node: &TypedNode) -> TractResult<Option<DepthwiseConv>> {
@@ -105,9 +108,12 @@ impl DepthwiseConv {
         let Some(shape) = x.shape.as_concrete() else {
             return Ok(None);
         };
-        let hw: [usize; 2] = match (spec.data_format, shape) {
+        let (hw, channels_last_data) = match (spec.data_format, shape) {
             (DataFormat::NCHW, &[1, ch, h, w]) | (DataFormat::CHW, &[ch, h, w]) if ch == c => {
-                [h, w]
+                ([h, w], false)
+            }
+            (DataFormat::NHWC, &[1, h, w, ch]) | (DataFormat::HWC, &[h, w, ch]) if ch == c => {
+                ([h, w], true)
             }
             _ => return Ok(None),
         };
@@ -147,8 +153,9 @@ impl DepthwiseConv {
         let output_hw = [padding[0].convoluted, padding[1].convoluted];
         let mut output_shape: TVec<usize> = shape.into();
         let r = output_shape.len();
-        output_shape[r - 2] = output_hw[0];
-        output_shape[r - 1] = output_hw[1];
+        let h_axis = if channels_last_data { r - 3 } else { r - 2 };
+        output_shape[h_axis] = output_hw[0];
+        output_shape[h_axis + 1] = output_hw[1];
         Ok(Some(DepthwiseConv {
             channels: c,
             input_hw: hw,
@@ -157,6 +164,7 @@ impl DepthwiseConv {
             strides: [strides[0], strides[1]],
             dilations: [dilations[0], dilations[1]],
             pad_before: [padding[0].pad_before, padding[1].pad_before],
+            channels_last_data,
             layout: Layout::ChannelLast,
             taps: Arc::new(taps),
             kernel: Arc::new(kernel.to_vec()),
@@ -167,11 +175,13 @@ impl DepthwiseConv {
 
     /// The layout that beats tract's own op here (measured on x86-64, see
     /// README): channel-last for small planes of many channels where
-    /// tract's row kernel does not run vectorised, planes everywhere else.
+    /// tract's row kernel does not run vectorised, and for channel-last
+    /// data of many channels (no copies then); planes everywhere else.
     fn choose(&self) -> Option<Layout> {
         let tract_vectorises = self.strides[1] == 1 && self.output_hw[1] >= TRACT_ROW;
         let small = self.input_hw[0] * self.input_hw[1] <= MAX_PLANE;
-        if !tract_vectorises && small && self.channels >= MIN_CHANNELS {
+        let no_copies = self.channels_last_data;
+        if (no_copies || (!tract_vectorises && small)) && self.channels >= MIN_CHANNELS {
             Some(Layout::ChannelLast)
         } else {
             Some(Layout::Planes)
@@ -224,9 +234,20 @@ impl DepthwiseConv {
 
     #[inline(always)]
     fn run_portable(&self, x: &[f32]) -> Vec<f32> {
-        match self.layout {
-            Layout::ChannelLast => self.run_channel_last(x),
-            Layout::Planes => self.run_planes(x),
+        let c = self.channels;
+        let points = self.input_hw[0] * self.input_hw[1];
+        let out = self.output_hw[0] * self.output_hw[1];
+        match (self.layout, self.channels_last_data) {
+            (Layout::ChannelLast, true) => self.run_channel_last(x),
+            (Layout::ChannelLast, false) => {
+                let y = self.run_channel_last(&transposed(x, c, points));
+                transposed(&y, out, c)
+            }
+            (Layout::Planes, false) => self.run_planes(x),
+            (Layout::Planes, true) => {
+                let y = self.run_planes(&transposed(x, points, c));
+                transposed(&y, c, out)
+            }
         }
     }
 
@@ -290,18 +311,11 @@ impl DepthwiseConv {
     }
 
     #[inline(always)]
-    fn run_channel_last(&self, x: &[f32]) -> Vec<f32> {
+    fn run_channel_last(&self, xt: &[f32]) -> Vec<f32> {
         let c = self.channels;
-        let [h, w] = self.input_hw;
+        let w = self.input_hw[1];
         let [oh, ow] = self.output_hw;
         let [kh, kw] = self.kernel_hw;
-        // Channel-last copies in and out.
-        let mut xt = vec![0f32; h * w * c];
-        for (ch, plane) in x.chunks_exact(h * w).enumerate() {
-            for (p, v) in plane.iter().enumerate() {
-                xt[p * c + ch] = *v;
-            }
-        }
         let mut yt = vec![0f32; oh * ow * c];
         // Per output point: where each tap inside the image reads (tap
         // offset, input offset), then each block of LANES channels summed in
@@ -344,14 +358,20 @@ impl DepthwiseConv {
                 }
             }
         }
-        let mut y = vec![0f32; c * oh * ow];
-        for (p, point) in yt.chunks_exact(c).enumerate() {
-            for (ch, v) in point.iter().enumerate() {
-                y[ch * oh * ow + p] = *v;
-            }
-        }
-        y
+        yt
     }
+}
+
+/// `x`, `rows` × `cols` in row-major order, as `cols` × `rows`.
+#[inline(always)]
+fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; x.len()];
+    for (r, row) in x.chunks_exact(cols).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            t[c * rows + r] = *v;
+        }
+    }
+    t
 }
 
 impl Op for DepthwiseConv {
@@ -449,6 +469,9 @@ mod tests {
         /// top, left, bottom, right
         pads: [usize; 4],
         bias: bool,
+        /// The graph's input and output are `[1, H, W, C]`, transposed
+        /// around the Conv (tract folds both into a channel-last Conv).
+        nhwc: bool,
     }
 
     fn ints(name: &str, v: &[usize]) -> AttributeProto {
@@ -510,11 +533,30 @@ mod tests {
             inputs.push("b".into());
             initializer.push(bias);
         }
+        if case.nhwc {
+            inputs[0] = "x_nchw".into();
+        }
+        let transpose = NodeProto {
+            op_type: "Transpose".into(),
+            name: "to_nchw".into(),
+            input: vec!["x".into()],
+            output: vec!["x_nchw".into()],
+            attribute: vec![ints("perm", &[0, 3, 1, 2])],
+            ..Default::default()
+        };
+        let back = NodeProto {
+            op_type: "Transpose".into(),
+            name: "to_nhwc".into(),
+            input: vec!["y_nchw".into()],
+            output: vec!["y".into()],
+            attribute: vec![ints("perm", &[0, 2, 3, 1])],
+            ..Default::default()
+        };
         let conv = NodeProto {
             op_type: "Conv".into(),
             name: "dw".into(),
             input: inputs,
-            output: vec!["y".into()],
+            output: vec![if case.nhwc { "y_nchw" } else { "y" }.into()],
             attribute: vec![
                 AttributeProto {
                     name: "group".into(),
@@ -537,9 +579,13 @@ mod tests {
             }],
             graph: Some(GraphProto {
                 name: "dw".into(),
-                node: vec![conv],
+                node: if case.nhwc {
+                    vec![transpose, conv, back]
+                } else {
+                    vec![conv]
+                },
                 initializer,
-                input: vec![info("x", &[1, case.channels, case.hw[0], case.hw[1]])],
+                input: vec![info("x", &input_shape(case))],
                 output: vec![ValueInfoProto {
                     name: "y".into(),
                     ..Default::default()
@@ -547,6 +593,15 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
+        }
+    }
+
+    fn input_shape(case: &Case) -> [usize; 4] {
+        let [h, w] = case.hw;
+        if case.nhwc {
+            [1, h, w, case.channels]
+        } else {
+            [1, case.channels, h, w]
         }
     }
 
@@ -565,6 +620,9 @@ mod tests {
     /// (substituted, tract's output, ours).
     fn both(case: &Case, layout: Layout) -> (usize, Vec<f32>, Vec<f32>) {
         let typed = decluttered(case);
+        let conv = typed.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap();
+        let format = conv.op_as::<Conv>().unwrap().pool_spec.data_format;
+        assert_eq!(format.c_is_last(), case.nhwc, "{format:?}");
         let mut ours = typed.clone();
         let n = substitute_where(&mut ours, |_| Some(layout)).unwrap();
         let given = typed.into_optimized().unwrap().into_runnable().unwrap();
@@ -574,7 +632,7 @@ mod tests {
         let x: Vec<f32> = (0..case.channels * h * w)
             .map(|_| rng.f32() * 8.0 - 4.0)
             .collect();
-        let x = Tensor::from_shape(&[1, case.channels, h, w], &x).unwrap();
+        let x = Tensor::from_shape(&input_shape(case), &x).unwrap();
         let run = |plan: &Arc<TypedRunnableModel>| {
             let y = plan.run(tvec!(x.clone().into_tvalue())).unwrap();
             super::super::plain_slice::<f32>(&y[0]).unwrap().to_vec()
@@ -591,18 +649,21 @@ mod tests {
                 1usize..3,
                 [0usize..3, 0usize..3, 0usize..3, 0usize..3],
             ),
-            any::<bool>(),
+            (any::<bool>(), any::<bool>()),
         )
-            .prop_map(|((c, h, w), (kh, kw, sh, sw), (dh, dw, pads), bias)| Case {
-                channels: c,
-                group: c,
-                hw: [h, w],
-                kernel: [kh, kw],
-                strides: [sh, sw],
-                dilations: [dh, dw],
-                pads,
-                bias,
-            })
+            .prop_map(
+                |((c, h, w), (kh, kw, sh, sw), (dh, dw, pads), (bias, nhwc))| Case {
+                    channels: c,
+                    group: c,
+                    hw: [h, w],
+                    kernel: [kh, kw],
+                    strides: [sh, sw],
+                    dilations: [dh, dw],
+                    pads,
+                    bias,
+                    nhwc,
+                },
+            )
             .prop_filter("an output at least 1×1", |c| {
                 (0..2).all(|a| {
                     c.hw[a] + c.pads[a] + c.pads[a + 2] > c.dilations[a] * (c.kernel[a] - 1)
@@ -643,6 +704,7 @@ mod tests {
             dilations: [1, 1],
             pads: [1, 1, 1, 1],
             bias: true,
+            nhwc: false,
         };
         for layout in [Layout::ChannelLast, Layout::Planes] {
             let (n, given, ours) = both(&base, layout);
@@ -686,6 +748,24 @@ mod tests {
             ..base
         };
         assert_eq!(chosen(&large), Some(Layout::Planes), "6400 points a plane");
+        let large_channel_last = Case {
+            nhwc: true,
+            ..large
+        };
+        assert_eq!(
+            chosen(&large_channel_last),
+            Some(Layout::ChannelLast),
+            "channel-last data: no copies"
+        );
+        let narrow_channel_last = Case {
+            nhwc: true,
+            ..narrow
+        };
+        assert_eq!(
+            chosen(&narrow_channel_last),
+            Some(Layout::Planes),
+            "8 channels, channel-last data"
+        );
     }
 
     #[test]
@@ -699,6 +779,7 @@ mod tests {
             dilations: [1, 1],
             pads: [1, 1, 1, 1],
             bias: false,
+            nhwc: false,
         };
         let mut proto = model(&case);
         let graph = proto.graph.as_mut().unwrap();
