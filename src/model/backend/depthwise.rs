@@ -41,13 +41,15 @@ const LANES: usize = 16;
 /// tract's AVX depthwise kernel takes stride-1 rows of at least 8 outputs.
 const TRACT_ROW: usize = 8;
 
-/// Above this many points per channel plane the per-plane layout is the
-/// faster: VWW's strided 48×48 layer (16 channels) took 45 µs in planes
-/// against 61 µs channel-last, its 24×24 one (32 channels) 31 against 27
-/// (a micro-benchmark of both layouts, x86-64 with AVX). Channel-last
-/// with no limit ran UltraFace's 160×120 and 80×60 planes 1.6x slower
-/// than tract's own op.
-const MAX_PLANE: usize = 1024;
+/// Above this many points per channel plane tract's own op is the faster:
+/// with no limit, channel-last ran UltraFace's 160×120 and 80×60 planes
+/// 1.6× slower (the copies to and from channel-last), planes its 160×120
+/// ones 1.5–2× slower.
+const MAX_PLANE: usize = 4096;
+
+/// Outputs of one plane summed over every tap before the next ones, so
+/// that the sums and the inputs they read stay in the L1 cache.
+const CHUNK: usize = 1024;
 
 /// How [`DepthwiseConv`] lays out its work (see the module's notes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,18 +175,24 @@ impl DepthwiseConv {
         }))
     }
 
-    /// The layout that beats tract's own op here (measured on x86-64, see
-    /// README): channel-last for small planes of many channels where
-    /// tract's row kernel does not run vectorised, and for channel-last
-    /// data of many channels (no copies then); planes everywhere else.
+    /// The layout that beats tract's own op here, if one does (measured
+    /// on x86-64 with `--profile`, see README): channel-last for small
+    /// planes of 16+ channels where tract's row kernel runs scalar, and for
+    /// channel-last data of 16+ channels (no copies then); planes for
+    /// stride-1 layers up to [`MAX_PLANE`] points otherwise; tract's op
+    /// for the rest (its vectorised rows on large planes, and large strided
+    /// planes, where splitting the input by stride phase cost more than it
+    /// saved: UltraFace's 160×120 layers ran 1.5–2× slower in planes).
     fn choose(&self) -> Option<Layout> {
         let tract_vectorises = self.strides[1] == 1 && self.output_hw[1] >= TRACT_ROW;
         let small = self.input_hw[0] * self.input_hw[1] <= MAX_PLANE;
-        let no_copies = self.channels_last_data;
-        if (no_copies || (!tract_vectorises && small)) && self.channels >= MIN_CHANNELS {
+        let many = self.channels >= MIN_CHANNELS;
+        if many && (self.channels_last_data || (!tract_vectorises && small)) {
             Some(Layout::ChannelLast)
-        } else {
+        } else if self.strides == [1, 1] && small {
             Some(Layout::Planes)
+        } else {
+            None
         }
     }
 
@@ -296,11 +304,13 @@ impl DepthwiseConv {
                     }
                 }
             }
-            acc.fill(self.bias[ch]);
             let kernel = &self.kernel[ch * kh * kw..][..kh * kw];
-            for (tap, at) in kernel.iter().zip(&reads) {
-                for (a, v) in acc.iter_mut().zip(&phases[*at..][..n]) {
-                    *a += *tap * *v;
+            for (start, acc) in (0..n).step_by(CHUNK).zip(acc.chunks_mut(CHUNK)) {
+                acc.fill(self.bias[ch]);
+                for (tap, at) in kernel.iter().zip(&reads) {
+                    for (a, v) in acc.iter_mut().zip(&phases[at + start..]) {
+                        *a += *tap * *v;
+                    }
                 }
             }
             for (out, wide) in output.chunks_exact_mut(ow).zip(acc.chunks_exact(pw)) {
@@ -376,7 +386,10 @@ fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 impl Op for DepthwiseConv {
     fn name(&self) -> StaticName {
-        "DepthwiseConvChannelLast".into()
+        match self.layout {
+            Layout::ChannelLast => "OurDepthwiseChannelLast".into(),
+            Layout::Planes => "OurDepthwisePlanes".into(),
+        }
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
@@ -727,7 +740,16 @@ mod tests {
             group: 8,
             ..base.clone()
         };
-        assert_eq!(chosen(&narrow), Some(Layout::Planes), "8 channels");
+        assert_eq!(chosen(&narrow), None, "8 channels, strided");
+        let narrow_stride_one = Case {
+            strides: [1, 1],
+            ..narrow.clone()
+        };
+        assert_eq!(
+            chosen(&narrow_stride_one),
+            Some(Layout::Planes),
+            "8 channels, stride 1"
+        );
         let stride_one = Case {
             strides: [1, 1],
             hw: [6, 6],
@@ -747,7 +769,21 @@ mod tests {
             hw: [80, 80],
             ..base
         };
-        assert_eq!(chosen(&large), Some(Layout::Planes), "6400 points a plane");
+        assert_eq!(chosen(&large), None, "6400 points a plane, strided");
+        let large_stride_one = Case {
+            strides: [1, 1],
+            ..large.clone()
+        };
+        assert_eq!(chosen(&large_stride_one), None, "6400 points a plane");
+        let mid_stride_one = Case {
+            hw: [40, 40],
+            ..large_stride_one
+        };
+        assert_eq!(
+            chosen(&mid_stride_one),
+            Some(Layout::Planes),
+            "1600 points, stride 1"
+        );
         let large_channel_last = Case {
             nhwc: true,
             ..large
@@ -759,7 +795,7 @@ mod tests {
         );
         let narrow_channel_last = Case {
             nhwc: true,
-            ..narrow
+            ..narrow_stride_one
         };
         assert_eq!(
             chosen(&narrow_channel_last),
