@@ -5,20 +5,26 @@
 //! walks each channel's plane along its rows: its AVX kernel needs a
 //! stride-1 row of at least 8 outputs, so strided layers and the small
 //! planes of the late layers (6×6, 3×3 in Visual Wake Words) run its
-//! scalar loop, and even its vectorised rows are short runs with the
-//! padding tested at every tap.
+//! scalar loop; its vectorised rows were slower than the plane layout
+//! below on VWW's 24×24 layer, and it has no channel-inner kernel on
+//! x86-64 for channel-last data (README, "Depthwise in two layouts").
 //!
 //! - [`Layout::ChannelLast`], for small planes of many channels: for
 //!   every output point and tap, one multiply-add over all channels, which
 //!   the compiler vectorises whatever the stride and plane size; the
-//!   copies to and from channel-last are the price.
-//! - [`Layout::Planes`], for large planes and few channels: each channel's
-//!   plane is copied once into a zero-padded plane — split by stride
-//!   phase, so that for a stride-2 layer the even and odd columns (and
-//!   rows) are planes of their own — and then every tap is one long
-//!   contiguous multiply-add over the whole output plane, read at a
+//!   copies to and from channel-last are the price (none when the data is
+//!   channel-last already).
+//! - [`Layout::Planes`], for the other stride-1 layers: each channel's
+//!   plane is copied once into a zero-padded plane, and then every tap is
+//!   one long contiguous multiply-add over the output plane, read at a
 //!   constant offset. The output is computed on the padded width and the
-//!   extra columns dropped.
+//!   extra columns dropped. Strided layers work too — the input is split
+//!   by stride phase, so that for stride 2 the even and odd columns (and
+//!   rows) are planes of their own — and are tested, but [`choose`]
+//!   leaves them to channel-last or tract: on x86-64 the split cost what
+//!   it saved.
+//!
+//! [`choose`]: DepthwiseConv::choose
 //!
 //! Each output is the bias plus `tap · input` over the kernel in kernel
 //! order with no fused multiply-add — tract's own arithmetic in tract's
@@ -43,8 +49,8 @@ const TRACT_ROW: usize = 8;
 
 /// Above this many points per channel plane tract's own op is the faster:
 /// with no limit, channel-last ran UltraFace's 160×120 and 80×60 planes
-/// 1.6× slower (the copies to and from channel-last), planes its 160×120
-/// ones 1.5–2× slower.
+/// 1.6× slower (the copies to and from channel-last), planes its
+/// stride-1 160×120 layer about 1.8× slower.
 const MAX_PLANE: usize = 4096;
 
 /// Outputs of one plane summed over every tap before the next ones, so
@@ -85,9 +91,11 @@ impl Eq for DepthwiseConv {}
 impl DepthwiseConv {
     /// The op for a decluttered `Conv` node that is a depthwise f32
     /// convolution tract would run with its own depthwise op: data of
-    /// batch 1 (channel-first or channel-last), two or more channels with one filter each, constant finite kernel and
-    /// bias, concrete shapes. Its layout is [`Layout::ChannelLast`] until
-    /// [`choose`](Self::choose) says otherwise.
+    /// batch 1 (channel-first or channel-last), two or more channels with
+    /// one filter each, constant finite kernel and bias, concrete shapes.
+    /// Its layout is [`Layout::ChannelLast`] until
+    /// [`with_layout`](Self::with_layout) sets the one
+    /// [`choose`](Self::choose) picked.
     fn of(model: &TypedModel, node: &TypedNode) -> TractResult<Option<DepthwiseConv>> {
         let Some(conv) = node.op_as::<Conv>() else {
             return Ok(None);
@@ -182,7 +190,7 @@ impl DepthwiseConv {
     /// stride-1 layers up to [`MAX_PLANE`] points otherwise; tract's op
     /// for the rest (its vectorised rows on large planes, and large strided
     /// planes, where splitting the input by stride phase cost more than it
-    /// saved: UltraFace's 160×120 layers ran 1.5–2× slower in planes).
+    /// saved: UltraFace's 160×120 layers ran 1.1–2× slower in planes).
     fn choose(&self) -> Option<Layout> {
         let tract_vectorises = self.strides[1] == 1 && self.output_hw[1] >= TRACT_ROW;
         let small = self.input_hw[0] * self.input_hw[1] <= MAX_PLANE;
