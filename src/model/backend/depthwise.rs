@@ -50,7 +50,7 @@ const TRACT_ROW: usize = 8;
 /// Above this many points per channel plane tract's own op is the faster:
 /// with no limit, channel-last ran UltraFace's 160×120 and 80×60 planes
 /// 1.6× slower (the copies to and from channel-last), planes its
-/// stride-1 160×120 layer about 1.8× slower.
+/// stride-1 160×120 layer 1.5–2× slower.
 const MAX_PLANE: usize = 4096;
 
 /// Outputs of one plane summed over every tap before the next ones, so
@@ -78,8 +78,6 @@ pub struct DepthwiseConv {
     layout: Layout,
     /// Tap-major, `[ky · kw + kx][channel]`.
     taps: Arc<Vec<f32>>,
-    /// Channel-major, `[channel][ky · kw + kx]` (the ONNX order).
-    kernel: Arc<Vec<f32>>,
     bias: Arc<Vec<f32>>,
     /// The output's shape (`[1, C, H, W]`, `[C, H, W]`, `[1, H, W, C]` or
     /// `[H, W, C]`, as the input's).
@@ -177,7 +175,6 @@ impl DepthwiseConv {
             channels_last_data,
             layout: Layout::ChannelLast,
             taps: Arc::new(taps),
-            kernel: Arc::new(kernel.to_vec()),
             bias: Arc::new(bias),
             output_shape,
         }))
@@ -321,10 +318,10 @@ impl DepthwiseConv {
                     }
                 }
             }
-            let kernel = &self.kernel[ch * kh * kw..][..kh * kw];
+            let kernel = self.taps[ch..].iter().step_by(self.channels);
             for (start, acc) in (0..n).step_by(CHUNK).zip(acc.chunks_mut(CHUNK)) {
                 acc.fill(self.bias[ch]);
-                for (tap, at) in kernel.iter().zip(&reads) {
+                for (tap, at) in kernel.clone().zip(&reads) {
                     for (a, v) in acc.iter_mut().zip(&phases[at + start..]) {
                         *a += *tap * *v;
                     }
@@ -751,74 +748,84 @@ mod tests {
             let conv = typed.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap();
             DepthwiseConv::of(&typed, conv).unwrap().unwrap().choose()
         };
-        assert_eq!(chosen(&base), Some(Layout::ChannelLast), "strided, small");
-        let narrow = Case {
-            channels: 8,
-            group: 8,
-            ..base.clone()
+        let with = |change: &dyn Fn(&mut Case)| {
+            let mut case = base.clone();
+            change(&mut case);
+            case
         };
-        assert_eq!(chosen(&narrow), None, "8 channels, strided");
-        let narrow_stride_one = Case {
-            strides: [1, 1],
-            ..narrow.clone()
+        let narrow = |c: &mut Case| {
+            c.channels = 8;
+            c.group = 8;
         };
-        assert_eq!(
-            chosen(&narrow_stride_one),
-            Some(Layout::Planes),
-            "8 channels, stride 1"
-        );
-        let stride_one = Case {
-            strides: [1, 1],
-            hw: [6, 6],
-            ..base.clone()
-        };
-        assert_eq!(
-            chosen(&stride_one),
-            Some(Layout::ChannelLast),
-            "6 outputs a row"
-        );
-        let wide = Case {
-            hw: [8, 12],
-            ..stride_one
-        };
-        assert_eq!(chosen(&wide), Some(Layout::Planes), "12 outputs a row");
-        let large = Case {
-            hw: [80, 80],
-            ..base
-        };
-        assert_eq!(chosen(&large), None, "6400 points a plane, strided");
-        let large_stride_one = Case {
-            strides: [1, 1],
-            ..large.clone()
-        };
-        assert_eq!(chosen(&large_stride_one), None, "6400 points a plane");
-        let mid_stride_one = Case {
-            hw: [40, 40],
-            ..large_stride_one
-        };
-        assert_eq!(
-            chosen(&mid_stride_one),
-            Some(Layout::Planes),
-            "1600 points, stride 1"
-        );
-        let large_channel_last = Case {
-            nhwc: true,
-            ..large
-        };
-        assert_eq!(
-            chosen(&large_channel_last),
-            Some(Layout::ChannelLast),
-            "channel-last data: no copies"
-        );
-        let narrow_channel_last = Case {
-            nhwc: true,
-            ..narrow_stride_one
-        };
-        assert_eq!(
-            chosen(&narrow_channel_last),
-            Some(Layout::Planes),
-            "8 channels, channel-last data"
-        );
+        let rule = [
+            (with(&|_| {}), Some(Layout::ChannelLast), "strided, small"),
+            (with(&narrow), None, "8 channels, strided"),
+            (
+                with(&|c| {
+                    narrow(c);
+                    c.strides = [1, 1];
+                }),
+                Some(Layout::Planes),
+                "8 channels, stride 1",
+            ),
+            (
+                with(&|c| {
+                    c.strides = [1, 1];
+                    c.hw = [6, 6];
+                }),
+                Some(Layout::ChannelLast),
+                "6 outputs a row",
+            ),
+            (
+                with(&|c| {
+                    c.strides = [1, 1];
+                    c.hw = [8, 12];
+                }),
+                Some(Layout::Planes),
+                "12 outputs a row",
+            ),
+            (
+                with(&|c| c.hw = [80, 80]),
+                None,
+                "6400 points a plane, strided",
+            ),
+            (
+                with(&|c| {
+                    c.strides = [1, 1];
+                    c.hw = [80, 80];
+                }),
+                None,
+                "6400 points a plane",
+            ),
+            (
+                with(&|c| {
+                    c.strides = [1, 1];
+                    c.hw = [40, 40];
+                }),
+                Some(Layout::Planes),
+                "1600 points, stride 1",
+            ),
+            (
+                with(&|c| {
+                    c.hw = [80, 80];
+                    c.nhwc = true;
+                }),
+                Some(Layout::ChannelLast),
+                "channel-last data: no copies",
+            ),
+            (
+                with(&|c| {
+                    narrow(c);
+                    c.strides = [1, 1];
+                    c.nhwc = true;
+                }),
+                Some(Layout::Planes),
+                "8 channels, channel-last data",
+            ),
+        ];
+        for (case, wanted, why) in &rule {
+            assert_eq!(chosen(case), *wanted, "{why}");
+        }
     }
 
     #[test]
