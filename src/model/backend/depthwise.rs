@@ -12,8 +12,11 @@
 //! - [`Layout::ChannelLast`], for small planes of many channels: for
 //!   every output point and tap, one multiply-add over all channels, which
 //!   the compiler vectorises whatever the stride and plane size; the
-//!   copies to and from channel-last are the price (none when the data is
-//!   channel-last already).
+//!   copies to and from channel-last are the price, none when the data is
+//!   channel-last already or can be made so: [`substitute`] first moves the
+//!   channel axis last around such a layer, through tract's own axis
+//!   changes, wherever the ops up to the neighbouring 1×1 convolutions
+//!   accept it.
 //! - [`Layout::Planes`], for the other stride-1 layers: each channel's
 //!   plane is copied once into a zero-padded plane, and then every tap is
 //!   one long contiguous multiply-add over the output plane, read at a
@@ -408,8 +411,18 @@ impl Op for DepthwiseConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{:?}, {} channels, {:?} → {:?}, kernel {:?}, strides {:?}",
-            self.layout, self.channels, self.input_hw, self.output_hw, self.kernel_hw, self.strides
+            "{:?}, {} channels {}, {:?} → {:?}, kernel {:?}, strides {:?}",
+            self.layout,
+            self.channels,
+            if self.channels_last_data {
+                "last"
+            } else {
+                "first"
+            },
+            self.input_hw,
+            self.output_hw,
+            self.kernel_hw,
+            self.strides
         )])
     }
 
@@ -447,10 +460,73 @@ impl TypedOp for DepthwiseConv {
 /// qemu-aarch64), and the rule was measured on x86-64 alone.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     if cfg!(target_arch = "x86_64") {
+        to_channel_last(model)?;
         substitute_where(model, DepthwiseConv::choose)
     } else {
         Ok(0)
     }
+}
+
+/// Moves the channel axis last around each depthwise layer that
+/// [`Layout::ChannelLast`] would otherwise run between two copies, so that
+/// it runs without them; returns how many moves were made. The move is
+/// tract's own axis change (the one its AArch64 build makes for its
+/// channel-inner kernel): the ops on the way are rewritten for the new
+/// layout, and a matrix product (a 1×1 convolution, as tract declutters
+/// it) reads and writes either layout, so a move ends at the neighbouring
+/// pointwise layers. A move that an op refuses, or that would reach the
+/// graph's inputs or outputs, is not made. The answers stay tract's (the
+/// tests compare them number for number).
+fn to_channel_last(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::change_axes::AxisChange;
+    let mut tried = std::collections::HashSet::new();
+    let mut moved = 0;
+    loop {
+        let mut candidate = None;
+        for node in model.eval_order()? {
+            let node = model.node(node);
+            if tried.contains(&node.name) {
+                continue;
+            }
+            let Some(op) = DepthwiseConv::of(model, node)? else {
+                continue;
+            };
+            if !op.channels_last_data && op.choose() == Some(Layout::ChannelLast) {
+                let rank = op.output_shape.len();
+                candidate = Some((node.name.clone(), node.inputs[0], rank));
+                break;
+            }
+        }
+        let Some((name, input, rank)) = candidate else {
+            break;
+        };
+        tried.insert(name);
+        let change = AxisChange {
+            outlet: input,
+            op: AxisOp::Move(rank - 3, rank - 1),
+        };
+        let mut locked = model.output_outlets()?.to_vec();
+        locked.extend(model.input_outlets()?.iter());
+        let mut explored = Default::default();
+        let patch = tract_onnx::tract_core::optim::change_axes::change_axes(
+            model,
+            &change,
+            &locked,
+            &[],
+            &mut explored,
+        );
+        // A move tract cannot make leaves the model as it was: the layer
+        // then runs with its copies.
+        let Ok(Some((patch, _))) = patch else {
+            continue;
+        };
+        let mut changed = model.clone();
+        if patch.apply(&mut changed).is_ok() && changed.compact().is_ok() {
+            *model = changed;
+            moved += 1;
+        }
+    }
+    Ok(moved)
 }
 
 fn substitute_where(
@@ -858,5 +934,134 @@ mod tests {
             substitute_where(&mut same, |_| Some(Layout::Planes)).unwrap(),
             0
         );
+    }
+
+    /// A pointwise, depthwise, pointwise block over a `[1, C, H, W]` graph
+    /// input: the depthwise layer is channel-first as tract declutters it.
+    fn block(channels: usize, hw: [usize; 2], strides: [usize; 2]) -> ModelProto {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut weights = |name: &str, dims: &[usize]| TensorProto {
+            name: name.into(),
+            data_type: DataType::Float as i32,
+            dims: dims.iter().map(|d| *d as i64).collect(),
+            float_data: (0..dims.iter().product())
+                .map(|_| rng.f32() - 0.5)
+                .collect(),
+            ..Default::default()
+        };
+        let c = channels;
+        let initializer = vec![
+            weights("w1", &[c, c, 1, 1]),
+            weights("b1", &[c]),
+            weights("wd", &[c, 1, 3, 3]),
+            weights("bd", &[c]),
+            weights("w2", &[c, c, 1, 1]),
+        ];
+        let node =
+            |op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>| NodeProto {
+                op_type: op.into(),
+                name: output.into(),
+                input: inputs.iter().map(|i| i.to_string()).collect(),
+                output: vec![output.into()],
+                attribute,
+                ..Default::default()
+            };
+        let depthwise = vec![
+            AttributeProto {
+                name: "group".into(),
+                r#type: AttributeType::Int as i32,
+                i: c as i64,
+                ..Default::default()
+            },
+            ints("kernel_shape", &[3, 3]),
+            ints("strides", &strides),
+            ints("pads", &[1, 1, 1, 1]),
+        ];
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Some(GraphProto {
+                name: "block".into(),
+                node: vec![
+                    node("Conv", &["x", "w1", "b1"], "p1", vec![]),
+                    node("Relu", &["p1"], "r1", vec![]),
+                    node("Conv", &["r1", "wd", "bd"], "d", depthwise),
+                    node("Relu", &["d"], "r2", vec![]),
+                    node("Conv", &["r2", "w2"], "y", vec![]),
+                ],
+                initializer,
+                input: vec![info("x", &[1, c, hw[0], hw[1]])],
+                output: vec![ValueInfoProto {
+                    name: "y".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_depthwise_layer_between_pointwise_ones_runs_channel_last_without_copies() {
+        let layers = |model: &TypedModel| -> Vec<(bool, Option<Layout>)> {
+            model
+                .nodes()
+                .iter()
+                .filter_map(|n| DepthwiseConv::of(model, n).unwrap())
+                .map(|op| (op.channels_last_data, op.choose()))
+                .collect()
+        };
+        let [c, hw] = [32, 12];
+        let x: Vec<f32> = {
+            let mut rng = fastrand::Rng::with_seed(3);
+            (0..c * hw * hw).map(|_| rng.f32() * 4.0 - 2.0).collect()
+        };
+        let x = Tensor::from_shape(&[1, c, hw, hw], &x).unwrap();
+        let run = |model: TypedModel| {
+            let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+            let y = plan.run(tvec!(x.clone().into_tvalue())).unwrap();
+            super::super::plain_slice::<f32>(&y[0]).unwrap().to_vec()
+        };
+        for (strides, moved) in [([2, 2], true), ([1, 1], false)] {
+            let typed = tract_onnx::onnx()
+                .model_for_proto_model(&block(c, [hw, hw], strides))
+                .unwrap()
+                .into_typed()
+                .unwrap()
+                .into_decluttered()
+                .unwrap();
+            let before = layers(&typed);
+            let mut ours = typed.clone();
+            let n = to_channel_last(&mut ours).unwrap();
+            assert_eq!(n, moved as usize, "{strides:?}");
+            let after = layers(&ours);
+            if moved {
+                // Channel-last with two copies before, none after.
+                assert_eq!(before, [(false, Some(Layout::ChannelLast))]);
+                assert_eq!(after, [(true, Some(Layout::ChannelLast))]);
+            } else {
+                // Planes on channel-first data: nothing to gain by moving.
+                assert_eq!(before, [(false, Some(Layout::Planes))]);
+                assert_eq!(after, before);
+            }
+            assert_eq!(
+                substitute_where(&mut ours, DepthwiseConv::choose).unwrap(),
+                1
+            );
+            let (given, ours) = (run(typed), run(ours));
+            assert_eq!(given.len(), c * (hw / strides[0]).pow(2));
+            // As in the property test: tract's AArch64 kernel rounds
+            // differently.
+            if cfg!(target_arch = "x86_64") {
+                assert_eq!(given, ours, "{strides:?}");
+            } else {
+                for (a, b) in given.iter().zip(&ours) {
+                    assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{a} vs {b}");
+                }
+            }
+        }
     }
 }
