@@ -18,6 +18,7 @@ mod depthwise;
 pub(crate) mod fakequant;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
+mod softmax;
 pub mod tract;
 
 use super::{ModelErrorKind, TensorInfo};

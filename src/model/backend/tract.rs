@@ -249,6 +249,12 @@ fn build_plan(
             ours.depthwise
         ));
     }
+    if ours.pair_softmax > 0 {
+        facts.rewrites.push(format!(
+            "{} softmax over pairs run as edgeinfer's own op, one pass over the tensor instead of one per pair (same answers)",
+            ours.pair_softmax
+        ));
+    }
     Ok(plan)
 }
 
@@ -482,6 +488,7 @@ fn plan_from_proto(
         OwnOps {
             fake_quantize: super::fakequant::fuse_pairs(&mut typed).map_err(engine)?,
             depthwise: super::depthwise::substitute(&mut typed).map_err(engine)?,
+            pair_softmax: super::softmax::substitute(&mut typed).map_err(engine)?,
         }
     } else {
         OwnOps::default()
@@ -520,4 +527,5 @@ fn own_ops_wanted() -> bool {
 struct OwnOps {
     fake_quantize: usize,
     depthwise: usize,
+    pair_softmax: usize,
 }
