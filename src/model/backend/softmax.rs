@@ -42,7 +42,11 @@ impl PairSoftmax {
     }
 
     fn run(&self, y: &mut [f32]) -> TractResult<()> {
-        ensure!(y.len() % 2 == 0, "pair softmax over {} values", y.len());
+        ensure!(
+            y.len().is_multiple_of(2),
+            "pair softmax over {} values",
+            y.len()
+        );
         let mut nan_rows = Vec::new();
         for (i, row) in y.chunks_exact_mut(2).enumerate() {
             if row[0].is_nan() || row[1].is_nan() {
