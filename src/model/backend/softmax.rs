@@ -5,8 +5,8 @@
 //! tract 0.23.9 runs a softmax whose rows are not a multiple of four
 //! long row by row, with three of its vector kernels per row (maximum,
 //! `exp(x - max)` with the sum, scaling); on rows of two that costs more
-//! than the arithmetic (UltraFace's Softmax took 1.5 ms of its 8.3, README
-//! "Softmax over pairs"). This op takes each row's maximum off the row
+//! than the arithmetic (UltraFace slim's Softmax took 1.54 ms of its 8.57
+//! by `--profile`; README, Known issues). This op takes each row's maximum off the row
 //! first, then runs tract's own exponential kernel once over the whole
 //! tensor (with a maximum of 0, which subtracts nothing), then adds the
 //! pair and scales it by the reciprocal as tract does. Every step is
