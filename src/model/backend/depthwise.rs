@@ -14,9 +14,10 @@
 //!   the compiler vectorises whatever the stride and plane size; the
 //!   copies to and from channel-last are the price, none when the data is
 //!   channel-last already or can be made so: [`substitute`] first moves the
-//!   channel axis last around such a layer, through tract's own axis
-//!   changes, wherever the ops up to the neighbouring 1×1 convolutions
-//!   accept it.
+//!   channel axis last around such a layer — and around a strided or
+//!   short-row layer of any plane size, which tract's row kernel runs
+//!   scalar — through tract's own axis changes, wherever the ops up to the
+//!   neighbouring 1×1 convolutions accept it.
 //! - [`Layout::Planes`], for the other stride-1 layers: each channel's
 //!   plane is copied once into a zero-padded plane, and then every tap is
 //!   one long contiguous multiply-add over the output plane, read at a
@@ -33,6 +34,12 @@
 //! order with no fused multiply-add — tract's own arithmetic in tract's
 //! order (a tap over the padding adds a zero), so the answers are
 //! tract's, number for number (the tests hold both layouts to that).
+//!
+//! A per-channel `Mul` or `Add` right after the layer (a batch
+//! normalisation tract left unfolded, as in UltraFace) becomes a step of
+//! the op, applied to its outputs with the same one operation per value:
+//! on channel-last data tract runs such a node with its generic
+//! broadcasting, which cost more than the convolution.
 
 use std::sync::Arc;
 use tract_onnx::prelude::*;
@@ -50,10 +57,11 @@ const LANES: usize = 16;
 /// tract's AVX depthwise kernel takes stride-1 rows of at least 8 outputs.
 const TRACT_ROW: usize = 8;
 
-/// Above this many points per channel plane tract's own op is the faster:
-/// with no limit, channel-last ran UltraFace's 160×120 and 80×60 planes
-/// 1.6× slower (the copies to and from channel-last), planes its
-/// stride-1 160×120 layer 1.5–2× slower.
+/// Above this many points per channel plane tract's own op is the faster
+/// on channel-first data: with no limit, channel-last ran UltraFace's
+/// 160×120 and 80×60 planes 1.6× slower (the copies to and from
+/// channel-last), planes its stride-1 160×120 layer 1.5–2× slower. With
+/// the channel axis moved (no copies) the limit does not apply.
 const MAX_PLANE: usize = 4096;
 
 /// Outputs of one plane summed over every tap before the next ones, so
@@ -65,6 +73,16 @@ const CHUNK: usize = 1024;
 pub enum Layout {
     ChannelLast,
     Planes,
+}
+
+/// An element-wise step by a per-channel constant that the op applies
+/// to its outputs, in place of the `Mul` or `Add` node that followed it
+/// (a batch normalisation tract did not fold into the kernel). The same
+/// one IEEE operation per value as tract's node, so the same answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Mul,
+    Add,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +100,8 @@ pub struct DepthwiseConv {
     /// Tap-major, `[ky · kw + kx][channel]`.
     taps: Arc<Vec<f32>>,
     bias: Arc<Vec<f32>>,
+    /// Per-channel steps on the outputs, in order (see [`absorb_steps`]).
+    steps: Arc<Vec<(Step, Vec<f32>)>>,
     /// The output's shape (`[1, C, H, W]`, `[C, H, W]`, `[1, H, W, C]` or
     /// `[H, W, C]`, as the input's).
     output_shape: TVec<usize>,
@@ -179,6 +199,7 @@ impl DepthwiseConv {
             layout: Layout::ChannelLast,
             taps: Arc::new(taps),
             bias: Arc::new(bias),
+            steps: Arc::default(),
             output_shape,
         }))
     }
@@ -206,6 +227,80 @@ impl DepthwiseConv {
 
     fn with_layout(self, layout: Layout) -> DepthwiseConv {
         DepthwiseConv { layout, ..self }
+    }
+
+    /// Whether moving the channel axis last pays here: channel-last data
+    /// makes [`choose`](Self::choose) pick [`Layout::ChannelLast`] (with no
+    /// copies) for any plane size, which beats tract's op wherever its row
+    /// kernel runs scalar — strided layers and short rows — large planes
+    /// included (UltraFace's strided 160×120 layer, README "Depthwise").
+    fn wants_channel_last(&self) -> bool {
+        let tract_vectorises = self.strides[1] == 1 && self.output_hw[1] >= TRACT_ROW;
+        !self.channels_last_data && self.channels >= MIN_CHANNELS && !tract_vectorises
+    }
+
+    /// The values of `konst` per output channel, when it is a constant
+    /// that `Mul` or `Add` would broadcast along the channel axis alone (or
+    /// a single value) without changing the output's shape.
+    fn per_channel(&self, konst: &Tensor) -> TractResult<Option<Vec<f32>>> {
+        let shape = konst.shape();
+        let rank = self.output_shape.len();
+        if konst.datum_type() != f32::datum_type() || shape.len() > rank {
+            return Ok(None);
+        }
+        let channel_axis = if self.channels_last_data {
+            rank - 1
+        } else {
+            rank - 3
+        };
+        let offset = rank - shape.len();
+        let along_channels = shape
+            .iter()
+            .enumerate()
+            .all(|(axis, &d)| d == 1 || (axis + offset == channel_axis && d == self.channels));
+        if !along_channels {
+            return Ok(None);
+        }
+        let values = super::plain_slice::<f32>(konst)?;
+        Ok(Some(if values.len() == 1 {
+            vec![values[0]; self.channels]
+        } else {
+            values.to_vec()
+        }))
+    }
+
+    fn with_step(&self, step: Step, values: Vec<f32>) -> DepthwiseConv {
+        let mut steps = (*self.steps).clone();
+        steps.push((step, values));
+        DepthwiseConv {
+            steps: Arc::new(steps),
+            ..self.clone()
+        }
+    }
+
+    /// Applies [`steps`](Self::steps) to the output `y`, in its layout.
+    #[inline(always)]
+    fn apply_steps(&self, y: &mut [f32]) {
+        let points = self.output_hw[0] * self.output_hw[1];
+        for (step, values) in self.steps.iter() {
+            if self.channels_last_data {
+                for point in y.chunks_exact_mut(self.channels) {
+                    for (v, k) in point.iter_mut().zip(values) {
+                        match step {
+                            Step::Mul => *v *= *k,
+                            Step::Add => *v += *k,
+                        }
+                    }
+                }
+            } else {
+                for (plane, k) in y.chunks_exact_mut(points).zip(values) {
+                    match step {
+                        Step::Mul => plane.iter_mut().for_each(|v| *v *= *k),
+                        Step::Add => plane.iter_mut().for_each(|v| *v += *k),
+                    }
+                }
+            }
+        }
     }
 
     /// Rows and columns of each stride-phase plane in [`Layout::Planes`]:
@@ -250,6 +345,13 @@ impl DepthwiseConv {
 
     #[inline(always)]
     fn run_portable(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = self.convolve(x);
+        self.apply_steps(&mut y);
+        y
+    }
+
+    #[inline(always)]
+    fn convolve(&self, x: &[f32]) -> Vec<f32> {
         let c = self.channels;
         let points = self.input_hw[0] * self.input_hw[1];
         let out = self.output_hw[0] * self.output_hw[1];
@@ -410,8 +512,9 @@ impl Op for DepthwiseConv {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
+        let steps: Vec<String> = self.steps.iter().map(|(s, _)| format!("{s:?}")).collect();
         Ok(vec![format!(
-            "{:?}, {} channels {}, {:?} → {:?}, kernel {:?}, strides {:?}",
+            "{:?}, {} channels {}, {:?} → {:?}, kernel {:?}, strides {:?}, then {:?}",
             self.layout,
             self.channels,
             if self.channels_last_data {
@@ -422,7 +525,8 @@ impl Op for DepthwiseConv {
             self.input_hw,
             self.output_hw,
             self.kernel_hw,
-            self.strides
+            self.strides,
+            steps
         )])
     }
 
@@ -454,16 +558,18 @@ impl TypedOp for DepthwiseConv {
 }
 
 /// Replaces each depthwise convolution of a decluttered `model` where
-/// [`DepthwiseConv`] is the faster; returns how many. x86-64 only: there
+/// [`DepthwiseConv`] is the faster, and folds in the per-channel steps
+/// after it; returns how many of each. x86-64 only: there
 /// tract adds without fused multiply-adds and the answers are equal; its
 /// AArch64 kernel rounds differently (outputs one ulp apart under
 /// qemu-aarch64), and the rule was measured on x86-64 alone.
-pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
+pub fn substitute(model: &mut TypedModel) -> TractResult<(usize, usize)> {
     if cfg!(target_arch = "x86_64") {
         to_channel_last(model)?;
-        substitute_where(model, DepthwiseConv::choose)
+        let replaced = substitute_where(model, DepthwiseConv::choose)?;
+        Ok((replaced, absorb_steps(model)?))
     } else {
-        Ok(0)
+        Ok((0, 0))
     }
 }
 
@@ -491,7 +597,7 @@ fn to_channel_last(model: &mut TypedModel) -> TractResult<usize> {
             let Some(op) = DepthwiseConv::of(model, node)? else {
                 continue;
             };
-            if !op.channels_last_data && op.choose() == Some(Layout::ChannelLast) {
+            if op.wants_channel_last() {
                 let rank = op.output_shape.len();
                 candidate = Some((node.name.clone(), node.inputs[0], rank));
                 break;
@@ -527,6 +633,61 @@ fn to_channel_last(model: &mut TypedModel) -> TractResult<usize> {
         }
     }
     Ok(moved)
+}
+
+/// Folds into each of our depthwise ops the per-channel `Mul` and `Add`
+/// nodes that follow it alone (a batch normalisation left after the
+/// convolution: on channel-last data tract runs such a node with its
+/// generic broadcasting, 0.4–0.6 ms on UltraFace's 80×60 planes); returns
+/// how many.
+fn absorb_steps(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::ops::binary::TypedBinOp;
+    use tract_onnx::tract_core::ops::math::{Add, Mul};
+    let mut absorbed = 0;
+    loop {
+        let outputs = model.output_outlets()?.to_vec();
+        let mut found = None;
+        for node in model.nodes() {
+            let Some(op) = node.op_as::<DepthwiseConv>() else {
+                continue;
+            };
+            let [next] = &*node.outputs[0].successors else {
+                continue;
+            };
+            if outputs.contains(&OutletId::new(node.id, 0)) {
+                continue;
+            }
+            let then = model.node(next.node);
+            let Some(bin) = then.op_as::<TypedBinOp>() else {
+                continue;
+            };
+            let step = if bin.0.is::<Mul>() {
+                Step::Mul
+            } else if bin.0.is::<Add>() {
+                Step::Add
+            } else {
+                continue;
+            };
+            if bin.1.is_some() || then.inputs.len() != 2 {
+                continue;
+            }
+            let other = model.outlet_fact(then.inputs[1 - next.slot])?;
+            let Some(konst) = &other.konst else {
+                continue;
+            };
+            if let Some(values) = op.per_channel(konst)? {
+                found = Some((node.id, then.id, op.with_step(step, values)));
+                break;
+            }
+        }
+        let Some((ours, then, op)) = found else {
+            break;
+        };
+        super::tract::replace_with(model, ours, then, op)?;
+        model.compact()?;
+        absorbed += 1;
+    }
+    Ok(absorbed)
 }
 
 fn substitute_where(
@@ -575,6 +736,9 @@ mod tests {
         /// The graph's input and output are `[1, H, W, C]`, transposed
         /// around the Conv (tract folds both into a channel-last Conv).
         nhwc: bool,
+        /// A per-channel Mul and Add (a batch normalisation) after the
+        /// Conv.
+        steps: bool,
     }
 
     fn ints(name: &str, v: &[usize]) -> AttributeProto {
@@ -655,11 +819,33 @@ mod tests {
             attribute: vec![ints("perm", &[0, 2, 3, 1])],
             ..Default::default()
         };
+        let out = if case.nhwc { "y_nchw" } else { "y" };
+        let per_channel = |name: &str, rng: &mut fastrand::Rng| TensorProto {
+            name: name.into(),
+            data_type: DataType::Float as i32,
+            dims: vec![case.channels as i64, 1, 1],
+            float_data: (0..case.channels).map(|_| rng.f32() * 2.0 - 1.0).collect(),
+            ..Default::default()
+        };
+        let step = |op: &str, input: &str, konst: &str, output: &str| NodeProto {
+            op_type: op.into(),
+            name: output.into(),
+            input: vec![input.into(), konst.into()],
+            output: vec![output.into()],
+            ..Default::default()
+        };
+        let mut steps = vec![];
+        if case.steps {
+            initializer.push(per_channel("scale", &mut rng));
+            initializer.push(per_channel("shift", &mut rng));
+            steps.push(step("Mul", "conv", "scale", "scaled"));
+            steps.push(step("Add", "scaled", "shift", out));
+        }
         let conv = NodeProto {
             op_type: "Conv".into(),
             name: "dw".into(),
             input: inputs,
-            output: vec![if case.nhwc { "y_nchw" } else { "y" }.into()],
+            output: vec![if case.steps { "conv" } else { out }.into()],
             attribute: vec![
                 AttributeProto {
                     name: "group".into(),
@@ -683,9 +869,9 @@ mod tests {
             graph: Some(GraphProto {
                 name: "dw".into(),
                 node: if case.nhwc {
-                    vec![transpose, conv, back]
+                    [vec![transpose, conv], steps, vec![back]].concat()
                 } else {
-                    vec![conv]
+                    [vec![conv], steps].concat()
                 },
                 initializer,
                 input: vec![info("x", &input_shape(case))],
@@ -719,8 +905,9 @@ mod tests {
     }
 
     /// tract's plan and ours (every depthwise convolution [`DepthwiseConv`]
-    /// can take, in `layout`, whether it pays or not) on one random input:
-    /// (substituted, tract's output, ours).
+    /// can take, in `layout`, whether it pays or not, with the case's
+    /// per-channel steps folded in) on one random input: (substituted,
+    /// tract's output, ours).
     fn both(case: &Case, layout: Layout) -> (usize, Vec<f32>, Vec<f32>) {
         let typed = decluttered(case);
         let conv = typed.nodes().iter().find(|n| n.op_is::<Conv>()).unwrap();
@@ -728,6 +915,8 @@ mod tests {
         assert_eq!(format.c_is_last(), case.nhwc, "{format:?}");
         let mut ours = typed.clone();
         let n = substitute_where(&mut ours, |_| Some(layout)).unwrap();
+        let absorbed = absorb_steps(&mut ours).unwrap();
+        assert_eq!(absorbed, if case.steps { 2 * n } else { 0 }, "{case:?}");
         let given = typed.into_optimized().unwrap().into_runnable().unwrap();
         let ours = ours.into_optimized().unwrap().into_runnable().unwrap();
         let [h, w] = case.hw;
@@ -752,10 +941,10 @@ mod tests {
                 1usize..3,
                 [0usize..3, 0usize..3, 0usize..3, 0usize..3],
             ),
-            (any::<bool>(), any::<bool>()),
+            (any::<bool>(), any::<bool>(), any::<bool>()),
         )
             .prop_map(
-                |((c, h, w), (kh, kw, sh, sw), (dh, dw, pads), (bias, nhwc))| Case {
+                |((c, h, w), (kh, kw, sh, sw), (dh, dw, pads), (bias, nhwc, steps))| Case {
                     channels: c,
                     group: c,
                     hw: [h, w],
@@ -765,6 +954,7 @@ mod tests {
                     pads,
                     bias,
                     nhwc,
+                    steps,
                 },
             )
             .prop_filter("an output at least 1×1", |c| {
@@ -808,6 +998,7 @@ mod tests {
             pads: [1, 1, 1, 1],
             bias: true,
             nhwc: false,
+            steps: false,
         };
         for layout in [Layout::ChannelLast, Layout::Planes] {
             let (n, given, ours) = both(&base, layout);
@@ -916,6 +1107,7 @@ mod tests {
             pads: [1, 1, 1, 1],
             bias: false,
             nhwc: false,
+            steps: false,
         };
         let mut proto = model(&case);
         let graph = proto.graph.as_mut().unwrap();
@@ -937,7 +1129,9 @@ mod tests {
     }
 
     /// A pointwise, depthwise, pointwise block over a `[1, C, H, W]` graph
-    /// input: the depthwise layer is channel-first as tract declutters it.
+    /// input, with a batch normalisation left after the depthwise layer (a
+    /// per-channel Mul and Add, as in UltraFace): the depthwise layer is
+    /// channel-first as tract declutters it.
     fn block(channels: usize, hw: [usize; 2], strides: [usize; 2]) -> ModelProto {
         let mut rng = fastrand::Rng::with_seed(5);
         let mut weights = |name: &str, dims: &[usize]| TensorProto {
@@ -955,6 +1149,8 @@ mod tests {
             weights("b1", &[c]),
             weights("wd", &[c, 1, 3, 3]),
             weights("bd", &[c]),
+            weights("scale", &[c, 1, 1]),
+            weights("shift", &[c, 1, 1]),
             weights("w2", &[c, c, 1, 1]),
         ];
         let node =
@@ -989,7 +1185,9 @@ mod tests {
                     node("Conv", &["x", "w1", "b1"], "p1", vec![]),
                     node("Relu", &["p1"], "r1", vec![]),
                     node("Conv", &["r1", "wd", "bd"], "d", depthwise),
-                    node("Relu", &["d"], "r2", vec![]),
+                    node("Mul", &["d", "scale"], "ds", vec![]),
+                    node("Add", &["ds", "shift"], "dt", vec![]),
+                    node("Relu", &["dt"], "r2", vec![]),
                     node("Conv", &["r2", "w2"], "y", vec![]),
                 ],
                 initializer,
@@ -1014,18 +1212,25 @@ mod tests {
                 .map(|op| (op.channels_last_data, op.choose()))
                 .collect()
         };
-        let [c, hw] = [32, 12];
-        let x: Vec<f32> = {
-            let mut rng = fastrand::Rng::with_seed(3);
-            (0..c * hw * hw).map(|_| rng.f32() * 4.0 - 2.0).collect()
-        };
-        let x = Tensor::from_shape(&[1, c, hw, hw], &x).unwrap();
-        let run = |model: TypedModel| {
+        let c = 16;
+        let run = |model: TypedModel, x: &Tensor| {
             let plan = model.into_optimized().unwrap().into_runnable().unwrap();
             let y = plan.run(tvec!(x.clone().into_tvalue())).unwrap();
             super::super::plain_slice::<f32>(&y[0]).unwrap().to_vec()
         };
-        for (strides, moved) in [([2, 2], true), ([1, 1], false)] {
+        // (plane side, strides, moved, the layout before the move)
+        let cases = [
+            (12, [2, 2], true, Some(Layout::ChannelLast)),
+            (12, [1, 1], false, Some(Layout::Planes)),
+            // Too large a plane for the copies, not with none.
+            (72, [2, 2], true, None),
+        ];
+        for (hw, strides, moved, layout) in cases {
+            let x: Vec<f32> = {
+                let mut rng = fastrand::Rng::with_seed(3);
+                (0..c * hw * hw).map(|_| rng.f32() * 4.0 - 2.0).collect()
+            };
+            let x = Tensor::from_shape(&[1, c, hw, hw], &x).unwrap();
             let typed = tract_onnx::onnx()
                 .model_for_proto_model(&block(c, [hw, hw], strides))
                 .unwrap()
@@ -1036,22 +1241,31 @@ mod tests {
             let before = layers(&typed);
             let mut ours = typed.clone();
             let n = to_channel_last(&mut ours).unwrap();
-            assert_eq!(n, moved as usize, "{strides:?}");
+            assert_eq!(n, moved as usize, "{hw} {strides:?}");
+            assert_eq!(before, [(false, layout)], "{hw} {strides:?}");
             let after = layers(&ours);
             if moved {
-                // Channel-last with two copies before, none after.
-                assert_eq!(before, [(false, Some(Layout::ChannelLast))]);
+                // Channel-last with no copies.
                 assert_eq!(after, [(true, Some(Layout::ChannelLast))]);
             } else {
                 // Planes on channel-first data: nothing to gain by moving.
-                assert_eq!(before, [(false, Some(Layout::Planes))]);
                 assert_eq!(after, before);
             }
             assert_eq!(
                 substitute_where(&mut ours, DepthwiseConv::choose).unwrap(),
                 1
             );
-            let (given, ours) = (run(typed), run(ours));
+            // The Mul and Add after the layer are the op's now, on either
+            // layout.
+            assert_eq!(absorb_steps(&mut ours).unwrap(), 2, "{hw} {strides:?}");
+            let binary = |m: &TypedModel| {
+                m.nodes()
+                    .iter()
+                    .filter(|n| n.op_is::<tract_onnx::tract_core::ops::binary::TypedBinOp>())
+                    .count()
+            };
+            assert_eq!(binary(&ours) + 2, binary(&typed), "{hw} {strides:?}");
+            let (given, ours) = (run(typed, &x), run(ours, &x));
             assert_eq!(given.len(), c * (hw / strides[0]).pow(2));
             // As in the property test: tract's AArch64 kernel rounds
             // differently.

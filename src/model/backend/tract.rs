@@ -244,8 +244,12 @@ fn build_plan(
         ));
     }
     if ours.depthwise > 0 {
+        let steps = match ours.depthwise_steps {
+            0 => String::new(),
+            n => format!(", with the {n} per-channel Mul and Add nodes after them"),
+        };
         facts.rewrites.push(format!(
-            "{} depthwise convolutions run as edgeinfer's own vectorised op, channel-last or plane by plane (same answers)",
+            "{} depthwise convolutions run as edgeinfer's own vectorised op, channel-last or plane by plane{steps} (same answers)",
             ours.depthwise
         ));
     }
@@ -485,9 +489,13 @@ fn plan_from_proto(
     };
     let mut typed = typed.into_decluttered().map_err(engine)?;
     let ours = if own_ops_wanted() {
+        let fake_quantize = super::fakequant::fuse_pairs(&mut typed).map_err(engine)?;
+        let (depthwise, depthwise_steps) =
+            super::depthwise::substitute(&mut typed).map_err(engine)?;
         OwnOps {
-            fake_quantize: super::fakequant::fuse_pairs(&mut typed).map_err(engine)?,
-            depthwise: super::depthwise::substitute(&mut typed).map_err(engine)?,
+            fake_quantize,
+            depthwise,
+            depthwise_steps,
             pair_softmax: super::softmax::substitute(&mut typed).map_err(engine)?,
         }
     } else {
@@ -527,5 +535,7 @@ fn own_ops_wanted() -> bool {
 struct OwnOps {
     fake_quantize: usize,
     depthwise: usize,
+    /// Per-channel Mul and Add nodes folded into those.
+    depthwise_steps: usize,
     pair_softmax: usize,
 }
