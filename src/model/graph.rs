@@ -326,10 +326,7 @@ fn rewrite_quantized_softmax(graph: &mut tract_onnx::pb::GraphProto, facts: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::pb::tensor_shape_proto::{dimension, Dimension};
-    use tract_onnx::pb::{
-        type_proto, GraphProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
-    };
+
     use tract_onnx::prelude::*;
 
     fn clashing_model() -> ModelProto {
@@ -347,45 +344,18 @@ mod tests {
             output: vec![output.into()],
             ..Default::default()
         };
-        let value = |name: &str| ValueInfoProto {
-            name: name.into(),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: DataType::Float as i32,
-                    shape: Some(TensorShapeProto {
-                        dim: [1, 3]
-                            .map(|d| Dimension {
-                                value: Some(dimension::Value::DimValue(d)),
-                                ..Default::default()
-                            })
-                            .to_vec(),
-                    }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        ModelProto {
-            ir_version: 8,
-            opset_import: vec![OperatorSetIdProto {
-                domain: String::new(),
-                version: 13,
-            }],
-            graph: Some(GraphProto {
-                name: "clash".into(),
-                // A node named like the initializer, and two nodes with one name.
-                node: vec![
-                    node("two", &["x", "two"], "y"),
-                    node("twice", &["y", "two"], "z"),
-                    node("twice", &["z", "two"], "out"),
-                ],
-                initializer: vec![two],
-                input: vec![value("x")],
-                output: vec![value("out")],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        // A node named like the initializer, and two nodes with one name.
+        crate::model::test_graphs::model(
+            "clash",
+            vec![
+                node("two", &["x", "two"], "y"),
+                node("twice", &["y", "two"], "z"),
+                node("twice", &["z", "two"], "out"),
+            ],
+            vec![two],
+            vec![crate::model::test_graphs::float_value("x", &[1, 3])],
+            vec![crate::model::test_graphs::float_value("out", &[1, 3])],
+        )
     }
 
     #[test]

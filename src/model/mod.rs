@@ -13,6 +13,8 @@ mod lower;
 pub mod manifest;
 mod qdq;
 mod session;
+#[cfg(test)]
+pub(crate) mod test_graphs;
 
 pub use backend::{BackendChoice, EngineOptions, NodeTime, RuntimeStatus};
 pub use choice::EngineReport;

@@ -694,32 +694,21 @@ fn substitute_where(
     model: &mut TypedModel,
     choose: impl Fn(&DepthwiseConv) -> Option<Layout>,
 ) -> TractResult<usize> {
-    let mut found = Vec::new();
-    for node in model.nodes() {
-        if let Some(op) = DepthwiseConv::of(model, node)? {
-            if let Some(layout) = choose(&op) {
-                found.push((node.id, op.with_layout(layout)));
-            }
-        }
-    }
-    for (id, op) in &found {
-        super::tract::replace_with(model, *id, *id, op.clone())?;
-    }
-    if !found.is_empty() {
-        model.compact()?;
-    }
-    Ok(found.len())
+    super::tract::substitute_each(model, |model, node| {
+        let op = DepthwiseConv::of(model, node)?;
+        Ok(op.and_then(|op| choose(&op).map(|layout| op.with_layout(layout))))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_graphs;
     use proptest::prelude::*;
     use tract_onnx::pb::tensor_proto::DataType;
-    use tract_onnx::pb::tensor_shape_proto::{dimension, Dimension};
+
     use tract_onnx::pb::{
-        attribute_proto::AttributeType, type_proto, AttributeProto, GraphProto, ModelProto,
-        NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+        attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto, TensorProto,
     };
 
     #[derive(Debug, Clone)]
@@ -746,28 +735,6 @@ mod tests {
             name: name.into(),
             r#type: AttributeType::Ints as i32,
             ints: v.iter().map(|x| *x as i64).collect(),
-            ..Default::default()
-        }
-    }
-
-    fn info(name: &str, dims: &[usize]) -> ValueInfoProto {
-        ValueInfoProto {
-            name: name.into(),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: DataType::Float as i32,
-                    shape: Some(TensorShapeProto {
-                        dim: dims
-                            .iter()
-                            .map(|d| Dimension {
-                                value: Some(dimension::Value::DimValue(*d as i64)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    }),
-                })),
-                ..Default::default()
-            }),
             ..Default::default()
         }
     }
@@ -860,29 +827,17 @@ mod tests {
             ],
             ..Default::default()
         };
-        ModelProto {
-            ir_version: 8,
-            opset_import: vec![OperatorSetIdProto {
-                domain: String::new(),
-                version: 13,
-            }],
-            graph: Some(GraphProto {
-                name: "dw".into(),
-                node: if case.nhwc {
-                    [vec![transpose, conv], steps, vec![back]].concat()
-                } else {
-                    [vec![conv], steps].concat()
-                },
-                initializer,
-                input: vec![info("x", &input_shape(case))],
-                output: vec![ValueInfoProto {
-                    name: "y".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        test_graphs::model(
+            "dw",
+            if case.nhwc {
+                [vec![transpose, conv], steps, vec![back]].concat()
+            } else {
+                [vec![conv], steps].concat()
+            },
+            initializer,
+            vec![test_graphs::float_value("x", &input_shape(case))],
+            vec![test_graphs::untyped_value("y")],
+        )
     }
 
     fn input_shape(case: &Case) -> [usize; 4] {
@@ -1173,33 +1128,21 @@ mod tests {
             ints("strides", &strides),
             ints("pads", &[1, 1, 1, 1]),
         ];
-        ModelProto {
-            ir_version: 8,
-            opset_import: vec![OperatorSetIdProto {
-                domain: String::new(),
-                version: 13,
-            }],
-            graph: Some(GraphProto {
-                name: "block".into(),
-                node: vec![
-                    node("Conv", &["x", "w1", "b1"], "p1", vec![]),
-                    node("Relu", &["p1"], "r1", vec![]),
-                    node("Conv", &["r1", "wd", "bd"], "d", depthwise),
-                    node("Mul", &["d", "scale"], "ds", vec![]),
-                    node("Add", &["ds", "shift"], "dt", vec![]),
-                    node("Relu", &["dt"], "r2", vec![]),
-                    node("Conv", &["r2", "w2"], "y", vec![]),
-                ],
-                initializer,
-                input: vec![info("x", &[1, c, hw[0], hw[1]])],
-                output: vec![ValueInfoProto {
-                    name: "y".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        test_graphs::model(
+            "block",
+            vec![
+                node("Conv", &["x", "w1", "b1"], "p1", vec![]),
+                node("Relu", &["p1"], "r1", vec![]),
+                node("Conv", &["r1", "wd", "bd"], "d", depthwise),
+                node("Mul", &["d", "scale"], "ds", vec![]),
+                node("Add", &["ds", "shift"], "dt", vec![]),
+                node("Relu", &["dt"], "r2", vec![]),
+                node("Conv", &["r2", "w2"], "y", vec![]),
+            ],
+            initializer,
+            vec![test_graphs::float_value("x", &[1, c, hw[0], hw[1]])],
+            vec![test_graphs::untyped_value("y")],
+        )
     }
 
     #[test]

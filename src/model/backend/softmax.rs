@@ -103,54 +103,20 @@ impl TypedOp for PairSoftmax {
 /// Replaces each softmax over pairs of a decluttered `model` with
 /// [`PairSoftmax`]; returns how many.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
-    let mut found = Vec::new();
-    for node in model.nodes() {
-        if let Some(op) = PairSoftmax::of(model, node)? {
-            found.push((node.id, op));
-        }
-    }
-    for (id, op) in &found {
-        super::tract::replace_with(model, *id, *id, op.clone())?;
-    }
-    if !found.is_empty() {
-        model.compact()?;
-    }
-    Ok(found.len())
+    super::tract::substitute_each(model, PairSoftmax::of)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_graphs;
     use proptest::prelude::*;
-    use tract_onnx::pb::tensor_proto::DataType;
-    use tract_onnx::pb::tensor_shape_proto::{dimension, Dimension};
-    use tract_onnx::pb::{
-        attribute_proto::AttributeType, type_proto, AttributeProto, GraphProto, ModelProto,
-        NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto,
-    };
+
+    use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto};
 
     /// One Softmax over the last axis of a `[1, rows, width]` input.
     fn model(rows: usize, width: usize) -> ModelProto {
         let dims = [1, rows, width];
-        let input = ValueInfoProto {
-            name: "x".into(),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: DataType::Float as i32,
-                    shape: Some(TensorShapeProto {
-                        dim: dims
-                            .iter()
-                            .map(|d| Dimension {
-                                value: Some(dimension::Value::DimValue(*d as i64)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         let softmax = NodeProto {
             op_type: "Softmax".into(),
             name: "softmax".into(),
@@ -164,24 +130,13 @@ mod tests {
             }],
             ..Default::default()
         };
-        ModelProto {
-            ir_version: 8,
-            opset_import: vec![OperatorSetIdProto {
-                domain: String::new(),
-                version: 13,
-            }],
-            graph: Some(GraphProto {
-                name: "softmax".into(),
-                node: vec![softmax],
-                input: vec![input],
-                output: vec![ValueInfoProto {
-                    name: "y".into(),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        test_graphs::model(
+            "softmax",
+            vec![softmax],
+            vec![],
+            vec![test_graphs::float_value("x", &dims)],
+            vec![test_graphs::untyped_value("y")],
+        )
     }
 
     /// tract's plan and ours on `x`: (substituted, tract's output, ours).

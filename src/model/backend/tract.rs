@@ -524,6 +524,28 @@ pub(super) fn replace_with(
     patch.apply(model)
 }
 
+/// Puts the op `of` finds for a node in place of each node of `model` it
+/// finds one for (see [`replace_with`]); returns how many.
+pub(super) fn substitute_each<O: Into<Box<dyn TypedOp>>>(
+    model: &mut TypedModel,
+    of: impl Fn(&TypedModel, &TypedNode) -> TractResult<Option<O>>,
+) -> TractResult<usize> {
+    let mut found = Vec::new();
+    for node in model.nodes() {
+        if let Some(op) = of(model, node)? {
+            found.push((node.id, op));
+        }
+    }
+    let n = found.len();
+    for (id, op) in found {
+        replace_with(model, id, id, op)?;
+    }
+    if n > 0 {
+        model.compact()?;
+    }
+    Ok(n)
+}
+
 /// `EDGEINFER_OWN_OPS=0` plans with tract's ops alone: to compare, or to
 /// rule ours out when a model answers unexpectedly (README "Engines").
 fn own_ops_wanted() -> bool {
