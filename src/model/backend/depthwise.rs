@@ -1184,14 +1184,21 @@ mod tests {
             let before = layers(&typed);
             let mut ours = typed.clone();
             let n = to_channel_last(&mut ours).unwrap();
-            assert_eq!(n, moved as usize, "{hw} {strides:?}");
-            assert_eq!(before, [(false, layout)], "{hw} {strides:?}");
             let after = layers(&ours);
-            if moved {
+            if before[0].0 {
+                // tract's AArch64 build moves a depthwise layer's channels
+                // last itself while decluttering (for its channel-inner
+                // kernel): nothing is left to move.
+                assert!(!cfg!(target_arch = "x86_64"), "{hw} {strides:?}");
+                assert_eq!((n, &after), (0, &before), "{hw} {strides:?}");
+            } else if moved {
+                assert_eq!(n, 1, "{hw} {strides:?}");
+                assert_eq!(before, [(false, layout)], "{hw} {strides:?}");
                 // Channel-last with no copies.
                 assert_eq!(after, [(true, Some(Layout::ChannelLast))]);
             } else {
                 // Planes on channel-first data: nothing to gain by moving.
+                assert_eq!((n, &before), (0, &[(false, layout)].to_vec()));
                 assert_eq!(after, before);
             }
             assert_eq!(
