@@ -326,7 +326,6 @@ fn rewrite_quantized_softmax(graph: &mut tract_onnx::pb::GraphProto, facts: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
-
     use tract_onnx::prelude::*;
 
     fn clashing_model() -> ModelProto {

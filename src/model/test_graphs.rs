@@ -4,9 +4,21 @@
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::tensor_shape_proto::{dimension, Dimension};
 use tract_onnx::pb::{
-    type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
     TensorShapeProto, TypeProto, ValueInfoProto,
 };
+
+/// A node named after its one output.
+pub fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name: output.into(),
+        input: inputs.iter().map(|i| i.to_string()).collect(),
+        output: vec![output.into()],
+        attribute,
+        ..Default::default()
+    }
+}
 
 /// A float tensor of a fixed shape, as a graph input or output.
 pub fn float_value(name: &str, dims: &[usize]) -> ValueInfoProto {

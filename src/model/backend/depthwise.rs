@@ -706,7 +706,6 @@ mod tests {
     use crate::model::test_graphs;
     use proptest::prelude::*;
     use tract_onnx::pb::tensor_proto::DataType;
-
     use tract_onnx::pb::{
         attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto, TensorProto,
     };
@@ -794,19 +793,17 @@ mod tests {
             float_data: (0..case.channels).map(|_| rng.f32() * 2.0 - 1.0).collect(),
             ..Default::default()
         };
-        let step = |op: &str, input: &str, konst: &str, output: &str| NodeProto {
-            op_type: op.into(),
-            name: output.into(),
-            input: vec![input.into(), konst.into()],
-            output: vec![output.into()],
-            ..Default::default()
-        };
         let mut steps = vec![];
         if case.steps {
             initializer.push(per_channel("scale", &mut rng));
             initializer.push(per_channel("shift", &mut rng));
-            steps.push(step("Mul", "conv", "scale", "scaled"));
-            steps.push(step("Add", "scaled", "shift", out));
+            steps.push(test_graphs::node(
+                "Mul",
+                &["conv", "scale"],
+                "scaled",
+                vec![],
+            ));
+            steps.push(test_graphs::node("Add", &["scaled", "shift"], out, vec![]));
         }
         let conv = NodeProto {
             op_type: "Conv".into(),
@@ -1108,15 +1105,7 @@ mod tests {
             weights("shift", &[c, 1, 1]),
             weights("w2", &[c, c, 1, 1]),
         ];
-        let node =
-            |op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>| NodeProto {
-                op_type: op.into(),
-                name: output.into(),
-                input: inputs.iter().map(|i| i.to_string()).collect(),
-                output: vec![output.into()],
-                attribute,
-                ..Default::default()
-            };
+        let node = test_graphs::node;
         let depthwise = vec![
             AttributeProto {
                 name: "group".into(),

@@ -6,9 +6,9 @@
 //! long row by row, with three of its vector kernels per row (maximum,
 //! `exp(x - max)` with the sum, scaling); on rows of two that costs more
 //! than the arithmetic (UltraFace slim's Softmax took 1.54 ms of its 8.57
-//! by `--profile`; README, Known issues). This op takes each row's maximum off the row
-//! first, then runs tract's own exponential kernel once over the whole
-//! tensor (with a maximum of 0, which subtracts nothing), then adds the
+//! by `--profile`; README, Known issues). This op takes each row's
+//! maximum off the row first, then runs tract's own exponential kernel
+//! once over the whole tensor (with a maximum of 0, which subtracts nothing), then adds the
 //! pair and scales it by the reciprocal as tract does. Every step is
 //! tract's arithmetic — the same exponential, one addition of two terms,
 //! one multiplication — so the answers are tract's to the bit. A row with
@@ -111,7 +111,6 @@ mod tests {
     use super::*;
     use crate::model::test_graphs;
     use proptest::prelude::*;
-
     use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto};
 
     /// One Softmax over the last axis of a `[1, rows, width]` input.
