@@ -323,54 +323,66 @@ impl DepthwiseConv {
             .filter(|i| *i < self.input_hw[axis])
     }
 
-    /// The convolution of one CHW input, 8 lanes wide where the CPU has
-    /// AVX (the x86-64 baseline the binary is built for has 4), else 4.
-    /// Lane width changes no answer: each lane adds in the same order.
+    /// The convolution of one CHW input, 16 lanes wide where the CPU has
+    /// AVX-512, 8 where it has AVX (the x86-64 baseline the binary is built
+    /// for has 4), else 4. Lane width changes no answer: each lane adds in
+    /// the same order, and no multiply-add is fused at any width.
+    /// Writes every value of `y`, the output in the data's layout.
     #[allow(unsafe_code)]
-    fn run(&self, x: &[f32]) -> Vec<f32> {
+    fn run(&self, x: &[f32], y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx") {
-            // SAFETY: `run_avx` needs AVX, which the CPU was just seen to have.
-            return unsafe { self.run_avx(x) };
+        match super::x86::widest() {
+            // SAFETY: each needs the instructions `widest` just saw the CPU has.
+            super::x86::Width::Avx512 => return unsafe { self.run_avx512(x, y) },
+            super::x86::Width::Avx => return unsafe { self.run_avx(x, y) },
+            super::x86::Width::Baseline => {}
         }
-        self.run_portable(x)
+        self.run_portable(x, y)
     }
 
     /// [`run_portable`](Self::run_portable) compiled for AVX.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx")]
-    fn run_avx(&self, x: &[f32]) -> Vec<f32> {
-        self.run_portable(x)
+    fn run_avx(&self, x: &[f32], y: &mut [f32]) {
+        self.run_portable(x, y)
+    }
+
+    /// [`run_portable`](Self::run_portable) compiled for AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn run_avx512(&self, x: &[f32], y: &mut [f32]) {
+        self.run_portable(x, y)
     }
 
     #[inline(always)]
-    fn run_portable(&self, x: &[f32]) -> Vec<f32> {
-        let mut y = self.convolve(x);
-        self.apply_steps(&mut y);
-        y
+    fn run_portable(&self, x: &[f32], y: &mut [f32]) {
+        self.convolve(x, y);
+        self.apply_steps(y);
     }
 
     #[inline(always)]
-    fn convolve(&self, x: &[f32]) -> Vec<f32> {
+    fn convolve(&self, x: &[f32], y: &mut [f32]) {
         let c = self.channels;
         let points = self.input_hw[0] * self.input_hw[1];
         let out = self.output_hw[0] * self.output_hw[1];
         match (self.layout, self.channels_last_data) {
-            (Layout::ChannelLast, true) => self.run_channel_last(x),
+            (Layout::ChannelLast, true) => self.run_channel_last(x, y),
             (Layout::ChannelLast, false) => {
-                let y = self.run_channel_last(&transposed(x, c, points));
-                transposed(&y, out, c)
+                let mut yt = vec![0f32; y.len()];
+                self.run_channel_last(&transposed(x, c, points), &mut yt);
+                transpose_into(&yt, out, c, y);
             }
-            (Layout::Planes, false) => self.run_planes(x),
+            (Layout::Planes, false) => self.run_planes(x, y),
             (Layout::Planes, true) => {
-                let y = self.run_planes(&transposed(x, points, c));
-                transposed(&y, c, out)
+                let mut yp = vec![0f32; y.len()];
+                self.run_planes(&transposed(x, points, c), &mut yp);
+                transpose_into(&yp, c, out, y);
             }
         }
     }
 
     #[inline(always)]
-    fn run_planes(&self, x: &[f32]) -> Vec<f32> {
+    fn run_planes(&self, x: &[f32], y: &mut [f32]) {
         let [h, w] = self.input_hw;
         let [oh, ow] = self.output_hw;
         let [kh, kw] = self.kernel_hw;
@@ -392,7 +404,6 @@ impl DepthwiseConv {
             .collect();
         let n = oh * pw;
         let mut acc = vec![0f32; n];
-        let mut y = vec![0f32; self.channels * oh * ow];
         // Where each input row starts in its row phase, and for each column
         // phase the first input column it takes and where that lands:
         // computed once, not per channel (in a micro-benchmark the
@@ -436,16 +447,14 @@ impl DepthwiseConv {
                 out.copy_from_slice(&wide[..ow]);
             }
         }
-        y
     }
 
     #[inline(always)]
-    fn run_channel_last(&self, xt: &[f32]) -> Vec<f32> {
+    fn run_channel_last(&self, xt: &[f32], yt: &mut [f32]) {
         let c = self.channels;
         let w = self.input_hw[1];
         let [oh, ow] = self.output_hw;
         let [kh, kw] = self.kernel_hw;
-        let mut yt = vec![0f32; oh * ow * c];
         // Per output point: where each tap inside the image reads (tap
         // offset, input offset), then each block of LANES channels summed in
         // registers over those taps, and the channels left over one by one.
@@ -487,7 +496,6 @@ impl DepthwiseConv {
                 }
             }
         }
-        yt
     }
 }
 
@@ -495,12 +503,18 @@ impl DepthwiseConv {
 #[inline(always)]
 fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; x.len()];
+    transpose_into(x, rows, cols, &mut t);
+    t
+}
+
+/// [`transposed`] into `t`, which has `x`'s length.
+#[inline(always)]
+fn transpose_into(x: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
     for (r, row) in x.chunks_exact(cols).enumerate() {
         for (c, v) in row.iter().enumerate() {
             t[c * rows + r] = *v;
         }
     }
-    t
 }
 
 impl Op for DepthwiseConv {
@@ -544,8 +558,10 @@ impl EvalOp for DepthwiseConv {
             "depthwise input of {} values",
             x.len()
         );
-        let y = tract_ndarray::ArrayD::from_shape_vec(&*self.output_shape, self.run(x))?;
-        Ok(tvec!(Tensor::from(y).into_tvalue()))
+        // Written in place: a tensor made from a Vec or an array is a copy.
+        let mut y = Tensor::zero::<f32>(&self.output_shape)?;
+        self.run(x, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+        Ok(tvec!(y.into_tvalue()))
     }
 }
 

@@ -102,15 +102,18 @@ impl ElementWiseMiniOp for FakeQuantize {
 }
 
 impl FakeQuantize {
-    /// [`map`](Self::map) over `xs`, 8 lanes wide where the CPU has AVX
-    /// (the x86-64 baseline the binary is built for has 4). Lane width
-    /// changes no answer: the map is element by element.
+    /// [`map`](Self::map) over `xs`, 16 lanes wide where the CPU has
+    /// AVX-512, 8 where it has AVX (the x86-64 baseline the binary is built
+    /// for has 4). Lane width changes no answer: the map is element by
+    /// element.
     #[allow(unsafe_code)]
     fn map_all(&self, xs: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx") {
-            // SAFETY: `map_all_avx` needs AVX, which the CPU was just seen to have.
-            return unsafe { self.map_all_avx(xs) };
+        match super::x86::widest() {
+            // SAFETY: each needs the instructions `widest` just saw the CPU has.
+            super::x86::Width::Avx512 => return unsafe { self.map_all_avx512(xs) },
+            super::x86::Width::Avx => return unsafe { self.map_all_avx(xs) },
+            super::x86::Width::Baseline => {}
         }
         self.map_all_portable(xs)
     }
@@ -118,6 +121,12 @@ impl FakeQuantize {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx")]
     fn map_all_avx(&self, xs: &mut [f32]) {
+        self.map_all_portable(xs)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn map_all_avx512(&self, xs: &mut [f32]) {
         self.map_all_portable(xs)
     }
 
@@ -129,29 +138,86 @@ impl FakeQuantize {
     }
 }
 
+impl FakeQuantize {
+    /// The op for `Relu` then this pair: a Relu's output quantizes to the
+    /// zero point or above, so the Relu is the lower bound raised to zero.
+    /// Exactly so: for x < 0 the pair clamps `x / s` to `max(lo, 0)` where
+    /// it would have clamped `0 / s`, and any other x, NaN included, maps
+    /// as before (a NaN quantizes to the zero point either way). Only for
+    /// a positive scale, which keeps the sign of what it scales, and a zero
+    /// point inside the quantized range (`lo ≤ 0 ≤ hi`), as ONNX requires.
+    fn after_relu(&self) -> Option<FakeQuantize> {
+        let zero_in_range = self.lo <= 0.0 && 0.0 <= self.hi;
+        (self.inv_scale > 0.0 && zero_in_range).then(|| FakeQuantize {
+            lo: 0.0,
+            ..self.clone()
+        })
+    }
+}
+
+/// Node `id` when it is a Relu as tract declutters ONNX's — `Max` of the
+/// data (first input, the output's own shape) and a constant of zeros —
+/// whose output only `reader` takes and the graph does not return.
+fn relu_feeding(model: &TypedModel, id: usize, reader: usize) -> TractResult<Option<usize>> {
+    use tract_onnx::tract_core::ops::binary::TypedBinOp;
+    use tract_onnx::tract_core::ops::math::Max;
+    let node = model.node(id);
+    let Some(bin) = node.op_as::<TypedBinOp>() else {
+        return Ok(None);
+    };
+    if !bin.0.is::<Max>() || bin.1.is_some() || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    if model.outputs.contains(&OutletId::new(id, 0))
+        || model.single_succ(id)?.map(|n| n.id) != Some(reader)
+    {
+        return Ok(None);
+    }
+    let data = model.outlet_fact(node.inputs[0])?;
+    let zero = model.outlet_fact(node.inputs[1])?;
+    let out = model.outlet_fact(OutletId::new(id, 0))?;
+    let zeros = match &zero.konst {
+        Some(k) if k.datum_type() == f32::datum_type() => k.is_all_zero()?,
+        _ => false,
+    };
+    let f32_data = data.datum_type == f32::datum_type() && data.konst.is_none();
+    Ok((zeros && f32_data && data.shape == out.shape).then_some(id))
+}
+
 /// Replaces every activation QuantizeLinear → DequantizeLinear pair of a
 /// decluttered `model` (the quantize's output read by the dequantize alone)
-/// with one [`FakeQuantize`]; returns how many.
-pub fn fuse_pairs(model: &mut TypedModel) -> TractResult<usize> {
+/// with one [`FakeQuantize`], taking in the Relu before the pair where
+/// there is one (see [`FakeQuantize::after_relu`]); returns how many pairs
+/// and how many of them took a Relu.
+pub fn fuse_pairs(model: &mut TypedModel) -> TractResult<(usize, usize)> {
     let mut pairs = Vec::new();
     for node in model.nodes() {
         if let Some(next) = model.single_succ(node.id)? {
             if model.outputs.contains(&OutletId::new(node.id, 0)) {
                 continue;
             }
-            if let Some(op) = FakeQuantize::of(node, next) {
-                pairs.push((node.id, next.id, op));
+            let Some(op) = FakeQuantize::of(node, next) else {
+                continue;
+            };
+            let relu = match node.inputs.first() {
+                Some(input) => relu_feeding(model, input.node, node.id)?,
+                None => None,
+            };
+            match relu.zip(op.after_relu()) {
+                Some((relu, op)) => pairs.push((relu, next.id, op, true)),
+                None => pairs.push((node.id, next.id, op, false)),
             }
         }
     }
-    for (q, dq, op) in &pairs {
+    for (reads, dq, op, _) in &pairs {
         let fused = ElementWiseOp(Box::new(op.clone()), None);
-        super::tract::replace_with(model, *q, *dq, fused)?;
+        super::tract::replace_with(model, *reads, *dq, fused)?;
     }
     if !pairs.is_empty() {
         model.compact()?;
     }
-    Ok(pairs.len())
+    let relus = pairs.iter().filter(|p| p.3).count();
+    Ok((pairs.len(), relus))
 }
 
 #[cfg(test)]
@@ -236,29 +302,64 @@ mod tests {
         assert_eq!(op(1.0, 3, true, 0, 0.5).map(f32::NAN), 1.5);
     }
 
-    /// A real QDQ graph, planned with and without the fusion: same outputs,
-    /// bit for bit, on inputs that reach every layer.
-    fn plans_agree(path: &str, input: &[usize]) -> usize {
-        let path = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
-        let typed = tract_onnx::onnx()
+    proptest! {
+        /// The Relu taken into the pair gives what the Relu then the pair
+        /// give, whichever way the Relu treats NaN (tract's scalar loop
+        /// and its vector kernel may differ there).
+        #[test]
+        fn the_relu_taken_in_is_bit_for_bit_the_relu_then_the_pair(
+            x in any_input(),
+            inv_scale in prop_oneof![Just(1.0f32), Just(2.0f32), 0.01f32..50.0],
+            signed in any::<bool>(),
+            zp in -20i32..20,
+            dq_zp in -20i32..20,
+            scale in 0.001f32..2.0,
+        ) {
+            let zp = if signed { zp } else { zp + 128 };
+            let dq_zp = if signed { dq_zp } else { dq_zp + 128 };
+            let pair = op(inv_scale, zp, signed, dq_zp, scale);
+            let with_relu = pair.after_relu().expect("a zero point in range");
+            let fused = with_relu.map(x);
+            for relu in [x.max(0.0), if x.is_nan() { x } else { x.max(0.0) }] {
+                prop_assert_eq!(fused.to_bits(), pair.map(relu).to_bits(), "x = {}", x);
+            }
+        }
+    }
+
+    #[test]
+    fn no_relu_is_taken_in_where_the_zero_point_is_out_of_range() {
+        assert!(op(1.0, 0, true, 0, 1.0).after_relu().is_some());
+        assert!(op(1.0, 0, false, 0, 1.0).after_relu().is_some());
+        // zp = 300 on uint8: 0 quantizes to 255, not to the zero point.
+        assert!(op(1.0, 300, false, 0, 1.0).after_relu().is_none());
+        assert!(op(-1.0, 0, true, 0, 1.0).after_relu().is_none());
+    }
+
+    fn decluttered(proto: &tract_onnx::pb::ModelProto) -> TypedModel {
+        tract_onnx::onnx()
             .with_ignore_value_info(true)
             .with_ignore_output_shapes(true)
-            .model_for_path(&path)
+            .model_for_proto_model(proto)
             .unwrap()
             .into_typed()
             .unwrap()
             .into_decluttered()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn count(m: &TypedModel, op: &str) -> usize {
+        m.nodes().iter().filter(|n| n.op.name() == op).count()
+    }
+
+    /// A graph planned with and without the fusion: same outputs, bit for
+    /// bit, on inputs that reach every layer. Returns what `fuse_pairs`
+    /// counted.
+    fn plans_agree(typed: TypedModel, input: &[usize], what: &str) -> (usize, usize) {
         let mut fused = typed.clone();
-        let pairs = fuse_pairs(&mut fused).unwrap();
-        let fused_ops = |m: &TypedModel| {
-            m.nodes()
-                .iter()
-                .filter(|n| n.op.name() == "FakeQuantize")
-                .count()
-        };
-        assert_eq!(fused_ops(&fused), pairs);
-        assert_eq!(fused_ops(&typed), 0);
+        let (pairs, relus) = fuse_pairs(&mut fused).unwrap();
+        assert_eq!(count(&fused, "FakeQuantize"), pairs);
+        assert_eq!(count(&typed, "FakeQuantize"), 0);
+        assert_eq!(count(&typed, "Max") - count(&fused, "Max"), relus);
         let given = typed.into_optimized().unwrap().into_runnable().unwrap();
         let fused = fused.into_optimized().unwrap().into_runnable().unwrap();
         let mut rng = fastrand::Rng::with_seed(7);
@@ -270,15 +371,63 @@ mod tests {
             let b = fused.run(tvec!(Tensor::from(x).into())).unwrap();
             assert_eq!(a.len(), b.len());
             for (a, b) in a.iter().zip(&b) {
-                assert_eq!(**a, **b, "{path}");
+                assert_eq!(**a, **b, "{what}");
             }
         }
-        pairs
+        (pairs, relus)
+    }
+
+    fn from_path(path: &str) -> TypedModel {
+        let path = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
+        let bytes = std::fs::read(&path).unwrap();
+        decluttered(&super::super::tract::decode(&bytes).unwrap())
     }
 
     #[test]
     fn a_qdq_graph_gives_the_same_answers_with_its_pairs_fused() {
-        assert!(plans_agree("models/objects.onnx", &[1, 3, 120, 160]) >= 10);
-        assert!(plans_agree("models/activity.onnx", &[1, 50, 6]) >= 4);
+        let objects = from_path("models/objects.onnx");
+        assert!(plans_agree(objects, &[1, 3, 120, 160], "objects").0 >= 10);
+        let activity = from_path("models/activity.onnx");
+        assert!(plans_agree(activity, &[1, 50, 6], "activity").0 >= 4);
+    }
+
+    /// x → Relu → Q → DQ → y takes the Relu in; y → Relu → Q → DQ → z,
+    /// where that Relu's output is returned too, keeps it.
+    #[test]
+    fn a_relu_read_by_the_pair_alone_is_taken_in() {
+        use crate::model::test_graphs::{float_value, model, node, untyped_value};
+        use tract_onnx::pb::tensor_proto::DataType;
+        use tract_onnx::pb::TensorProto;
+        let scalar = |name: &str, data_type: DataType, f: Vec<f32>, i: Vec<i32>| TensorProto {
+            name: name.into(),
+            data_type: data_type as i32,
+            float_data: f,
+            int32_data: i,
+            ..Default::default()
+        };
+        let proto = model(
+            "relu_qdq",
+            vec![
+                node("Relu", &["x"], "r", vec![]),
+                node("QuantizeLinear", &["r", "s", "zp"], "q", vec![]),
+                node("DequantizeLinear", &["q", "s", "zp"], "y", vec![]),
+                node("Relu", &["y"], "kept", vec![]),
+                node("QuantizeLinear", &["kept", "s", "zp"], "q2", vec![]),
+                node("DequantizeLinear", &["q2", "s", "zp"], "z", vec![]),
+            ],
+            vec![
+                scalar("s", DataType::Float, vec![0.05], vec![]),
+                scalar("zp", DataType::Int8, vec![], vec![-3]),
+            ],
+            vec![float_value("x", &[1, 4, 8, 8])],
+            vec![
+                untyped_value("y"),
+                untyped_value("kept"),
+                untyped_value("z"),
+            ],
+        );
+        let typed = decluttered(&proto);
+        assert_eq!(count(&typed, "Max"), 2);
+        assert_eq!(plans_agree(typed, &[1, 4, 8, 8], "relu_qdq"), (2, 1));
     }
 }

@@ -18,8 +18,11 @@ mod depthwise;
 pub(crate) mod fakequant;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
+mod pad;
 mod softmax;
 pub mod tract;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use super::{ModelErrorKind, TensorInfo};
 use std::path::PathBuf;

@@ -238,8 +238,12 @@ fn build_plan(
         }
     };
     if ours.fake_quantize > 0 {
+        let relus = match ours.fake_quantize_relus {
+            0 => String::new(),
+            n => format!(", {n} of them with the Relu before them"),
+        };
         facts.rewrites.push(format!(
-            "{} activation QuantizeLinear → DequantizeLinear pairs run as one fused op each (same answers, one pass)",
+            "{} activation QuantizeLinear → DequantizeLinear pairs run as one fused op each{relus} (same answers, one pass)",
             ours.fake_quantize
         ));
     }
@@ -251,6 +255,12 @@ fn build_plan(
         facts.rewrites.push(format!(
             "{} depthwise convolutions run as edgeinfer's own vectorised op, channel-last or plane by plane{steps} (same answers)",
             ours.depthwise
+        ));
+    }
+    if ours.constant_pad > 0 {
+        facts.rewrites.push(format!(
+            "{} constant Pad nodes of the optimised plan run as edgeinfer's own op, copying rows instead of values (same answers)",
+            ours.constant_pad
         ));
     }
     if ours.pair_softmax > 0 {
@@ -489,19 +499,31 @@ fn plan_from_proto(
     };
     let mut typed = typed.into_decluttered().map_err(engine)?;
     let ours = if own_ops_wanted() {
-        let fake_quantize = super::fakequant::fuse_pairs(&mut typed).map_err(engine)?;
+        let (fake_quantize, fake_quantize_relus) =
+            super::fakequant::fuse_pairs(&mut typed).map_err(engine)?;
         let (depthwise, depthwise_steps) =
             super::depthwise::substitute(&mut typed).map_err(engine)?;
         OwnOps {
             fake_quantize,
+            fake_quantize_relus,
             depthwise,
             depthwise_steps,
             pair_softmax: super::softmax::substitute(&mut typed).map_err(engine)?,
+            constant_pad: 0,
         }
     } else {
         OwnOps::default()
     };
-    let optimized = typed.into_optimized().map_err(engine)?;
+    let mut optimized = typed.into_optimized().map_err(engine)?;
+    // tract's optimiser adds the Pad before a padded convolution.
+    let ours = if own_ops_wanted() {
+        OwnOps {
+            constant_pad: super::pad::substitute(&mut optimized).map_err(engine)?,
+            ..ours
+        }
+    } else {
+        ours
+    };
     Ok((optimized.into_runnable().map_err(engine)?, ours))
 }
 
@@ -556,8 +578,11 @@ fn own_ops_wanted() -> bool {
 #[derive(Debug, Clone, Copy, Default)]
 struct OwnOps {
     fake_quantize: usize,
+    /// Relus before those pairs taken into them.
+    fake_quantize_relus: usize,
     depthwise: usize,
     /// Per-channel Mul and Add nodes folded into those.
     depthwise_steps: usize,
     pair_softmax: usize,
+    constant_pad: usize,
 }
