@@ -262,18 +262,28 @@ mod tests {
         ]
     }
 
+    /// A pair's `(1/scale, zp, signed, zp', scale')`, its zero points
+    /// inside the range of its type.
+    fn any_pair() -> impl Strategy<Value = (f32, i32, bool, i32, f32)> {
+        (
+            prop_oneof![Just(1.0f32), Just(2.0f32), 0.01f32..50.0],
+            -20i32..20,
+            any::<bool>(),
+            -20i32..20,
+            0.001f32..2.0,
+        )
+            .prop_map(|(inv_scale, zp, signed, dq_zp, scale)| {
+                let shift = if signed { 0 } else { 128 };
+                (inv_scale, zp + shift, signed, dq_zp + shift, scale)
+            })
+    }
+
     proptest! {
         #[test]
         fn one_pass_is_bit_for_bit_tracts_two_ops(
             x in any_input(),
-            inv_scale in prop_oneof![Just(1.0f32), Just(2.0f32), 0.01f32..50.0],
-            signed in any::<bool>(),
-            zp in -20i32..20,
-            dq_zp in -20i32..20,
-            scale in 0.001f32..2.0,
+            (inv_scale, zp, signed, dq_zp, scale) in any_pair(),
         ) {
-            let zp = if signed { zp } else { zp + 128 };
-            let dq_zp = if signed { dq_zp } else { dq_zp + 128 };
             let fused = op(inv_scale, zp, signed, dq_zp, scale).map(x);
             let pair = tract_pair(x, inv_scale, zp, signed, dq_zp, scale);
             prop_assert_eq!(fused.to_bits(), pair.to_bits(), "x = {}", x);
@@ -309,14 +319,8 @@ mod tests {
         #[test]
         fn the_relu_taken_in_is_bit_for_bit_the_relu_then_the_pair(
             x in any_input(),
-            inv_scale in prop_oneof![Just(1.0f32), Just(2.0f32), 0.01f32..50.0],
-            signed in any::<bool>(),
-            zp in -20i32..20,
-            dq_zp in -20i32..20,
-            scale in 0.001f32..2.0,
+            (inv_scale, zp, signed, dq_zp, scale) in any_pair(),
         ) {
-            let zp = if signed { zp } else { zp + 128 };
-            let dq_zp = if signed { dq_zp } else { dq_zp + 128 };
             let pair = op(inv_scale, zp, signed, dq_zp, scale);
             let with_relu = pair.after_relu().expect("a zero point in range");
             let fused = with_relu.map(x);
