@@ -15,6 +15,7 @@
 //! README's "Engines" section.
 
 mod depthwise;
+mod downsample;
 pub(crate) mod fakequant;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;

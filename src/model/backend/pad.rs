@@ -64,9 +64,9 @@ impl ConstantPad {
         }
     }
 
-    /// Pads `x` into `y`, which holds the output's number of values.
+    /// Pads `x` into `y`, which holds the output's number of values, all
+    /// of them the constant already: only the input's are written.
     fn run(&self, x: &[f32], y: &mut [f32]) {
-        y.fill(self.value);
         let rank = self.input_shape.len();
         // Axes from the innermost padded one inwards make one contiguous
         // run in the input and, the inner ones being unpadded, in the output.
@@ -123,7 +123,14 @@ impl EvalOp for ConstantPad {
         );
         // Written in place: a tensor made from a Vec or an array is a copy.
         let mut y = Tensor::zero::<f32>(&self.output_shape)?;
-        self.run(x, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+        {
+            let mut plain = y.try_as_plain_ram_mut()?;
+            let values = plain.as_slice_mut::<f32>()?;
+            if self.value.to_bits() != 0 {
+                values.fill(self.value);
+            }
+            self.run(x, values);
+        }
         Ok(tvec!(y.into_tvalue()))
     }
 }
@@ -161,8 +168,7 @@ mod tests {
     }
 
     fn padded(pad: &ConstantPad, x: &[f32]) -> Vec<f32> {
-        // Not the constant, so that a value left unwritten shows.
-        let mut y = vec![f32::NAN; pad.output_shape.iter().product()];
+        let mut y = vec![pad.value; pad.output_shape.iter().product()];
         pad.run(x, &mut y);
         y
     }

@@ -263,6 +263,12 @@ fn build_plan(
             ours.constant_pad
         ));
     }
+    if ours.downsample > 0 {
+        facts.rewrites.push(format!(
+            "{} Downsample nodes of the optimised plan (before strided 1×1 convolutions) run as edgeinfer's own op, copying blocks instead of values (same answers)",
+            ours.downsample
+        ));
+    }
     if ours.pair_softmax > 0 {
         facts.rewrites.push(format!(
             "{} softmax over pairs run as edgeinfer's own op, one pass over the tensor instead of one per pair (same answers)",
@@ -510,15 +516,18 @@ fn plan_from_proto(
             depthwise_steps,
             pair_softmax: super::softmax::substitute(&mut typed).map_err(engine)?,
             constant_pad: 0,
+            downsample: 0,
         }
     } else {
         OwnOps::default()
     };
     let mut optimized = typed.into_optimized().map_err(engine)?;
-    // tract's optimiser adds the Pad before a padded convolution.
+    // tract's optimiser adds the Pad before a padded convolution and the
+    // Downsample before a strided 1×1 one.
     let ours = if own_ops_wanted() {
         OwnOps {
             constant_pad: super::pad::substitute(&mut optimized).map_err(engine)?,
+            downsample: super::downsample::substitute(&mut optimized).map_err(engine)?,
             ..ours
         }
     } else {
@@ -585,4 +594,5 @@ struct OwnOps {
     depthwise_steps: usize,
     pair_softmax: usize,
     constant_pad: usize,
+    downsample: usize,
 }
