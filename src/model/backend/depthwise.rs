@@ -474,18 +474,20 @@ impl DepthwiseConv {
                     }
                 }
                 let out = &mut yt[(oy * ow + ox) * c..][..c];
-                for base in (0..blocked).step_by(LANES) {
-                    let mut acc: [f32; LANES] = self.bias[base..base + LANES]
-                        .try_into()
-                        .expect("a block is LANES wide");
-                    for &(t, i) in &reads {
-                        let tap = &self.taps[t + base..][..LANES];
-                        let input = &xt[i + base..][..LANES];
-                        for ((a, t), v) in acc.iter_mut().zip(tap).zip(input) {
-                            *a += *t * *v;
-                        }
-                    }
-                    out[base..base + LANES].copy_from_slice(&acc);
+                // Widest blocks first: their lanes are independent sums, so
+                // four vectors' worth keep the adder busy where one block's
+                // chain of taps would wait on each add in turn.
+                let mut base = 0;
+                while base + 4 * LANES <= blocked {
+                    self.block::<{ 4 * LANES }>(&reads, xt, base, out);
+                    base += 4 * LANES;
+                }
+                if base + 2 * LANES <= blocked {
+                    self.block::<{ 2 * LANES }>(&reads, xt, base, out);
+                    base += 2 * LANES;
+                }
+                if base < blocked {
+                    self.block::<LANES>(&reads, xt, base, out);
                 }
                 for ch in blocked..c {
                     let mut acc = self.bias[ch];
@@ -496,6 +498,31 @@ impl DepthwiseConv {
                 }
             }
         }
+    }
+}
+
+impl DepthwiseConv {
+    /// Channels `base..base + N` of one output point, summed in registers
+    /// over `reads` (tap offset, input offset) in kernel order.
+    #[inline(always)]
+    fn block<const N: usize>(
+        &self,
+        reads: &[(usize, usize)],
+        xt: &[f32],
+        base: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc: [f32; N] = self.bias[base..base + N]
+            .try_into()
+            .expect("a block is N wide");
+        for &(t, i) in reads {
+            let tap = &self.taps[t + base..][..N];
+            let input = &xt[i + base..][..N];
+            for ((a, t), v) in acc.iter_mut().zip(tap).zip(input) {
+                *a += *t * *v;
+            }
+        }
+        out[base..base + N].copy_from_slice(&acc);
     }
 }
 
@@ -902,7 +929,9 @@ mod tests {
 
     fn cases() -> impl Strategy<Value = Case> {
         (
-            (2usize..48, 1usize..14, 1usize..14),
+            // Past 64 channels: every block width of the channel-last
+            // layout (64, 32, 16 and the leftovers one by one).
+            (2usize..120, 1usize..14, 1usize..14),
             (1usize..6, 1usize..6, 1usize..4, 1usize..4),
             (
                 1usize..3,
