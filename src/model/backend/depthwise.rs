@@ -578,17 +578,11 @@ impl EvalOp for DepthwiseConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = super::plain_slice::<f32>(&inputs[0])?;
         let [h, w] = self.input_hw;
-        ensure!(
-            x.len() == self.channels * h * w,
-            "depthwise input of {} values",
-            x.len()
-        );
-        // Written in place: a tensor made from a Vec or an array is a copy.
-        let mut y = Tensor::zero::<f32>(&self.output_shape)?;
-        self.run(x, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
-        Ok(tvec!(y.into_tvalue()))
+        let len = self.channels * h * w;
+        super::eval_f32("depthwise", &inputs[0], len, &self.output_shape, |x, y| {
+            self.run(x, y)
+        })
     }
 }
 

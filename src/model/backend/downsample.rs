@@ -99,17 +99,10 @@ impl EvalOp for StridedCopy {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = super::plain_slice::<f32>(&inputs[0])?;
-        ensure!(
-            x.len() == self.input_shape.iter().product::<usize>(),
-            "downsample input of {} values for shape {:?}",
-            x.len(),
-            self.input_shape
-        );
-        // Written in place: a tensor made from a Vec or an array is a copy.
-        let mut y = Tensor::zero::<f32>(&self.output_shape)?;
-        self.run(x, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
-        Ok(tvec!(y.into_tvalue()))
+        let len = self.input_shape.iter().product();
+        super::eval_f32("downsample", &inputs[0], len, &self.output_shape, |x, y| {
+            self.run(x, y)
+        })
     }
 }
 

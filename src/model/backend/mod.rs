@@ -97,6 +97,29 @@ pub(crate) fn plain_slice<D: Datum>(t: &Tensor) -> TractResult<&[D]> {
     t.try_as_plain_ram()?.as_slice::<D>()
 }
 
+/// The evaluation of one of our f32 ops: `write` reads the input `x`
+/// (which must hold `input_len` values) and writes a zeroed output of
+/// `shape` in place — a tract `Tensor` made from a `Vec` or an ndarray
+/// array would be a copy of it.
+pub(crate) fn eval_f32(
+    what: &str,
+    x: &Tensor,
+    input_len: usize,
+    shape: &[usize],
+    write: impl FnOnce(&[f32], &mut [f32]),
+) -> TractResult<TVec<TValue>> {
+    let x = plain_slice::<f32>(x)?;
+    if x.len() != input_len {
+        return Err(anyhow::anyhow!(
+            "{what} input of {} values, {input_len} expected",
+            x.len()
+        ));
+    }
+    let mut y = Tensor::zero::<f32>(shape)?;
+    write(x, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+    Ok(tvec!(y.into_tvalue()))
+}
+
 /// Which backend serves a model.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,

@@ -114,24 +114,13 @@ impl EvalOp for ConstantPad {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = super::plain_slice::<f32>(&inputs[0])?;
-        ensure!(
-            x.len() == self.input_shape.iter().product::<usize>(),
-            "pad input of {} values for shape {:?}",
-            x.len(),
-            self.input_shape
-        );
-        // Written in place: a tensor made from a Vec or an array is a copy.
-        let mut y = Tensor::zero::<f32>(&self.output_shape)?;
-        {
-            let mut plain = y.try_as_plain_ram_mut()?;
-            let values = plain.as_slice_mut::<f32>()?;
+        let len = self.input_shape.iter().product();
+        super::eval_f32("pad", &inputs[0], len, &self.output_shape, |x, y| {
             if self.value.to_bits() != 0 {
-                values.fill(self.value);
+                y.fill(self.value);
             }
-            self.run(x, values);
-        }
-        Ok(tvec!(y.into_tvalue()))
+            self.run(x, y)
+        })
     }
 }
 
