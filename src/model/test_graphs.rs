@@ -1,12 +1,14 @@
 //! ONNX graphs built in tests (opset 13, float tensors), so that a test
 //! says only what its graph holds.
 
+use tract_onnx::pb::attribute_proto::AttributeType;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::tensor_shape_proto::{dimension, Dimension};
 use tract_onnx::pb::{
     type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
     TensorShapeProto, TypeProto, ValueInfoProto,
 };
+use tract_onnx::prelude::*;
 
 /// A node named after its one output.
 pub fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
@@ -75,4 +77,59 @@ pub fn model(
         }),
         ..Default::default()
     }
+}
+
+/// An attribute of integers (`kernel_shape`, `strides`, `pads`, `perm`).
+pub fn ints(name: &str, v: &[usize]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: v.iter().map(|x| *x as i64).collect(),
+        ..Default::default()
+    }
+}
+
+/// A float initializer of shape `dims`.
+pub fn float_tensor(name: &str, dims: &[usize], data: Vec<f32>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        data_type: DataType::Float as i32,
+        dims: dims.iter().map(|d| *d as i64).collect(),
+        float_data: data,
+        ..Default::default()
+    }
+}
+
+/// `proto`'s optimised plan as tract makes it and after `substitute`, run
+/// on one seeded input of shape `input`: the same first output, and no
+/// node left that `replaced` picks out. Returns how many `substitute`
+/// replaced, which must be how many `replaced` picked out before.
+pub fn optimised_plans_agree(
+    proto: &ModelProto,
+    input: &[usize],
+    substitute: fn(&mut TypedModel) -> TractResult<usize>,
+    replaced: fn(&TypedNode) -> bool,
+) -> usize {
+    let optimized = tract_onnx::onnx()
+        .model_for_proto_model(proto)
+        .unwrap()
+        .into_optimized()
+        .unwrap();
+    let theirs = optimized.nodes().iter().filter(|n| replaced(n)).count();
+    let mut ours = optimized.clone();
+    assert_eq!(substitute(&mut ours).unwrap(), theirs, "{optimized}");
+    assert!(!ours.nodes().iter().any(replaced));
+    let mut rng = fastrand::Rng::with_seed(3);
+    let x: Vec<f32> = (0..input.iter().product())
+        .map(|_| rng.f32() * 4.0 - 2.0)
+        .collect();
+    let x = Tensor::from_shape(input, &x).unwrap();
+    let a = optimized
+        .into_runnable()
+        .unwrap()
+        .run(tvec!(x.clone().into()))
+        .unwrap();
+    let b = ours.into_runnable().unwrap().run(tvec!(x.into())).unwrap();
+    assert_eq!(a[0], b[0]);
+    theirs
 }

@@ -499,9 +499,7 @@ impl DepthwiseConv {
             }
         }
     }
-}
 
-impl DepthwiseConv {
     /// Channels `base..base + N` of one output point, summed in registers
     /// over `reads` (tap offset, input offset) in kernel order.
     #[inline(always)]
@@ -740,7 +738,7 @@ fn substitute_where(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_graphs;
+    use crate::model::test_graphs::{self, ints};
     use proptest::prelude::*;
     use tract_onnx::pb::tensor_proto::DataType;
     use tract_onnx::pb::{
@@ -764,15 +762,6 @@ mod tests {
         /// A per-channel Mul and Add (a batch normalisation) after the
         /// Conv.
         steps: bool,
-    }
-
-    fn ints(name: &str, v: &[usize]) -> AttributeProto {
-        AttributeProto {
-            name: name.into(),
-            r#type: AttributeType::Ints as i32,
-            ints: v.iter().map(|x| *x as i64).collect(),
-            ..Default::default()
-        }
     }
 
     /// One Conv over a `[1, C, H, W]` input, weights from a seeded generator.
@@ -1125,14 +1114,9 @@ mod tests {
     /// channel-first as tract declutters it.
     fn block(channels: usize, hw: [usize; 2], strides: [usize; 2]) -> ModelProto {
         let mut rng = fastrand::Rng::with_seed(5);
-        let mut weights = |name: &str, dims: &[usize]| TensorProto {
-            name: name.into(),
-            data_type: DataType::Float as i32,
-            dims: dims.iter().map(|d| *d as i64).collect(),
-            float_data: (0..dims.iter().product())
-                .map(|_| rng.f32() - 0.5)
-                .collect(),
-            ..Default::default()
+        let mut weights = |name: &str, dims: &[usize]| {
+            let data = (0..dims.iter().product()).map(|_| rng.f32() - 0.5);
+            test_graphs::float_tensor(name, dims, data.collect())
         };
         let c = channels;
         let initializer = vec![

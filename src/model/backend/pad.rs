@@ -141,10 +141,12 @@ pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_graphs::{float_value, model, node, untyped_value};
+    use crate::model::test_graphs::{
+        self, float_tensor, float_value, ints, model, node, untyped_value,
+    };
     use proptest::prelude::*;
     use tract_onnx::pb::tensor_proto::DataType;
-    use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, TensorProto};
+    use tract_onnx::pb::TensorProto;
 
     /// tract's own Pad on `x`.
     fn tracts(shape: &[usize], pads: &[(usize, usize)], value: f32, x: &[f32]) -> Tensor {
@@ -209,39 +211,7 @@ mod tests {
     /// The `Pad` nodes of `proto`'s optimised plan become ours, and the
     /// plan answers as before; returns how many there were.
     fn plans_agree(proto: &tract_onnx::pb::ModelProto, input: &[usize]) -> usize {
-        let optimized = tract_onnx::onnx()
-            .model_for_proto_model(proto)
-            .unwrap()
-            .into_optimized()
-            .unwrap();
-        let pads = optimized
-            .nodes()
-            .iter()
-            .filter(|n| n.op_is::<Pad>())
-            .count();
-        let mut ours = optimized.clone();
-        assert_eq!(substitute(&mut ours).unwrap(), pads, "{optimized}");
-        assert!(!ours.nodes().iter().any(|n| n.op_is::<Pad>()));
-        let mut rng = fastrand::Rng::with_seed(3);
-        let x: Vec<f32> = (0..input.iter().product())
-            .map(|_| rng.f32() * 4.0 - 2.0)
-            .collect();
-        let x = Tensor::from_shape(input, &x).unwrap();
-        let given = optimized.into_runnable().unwrap();
-        let ours = ours.into_runnable().unwrap();
-        let a = given.run(tvec!(x.clone().into())).unwrap();
-        let b = ours.run(tvec!(x.into())).unwrap();
-        assert_eq!(a[0], b[0]);
-        pads
-    }
-
-    fn ints(name: &str, v: &[i64]) -> AttributeProto {
-        AttributeProto {
-            name: name.into(),
-            r#type: AttributeType::Ints as i32,
-            ints: v.to_vec(),
-            ..Default::default()
-        }
+        test_graphs::optimised_plans_agree(proto, input, substitute, |n| n.op_is::<Pad>())
     }
 
     /// An ONNX `Pad` of a channel-last image (the layout where tract's
@@ -255,12 +225,7 @@ mod tests {
             int64_data: vec![0, 1, 0, 0, 0, 2, 1, 0],
             ..Default::default()
         };
-        let value = TensorProto {
-            name: "value".into(),
-            data_type: DataType::Float as i32,
-            float_data: vec![0.25],
-            ..Default::default()
-        };
+        let value = float_tensor("value", &[], vec![0.25]);
         let proto = model(
             "padded_relu",
             vec![
@@ -280,13 +245,11 @@ mod tests {
     #[test]
     fn a_padded_convolution_plans_with_ours_and_answers_the_same() {
         let mut rng = fastrand::Rng::with_seed(3);
-        let w = TensorProto {
-            name: "w".into(),
-            data_type: DataType::Float as i32,
-            dims: vec![8, 3, 3, 3],
-            float_data: (0..8 * 27).map(|_| rng.f32() - 0.5).collect(),
-            ..Default::default()
-        };
+        let w = float_tensor(
+            "w",
+            &[8, 3, 3, 3],
+            (0..8 * 27).map(|_| rng.f32() - 0.5).collect(),
+        );
         let proto = model(
             "padded_conv",
             vec![node(

@@ -504,35 +504,22 @@ fn plan_from_proto(
         typed.set_symbols(&subs).map_err(engine)?
     };
     let mut typed = typed.into_decluttered().map_err(engine)?;
-    let ours = if own_ops_wanted() {
-        let (fake_quantize, fake_quantize_relus) =
+    let own = own_ops_wanted();
+    let mut ours = OwnOps::default();
+    if own {
+        (ours.fake_quantize, ours.fake_quantize_relus) =
             super::fakequant::fuse_pairs(&mut typed).map_err(engine)?;
-        let (depthwise, depthwise_steps) =
+        (ours.depthwise, ours.depthwise_steps) =
             super::depthwise::substitute(&mut typed).map_err(engine)?;
-        OwnOps {
-            fake_quantize,
-            fake_quantize_relus,
-            depthwise,
-            depthwise_steps,
-            pair_softmax: super::softmax::substitute(&mut typed).map_err(engine)?,
-            constant_pad: 0,
-            downsample: 0,
-        }
-    } else {
-        OwnOps::default()
-    };
+        ours.pair_softmax = super::softmax::substitute(&mut typed).map_err(engine)?;
+    }
     let mut optimized = typed.into_optimized().map_err(engine)?;
     // tract's optimiser adds the Pad before a padded convolution and the
     // Downsample before a strided 1×1 one.
-    let ours = if own_ops_wanted() {
-        OwnOps {
-            constant_pad: super::pad::substitute(&mut optimized).map_err(engine)?,
-            downsample: super::downsample::substitute(&mut optimized).map_err(engine)?,
-            ..ours
-        }
-    } else {
-        ours
-    };
+    if own {
+        ours.constant_pad = super::pad::substitute(&mut optimized).map_err(engine)?;
+        ours.downsample = super::downsample::substitute(&mut optimized).map_err(engine)?;
+    }
     Ok((optimized.into_runnable().map_err(engine)?, ours))
 }
 
@@ -584,7 +571,7 @@ fn own_ops_wanted() -> bool {
 }
 
 /// How many of edgeinfer's own ops a plan runs in place of tract's.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 struct OwnOps {
     fake_quantize: usize,
     /// Relus before those pairs taken into them.
