@@ -20,6 +20,8 @@ pub(crate) mod fakequant;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
 mod pad;
+#[cfg(target_arch = "x86_64")]
+mod pointwise;
 mod softmax;
 pub mod tract;
 #[cfg(target_arch = "x86_64")]

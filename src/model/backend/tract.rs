@@ -269,6 +269,12 @@ fn build_plan(
             ours.downsample
         ));
     }
+    if ours.pointwise > 0 {
+        facts.rewrites.push(format!(
+            "{} 1×1 convolutions run as edgeinfer's own matrix product, without packing the activations (same answers)",
+            ours.pointwise
+        ));
+    }
     if ours.pair_softmax > 0 {
         facts.rewrites.push(format!(
             "{} softmax over pairs run as edgeinfer's own op, one pass over the tensor instead of one per pair (same answers)",
@@ -512,6 +518,10 @@ fn plan_from_proto(
         (ours.depthwise, ours.depthwise_steps) =
             super::depthwise::substitute(&mut typed).map_err(engine)?;
         ours.pair_softmax = super::softmax::substitute(&mut typed).map_err(engine)?;
+        #[cfg(target_arch = "x86_64")]
+        {
+            ours.pointwise = super::pointwise::substitute(&mut typed).map_err(engine)?;
+        }
     }
     let mut optimized = typed.into_optimized().map_err(engine)?;
     // tract's optimiser adds the Pad before a padded convolution and the
@@ -582,4 +592,6 @@ struct OwnOps {
     pair_softmax: usize,
     constant_pad: usize,
     downsample: usize,
+    /// 1×1 convolutions (with their bias `Add`).
+    pointwise: usize,
 }
