@@ -14,6 +14,8 @@
 //! How a vendor runtime (RKNN, HailoRT) would fit is written down in the
 //! README's "Engines" section.
 
+#[cfg(target_arch = "x86_64")]
+mod conv;
 mod depthwise;
 mod downsample;
 pub(crate) mod fakequant;

@@ -37,7 +37,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 /// The block shapes: rows × vectors of 16 columns, at most 24
 /// accumulator vectors of AVX-512's 32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tile {
+pub(super) enum Tile {
     R6V4,
     R12V2,
     R12V1,
@@ -45,7 +45,7 @@ enum Tile {
 }
 
 impl Tile {
-    const ALL: [Tile; 4] = [Tile::R6V4, Tile::R12V2, Tile::R12V1, Tile::R24V1];
+    pub(super) const ALL: [Tile; 4] = [Tile::R6V4, Tile::R12V2, Tile::R12V1, Tile::R24V1];
 
     fn rows(self) -> usize {
         match self {
@@ -55,7 +55,7 @@ impl Tile {
         }
     }
 
-    fn columns(self) -> usize {
+    pub(super) fn columns(self) -> usize {
         match self {
             Tile::R6V4 => 64,
             Tile::R12V2 => 32,
@@ -71,23 +71,44 @@ const COPY_COST: usize = 32;
 /// The product's layout and block shape with the least work for a layer
 /// of `p` points, `i` → `o` channels: (rows are points, tile).
 fn plan(p: usize, i: usize, o: usize, input_last: bool, output_last: bool) -> (bool, Tile) {
-    let mut best = None;
+    let mut best: Option<(usize, bool, Tile)> = None;
     for rows_are_points in [true, false] {
         let (m, n) = if rows_are_points { (p, o) } else { (o, p) };
         // Rows of points read the input as [points][in], columns of
         // points as [in][points].
         let copies = (input_last != rows_are_points) as usize * p * i
             + (output_last != rows_are_points) as usize * p * o;
-        for tile in Tile::ALL {
-            let work = m.next_multiple_of(tile.rows()) * n.next_multiple_of(tile.columns()) * i
-                + copies * COPY_COST;
-            if best.is_none_or(|(w, _, _)| work < w) {
-                best = Some((work, rows_are_points, tile));
-            }
+        let (work, tile) = best_tile(m, i, n);
+        let work = work + copies * COPY_COST;
+        if best.is_none_or(|(w, _, _)| work < w) {
+            best = Some((work, rows_are_points, tile));
         }
     }
-    let (_, rows_are_points, tile) = best.expect("tiles");
+    let (_, rows_are_points, tile) = best.expect("two layouts");
     (rows_are_points, tile)
+}
+
+/// The tile with the least work for an `m × k` by `k × n` product: its
+/// padded size, weighed by how much slower the narrower tiles ran per
+/// multiply-add (ties to the widest). A tile of one vector loads a value
+/// per row for each vector of multiply-adds, and the loads are the
+/// bottleneck: on the bundled detector's convolutions the four tiles,
+/// forced in turn, ran 1 : 1.2 : 1.6 : 2.5 (by `--profile`).
+pub(super) fn best_tile(m: usize, k: usize, n: usize) -> (usize, Tile) {
+    Tile::ALL
+        .into_iter()
+        .map(|t| {
+            let padded = m.next_multiple_of(t.rows()) * n.next_multiple_of(t.columns()) * k;
+            let tenths = match t {
+                Tile::R6V4 => 10,
+                Tile::R12V2 => 12,
+                Tile::R12V1 => 16,
+                Tile::R24V1 => 25,
+            };
+            (padded * tenths / 10, t)
+        })
+        .min_by_key(|(work, _)| *work)
+        .expect("tiles")
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -346,12 +367,7 @@ impl Pointwise {
             (&self.weights[..], o, b, p, p, bias.map(Bias::Rows))
         };
         let k = i;
-        let run = |c: &mut [f32]| match self.tile {
-            Tile::R6V4 => product::<6, 4>(a, m, k, b, ldb, n, c, bias),
-            Tile::R12V2 => product::<12, 2>(a, m, k, b, ldb, n, c, bias),
-            Tile::R12V1 => product::<12, 1>(a, m, k, b, ldb, n, c, bias),
-            Tile::R24V1 => product::<24, 1>(a, m, k, b, ldb, n, c, bias),
-        };
+        let run = |c: &mut [f32]| multiply(self.tile, a, m, k, Right::Rows(b, ldb), n, c, bias);
         if self.rows_are_points == self.output_last {
             run(y);
         } else {
@@ -363,19 +379,50 @@ impl Pointwise {
 }
 
 /// Whether the op is planned on this CPU (see the module's notes).
-fn planned() -> bool {
+pub(super) fn planned() -> bool {
     super::x86::widest() == super::x86::Width::Avx512 && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[derive(Clone, Copy)]
-enum Bias<'a> {
+pub(super) enum Bias<'a> {
     /// One value per row of the product (a channel-first output).
     Rows(&'a [f32]),
     /// One value per column, padded to a whole number of blocks.
     Columns(&'a [f32]),
 }
 
-/// `c[m][n] = a[m][k] · b[k][..n] (+ bias)`, `b`'s rows `ldb` apart: each
+/// [`product`] in blocks of `tile`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,fma")]
+pub(super) fn multiply(
+    tile: Tile,
+    a: &[f32],
+    m: usize,
+    k: usize,
+    b: Right,
+    n: usize,
+    c: &mut [f32],
+    bias: Option<Bias>,
+) {
+    match tile {
+        Tile::R6V4 => product::<6, 4>(a, m, k, b, n, c, bias),
+        Tile::R12V2 => product::<12, 2>(a, m, k, b, n, c, bias),
+        Tile::R12V1 => product::<12, 1>(a, m, k, b, n, c, bias),
+        Tile::R24V1 => product::<24, 1>(a, m, k, b, n, c, bias),
+    }
+}
+
+/// The right-hand matrix of a product.
+#[derive(Clone, Copy)]
+pub(super) enum Right<'a> {
+    /// `k` rows, `ldb` values apart.
+    Rows(&'a [f32], usize),
+    /// Packed: for each block of the tile's columns, its `k` rows one
+    /// after the other, the last block padded with zeros.
+    Panels(&'a [f32]),
+}
+
+/// `c[m][n] = a[m][k] · b[k][..n] (+ bias)`: each
 /// value a chain of fused multiply-adds over k in order from zero, then
 /// the bias added. `c` is `m` rows of `n`.
 #[allow(clippy::too_many_arguments)]
@@ -384,8 +431,7 @@ fn product<const MR: usize, const NV: usize>(
     a: &[f32],
     m: usize,
     k: usize,
-    b: &[f32],
-    ldb: usize,
+    b: Right,
     n: usize,
     c: &mut [f32],
     bias: Option<Bias>,
@@ -397,64 +443,93 @@ fn product<const MR: usize, const NV: usize>(
         let width = nr.min(n - j0);
         // A last block narrower than the rows of `b` are long is read
         // from a zero-padded copy.
-        let (block_b, ld, at) = if j0 + nr <= ldb {
-            (b, ldb, j0)
-        } else {
-            panel.clear();
-            panel.resize(k * nr, 0f32);
-            for kk in 0..k {
-                panel[kk * nr..kk * nr + width].copy_from_slice(&b[kk * ldb + j0..][..width]);
+        let (block_b, ld, at) = match b {
+            Right::Panels(p) => (p, nr, j0 * k),
+            Right::Rows(b, ldb) if j0 + nr <= ldb => (b, ldb, j0),
+            Right::Rows(b, ldb) => {
+                panel.clear();
+                panel.resize(k * nr, 0f32);
+                for kk in 0..k {
+                    panel[kk * nr..kk * nr + width].copy_from_slice(&b[kk * ldb + j0..][..width]);
+                }
+                (&panel[..], nr, 0)
             }
-            (&panel[..], nr, 0)
         };
         let column_bias = match bias {
             Some(Bias::Columns(b)) => Some(vectors::<NV>(&b[j0..j0 + nr])),
             _ => None,
         };
-        for i0 in (0..m).step_by(MR) {
-            // Rows past the end repeat the last one; their sums are not
-            // stored.
-            let rows: [&[f32]; MR] = std::array::from_fn(|r| {
-                let i = (i0 + r).min(m - 1);
-                &a[i * k..][..k]
-            });
-            let acc = block::<MR, NV>(&rows, k, block_b, ld, at);
-            for (r, mut sums) in acc.into_iter().enumerate().take(m - i0) {
-                let i = i0 + r;
-                if let Some(b) = column_bias {
-                    for (s, b) in sums.iter_mut().zip(b) {
-                        *s = _mm512_add_ps(*s, b);
-                    }
-                } else if let Some(Bias::Rows(b)) = bias {
-                    let b = _mm512_set1_ps(b[i]);
-                    for s in sums.iter_mut() {
-                        *s = _mm512_add_ps(*s, b);
+        // The sums run over k in chunks whose slice of `b` stays in
+        // the L1 cache while every block of rows reads it; between chunks
+        // they wait in `c`, and carry on from the same values.
+        let chunk = (KC_VALUES / nr).max(1);
+        for k0 in (0..k).step_by(chunk) {
+            let k1 = (k0 + chunk).min(k);
+            let last = k1 == k;
+            for i0 in (0..m).step_by(MR) {
+                // Rows past the end repeat the last one; their sums are
+                // not stored.
+                let rows: [&[f32]; MR] = std::array::from_fn(|r| {
+                    let i = (i0 + r).min(m - 1);
+                    &a[i * k + k0..i * k + k1]
+                });
+                let mut start = [[_mm512_setzero_ps(); NV]; MR];
+                if k0 > 0 {
+                    for (r, start) in start.iter_mut().enumerate() {
+                        let i = (i0 + r).min(m - 1);
+                        let sums = if width == nr {
+                            &c[i * n + j0..][..nr]
+                        } else {
+                            spill[..width].copy_from_slice(&c[i * n + j0..][..width]);
+                            &spill[..]
+                        };
+                        *start = vectors::<NV>(sums);
                     }
                 }
-                let out = &mut c[i * n + j0..][..width];
-                if width == nr {
-                    store(&sums, out);
-                } else {
-                    store(&sums, &mut spill);
-                    out.copy_from_slice(&spill[..width]);
+                let acc = block::<MR, NV>(start, &rows, block_b, ld, at + k0 * ld);
+                for (r, mut sums) in acc.into_iter().enumerate().take(m - i0) {
+                    let i = i0 + r;
+                    if !last {
+                    } else if let Some(b) = column_bias {
+                        for (s, b) in sums.iter_mut().zip(b) {
+                            *s = _mm512_add_ps(*s, b);
+                        }
+                    } else if let Some(Bias::Rows(b)) = bias {
+                        let b = _mm512_set1_ps(b[i]);
+                        for s in sums.iter_mut() {
+                            *s = _mm512_add_ps(*s, b);
+                        }
+                    }
+                    let out = &mut c[i * n + j0..][..width];
+                    if width == nr {
+                        store(&sums, out);
+                    } else {
+                        store(&sums, &mut spill);
+                        out.copy_from_slice(&spill[..width]);
+                    }
                 }
             }
         }
     }
 }
 
-/// One block of sums: `MR` rows of `a` against `16 · NV` columns of `b`
-/// from column `at`, in registers.
+/// Values of `b` one chunk of the sums reads (`chunk × 16 · NV`): 24 KiB,
+/// half of a 48 KiB L1 data cache.
+const KC_VALUES: usize = 6 * 1024;
+
+/// One block of sums carried on from `start`: `MR` rows of `a` against
+/// `16 · NV` columns of `b` from offset `at`, in registers.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
 fn block<const MR: usize, const NV: usize>(
+    start: [[__m512; NV]; MR],
     rows: &[&[f32]; MR],
-    k: usize,
     b: &[f32],
     ldb: usize,
     at: usize,
 ) -> [[__m512; NV]; MR] {
-    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    let mut acc = start;
+    let k = rows[0].len();
     for kk in 0..k {
         let col = vectors::<NV>(&b[kk * ldb + at..][..16 * NV]);
         for (acc, row) in acc.iter_mut().zip(rows) {
@@ -473,8 +548,12 @@ fn block<const MR: usize, const NV: usize>(
 #[allow(unsafe_code)]
 fn vectors<const NV: usize>(x: &[f32]) -> [__m512; NV] {
     assert_eq!(x.len(), 16 * NV);
-    // SAFETY: each load reads 16 of the values `x` holds.
-    std::array::from_fn(|v| unsafe { _mm512_loadu_ps(x[v * 16..].as_ptr()) })
+    let mut vectors = [_mm512_setzero_ps(); NV];
+    for (v, vector) in vectors.iter_mut().enumerate() {
+        // SAFETY: each load reads 16 of the values `x` holds.
+        *vector = unsafe { _mm512_loadu_ps(x[v * 16..].as_ptr()) };
+    }
+    vectors
 }
 
 #[inline]

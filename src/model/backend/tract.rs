@@ -275,6 +275,12 @@ fn build_plan(
             ours.pointwise
         ));
     }
+    if ours.patch_conv > 0 {
+        facts.rewrites.push(format!(
+            "{} convolutions run as edgeinfer's own op, patches copied once then its matrix product (same answers)",
+            ours.patch_conv
+        ));
+    }
     if ours.pair_softmax > 0 {
         facts.rewrites.push(format!(
             "{} softmax over pairs run as edgeinfer's own op, one pass over the tensor instead of one per pair (same answers)",
@@ -521,6 +527,7 @@ fn plan_from_proto(
         #[cfg(target_arch = "x86_64")]
         {
             ours.pointwise = super::pointwise::substitute(&mut typed).map_err(engine)?;
+            ours.patch_conv = super::conv::substitute(&mut typed).map_err(engine)?;
         }
     }
     let mut optimized = typed.into_optimized().map_err(engine)?;
@@ -594,4 +601,6 @@ struct OwnOps {
     downsample: usize,
     /// 1×1 convolutions (with their bias `Add`).
     pointwise: usize,
+    /// Other convolutions of one group, by im2col and our product.
+    patch_conv: usize,
 }

@@ -1,0 +1,451 @@
+//! 2-D convolution (one group, f32, channel-first data) as our own tract
+//! op: the input's patches copied into a matrix once (im2col), then the
+//! register-blocked product of [`pointwise`](super::pointwise) with the
+//! weights.
+//!
+//! tract runs such a layer as `LazyIm2col` and `OptMatMul`: its kernel
+//! reads the patches through the lazy im2col's packing, which by
+//! `--profile` ran the bundled detector's layers at 11–60 GFLOP/2 per
+//! second on this host, against AVX-512's ~100 (its 3-channel stride-2
+//! first layer slowest). Here the copy is made row by row — for stride 1,
+//! each output row of a tap is one contiguous run of the input — and the
+//! product runs on full blocks.
+//!
+//! The patch matrix's rows are in tract's order (input channel, then
+//! kernel row, then kernel column), a tap over the padding is a zero,
+//! and each output is the chain of fused multiply-adds over that order
+//! from zero, then the bias: tract's arithmetic, so tract's answers (the
+//! tests compare them number for number).
+
+use super::pointwise::{best_tile, multiply, planned, Bias, Right, Tile};
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::nn::DataFormat;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatchConv {
+    channels: usize,
+    outputs: usize,
+    input_hw: [usize; 2],
+    output_hw: [usize; 2],
+    kernel_hw: [usize; 2],
+    strides: [usize; 2],
+    dilations: [usize; 2],
+    pad_before: [usize; 2],
+    tile: Tile,
+    /// `[out][in · kh · kw]`, tract's kernel layout.
+    weights: Arc<Vec<f32>>,
+    bias: Option<Arc<Vec<f32>>>,
+    output_shape: TVec<usize>,
+}
+
+impl Eq for PatchConv {}
+
+impl PatchConv {
+    /// The op for a decluttered `Conv` node of one group over
+    /// channel-first f32 data of batch 1 with a constant finite kernel
+    /// and bias, and a kernel larger than one tap or strides (1×1 ones
+    /// are matrix products already).
+    fn of(model: &TypedModel, node: &TypedNode) -> TractResult<Option<PatchConv>> {
+        Self::of_where(model, node, pays)
+    }
+
+    /// [`of`](Self::of), for the layers `take` picks.
+    fn of_where(
+        model: &TypedModel,
+        node: &TypedNode,
+        take: fn(usize, usize, [usize; 2]) -> bool,
+    ) -> TractResult<Option<PatchConv>> {
+        let Some(conv) = node.op_as::<Conv>() else {
+            return Ok(None);
+        };
+        let spec = &conv.pool_spec;
+        let (c, o) = (spec.input_channels, spec.output_channels);
+        if conv.q_params.is_some()
+            || conv.kernel_fmt != KernelFormat::OIHW
+            || conv.group != 1
+            || spec.kernel_shape.len() != 2
+            || node.inputs.len() != 3
+        {
+            return Ok(None);
+        }
+        let x = model.outlet_fact(node.inputs[0])?;
+        let Some(shape) = x.shape.as_concrete() else {
+            return Ok(None);
+        };
+        let hw = match (spec.data_format, shape) {
+            (DataFormat::NCHW, &[1, ch, h, w]) | (DataFormat::CHW, &[ch, h, w]) if ch == c => {
+                [h, w]
+            }
+            _ => return Ok(None),
+        };
+        if x.datum_type != f32::datum_type() || hw.contains(&0) {
+            return Ok(None);
+        }
+        let kernel = model.outlet_fact(node.inputs[1])?;
+        let bias = model.outlet_fact(node.inputs[2])?;
+        let (Some(kernel), Some(bias)) = (&kernel.konst, &bias.konst) else {
+            return Ok(None);
+        };
+        let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
+        let strides = spec.strides();
+        let dilations = spec.dilations();
+        if kernel.datum_type() != f32::datum_type()
+            || kernel.shape() != [o, c, kh, kw]
+            || bias.datum_type() != f32::datum_type()
+            || !(bias.len() == o || bias.len() == 1)
+            || (kh * kw == 1 && strides.iter().all(|s| *s == 1))
+            || o < 2
+        {
+            return Ok(None);
+        }
+        let weights = super::plain_slice::<f32>(kernel)?;
+        // A tap over the padding adds `tap · 0`, which is 0 only for a
+        // finite tap.
+        if weights.iter().any(|k| !k.is_finite()) {
+            return Ok(None);
+        }
+        let bias = super::plain_slice::<f32>(bias)?;
+        let bias: Vec<f32> = (0..o).map(|ch| bias[ch.min(bias.len() - 1)]).collect();
+        let padding = spec.computed_padding(&hw);
+        let output_hw = [padding[0].convoluted, padding[1].convoluted];
+        let points = output_hw[0] * output_hw[1];
+        if points < 2 || !take(c, points, [strides[0], strides[1]]) {
+            return Ok(None);
+        }
+        let (_, tile) = best_tile(o, c * kh * kw, points);
+        let mut output_shape: TVec<usize> = shape.into();
+        let r = output_shape.len();
+        output_shape[r - 3] = o;
+        output_shape[r - 2] = output_hw[0];
+        output_shape[r - 1] = output_hw[1];
+        Ok(Some(PatchConv {
+            channels: c,
+            outputs: o,
+            input_hw: hw,
+            output_hw,
+            kernel_hw: [kh, kw],
+            strides: [strides[0], strides[1]],
+            dilations: [dilations[0], dilations[1]],
+            pad_before: [padding[0].pad_before, padding[1].pad_before],
+            tile,
+            weights: Arc::new(weights.to_vec()),
+            bias: bias.iter().any(|b| *b != 0.0).then(|| Arc::new(bias)),
+            output_shape,
+        }))
+    }
+
+    /// The patch matrix `[in · kh · kw][points]`, packed in blocks of
+    /// `nr` points (see [`Right::Panels`]), taps over the padding zero;
+    /// its first value 64-byte aligned.
+    #[inline(always)]
+    fn patches(&self, x: &[f32], nr: usize, packed: &mut Vec<f32>) -> usize {
+        let [h, w] = self.input_hw;
+        let [oh, ow] = self.output_hw;
+        let [kh, kw] = self.kernel_hw;
+        let [sh, sw] = self.strides;
+        let [dh, dw] = self.dilations;
+        let [ph, pw] = self.pad_before;
+        let k = self.channels * kh * kw;
+        let points = oh * ow;
+        let len = points.next_multiple_of(nr) * k;
+        packed.clear();
+        packed.resize(len + 16, 0f32);
+        let start = packed.as_ptr().align_offset(64).min(16);
+        let b = &mut packed[start..start + len];
+        // The output columns whose input column is in the plane, for
+        // kernel column `kx`: `lo..hi`.
+        let columns = |kx: usize| {
+            let offset = (kx * dw) as isize - pw as isize;
+            let lo = (0..ow)
+                .find(|&ox| (ox * sw) as isize + offset >= 0)
+                .unwrap_or(ow);
+            let hi = (lo..ow)
+                .find(|&ox| (ox * sw) as isize + offset >= w as isize)
+                .unwrap_or(ow);
+            (lo, hi, offset)
+        };
+        let spans: Vec<(usize, usize, isize)> = (0..kw).map(columns).collect();
+        for c in 0..self.channels {
+            let plane = &x[c * h * w..][..h * w];
+            for ky in 0..kh {
+                for (kx, &(lo, hi, offset)) in spans.iter().enumerate() {
+                    let row = (c * kh + ky) * kw + kx;
+                    for oy in 0..oh {
+                        let iy = (oy * sh + ky * dh) as isize - ph as isize;
+                        if iy < 0 || iy >= h as isize || lo >= hi {
+                            continue;
+                        }
+                        let input = &plane[iy as usize * w..][..w];
+                        let first = ((lo * sw) as isize + offset) as usize;
+                        // Points oy·ow + lo .. oy·ow + hi, split where
+                        // the blocks of `nr` points meet.
+                        let mut p = oy * ow + lo;
+                        let end = oy * ow + hi;
+                        let mut from = first;
+                        while p < end {
+                            let run = (nr - p % nr).min(end - p);
+                            let at = (p / nr) * k * nr + row * nr + p % nr;
+                            let out = &mut b[at..at + run];
+                            if sw == 1 {
+                                out.copy_from_slice(&input[from..from + run]);
+                            } else {
+                                let input = &input[from..from + (run - 1) * sw + 1];
+                                for (j, o) in out.iter_mut().enumerate() {
+                                    *o = input[j * sw];
+                                }
+                            }
+                            p += run;
+                            from += run * sw;
+                        }
+                    }
+                }
+            }
+        }
+        start
+    }
+
+    /// Writes every value of `y`. Only called where [`planned`] holds.
+    #[allow(unsafe_code)]
+    fn run(&self, x: &[f32], y: &mut [f32]) {
+        assert!(
+            planned(),
+            "conv op planned on a CPU without AVX-512F and FMA"
+        );
+        // SAFETY: `planned` saw the CPU has AVX-512F and FMA.
+        unsafe { self.run_avx512(x, y) }
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    fn run_avx512(&self, x: &[f32], y: &mut [f32]) {
+        let mut packed = Vec::new();
+        let start = self.patches(x, self.tile.columns(), &mut packed);
+        let k = self.channels * self.kernel_hw[0] * self.kernel_hw[1];
+        let points = self.output_hw[0] * self.output_hw[1];
+        let bias = self.bias.as_deref().map(|b| Bias::Rows(b));
+        multiply(
+            self.tile,
+            &self.weights,
+            self.outputs,
+            k,
+            Right::Panels(&packed[start..]),
+            points,
+            y,
+            bias,
+        )
+    }
+}
+
+/// Where the op ran faster than tract's on x86-64 (by `--profile`, on
+/// ResNet-8 and the bundled detector): first layers of a few channels,
+/// whatever the stride (ResNet's 3 → 16 layer 0.044 → 0.014 ms, the
+/// detector's stride-2 one 0.19 → 0.10), and stride-1 layers of 256 or
+/// more points (ResNet's 16 → 16 on 32×32 0.092 → 0.058). Strided layers
+/// of 16 or more channels ran 1.1–1.3× slower (the copies of the patches
+/// gather every other value), and so did 64 → 64 on 8×8.
+fn pays(channels: usize, points: usize, strides: [usize; 2]) -> bool {
+    points >= 2 && (channels <= 4 || (strides == [1, 1] && points >= 256))
+}
+
+impl Op for PatchConv {
+    fn name(&self) -> StaticName {
+        "OurPatchConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{} → {} channels, {:?} → {:?}, kernel {:?}, strides {:?}, dilations {:?}, {:?}",
+            self.channels,
+            self.outputs,
+            self.input_hw,
+            self.output_hw,
+            self.kernel_hw,
+            self.strides,
+            self.dilations,
+            self.tile
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for PatchConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let [h, w] = self.input_hw;
+        let len = self.channels * h * w;
+        super::eval_f32(
+            "convolution",
+            &inputs[0],
+            len,
+            &self.output_shape,
+            |x, y| self.run(x, y),
+        )
+    }
+}
+
+impl TypedOp for PatchConv {
+    fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(&*self.output_shape)))
+    }
+
+    as_op!();
+}
+
+/// Replaces each convolution of a decluttered `model` that [`PatchConv`]
+/// takes; returns how many. Only where the CPU has AVX-512F and FMA.
+pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
+    if planned() {
+        super::tract::substitute_each(model, PatchConv::of)
+    } else {
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_graphs::{self, float_tensor, ints};
+    use proptest::prelude::*;
+    use tract_onnx::pb::ModelProto;
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        channels: usize,
+        outputs: usize,
+        hw: [usize; 2],
+        kernel: [usize; 2],
+        strides: [usize; 2],
+        dilations: [usize; 2],
+        /// top, left, bottom, right
+        pads: [usize; 4],
+        bias: bool,
+    }
+
+    fn model(case: &Case) -> ModelProto {
+        let (c, o) = (case.channels, case.outputs);
+        let [kh, kw] = case.kernel;
+        let mut rng = fastrand::Rng::with_seed((c * 97 + o * 7 + kh) as u64);
+        let mut initializer = vec![float_tensor(
+            "w",
+            &[o, c, kh, kw],
+            (0..o * c * kh * kw)
+                .map(|_| rng.f32() * 2.0 - 1.0)
+                .collect(),
+        )];
+        let mut inputs = vec!["x", "w"];
+        if case.bias {
+            initializer.push(float_tensor(
+                "b",
+                &[o],
+                (0..o).map(|_| rng.f32() - 0.5).collect(),
+            ));
+            inputs.push("b");
+        }
+        let conv = test_graphs::node(
+            "Conv",
+            &inputs,
+            "y",
+            vec![
+                ints("kernel_shape", &case.kernel),
+                ints("strides", &case.strides),
+                ints("dilations", &case.dilations),
+                ints("pads", &case.pads),
+            ],
+        );
+        let [h, w] = case.hw;
+        test_graphs::model(
+            "conv",
+            vec![conv],
+            initializer,
+            vec![test_graphs::float_value("x", &[1, c, h, w])],
+            vec![test_graphs::untyped_value("y")],
+        )
+    }
+
+    fn cases() -> impl Strategy<Value = Case> {
+        (
+            (1usize..24, 2usize..80, 1usize..24, 1usize..24),
+            (1usize..5, 1usize..5, 1usize..4, 1usize..4),
+            (
+                1usize..3,
+                1usize..3,
+                [0usize..3, 0usize..3, 0usize..3, 0usize..3],
+            ),
+            any::<bool>(),
+        )
+            .prop_map(
+                |((c, o, h, w), (kh, kw, sh, sw), (dh, dw, pads), bias)| Case {
+                    channels: c,
+                    outputs: o,
+                    hw: [h, w],
+                    kernel: [kh, kw],
+                    strides: [sh, sw],
+                    dilations: [dh, dw],
+                    pads,
+                    bias,
+                },
+            )
+            .prop_filter("an output at least 1×2", |c| {
+                let out = |a: usize| {
+                    let span = c.hw[a] + c.pads[a] + c.pads[a + 2];
+                    let k = c.dilations[a] * (c.kernel[a] - 1) + 1;
+                    if span < k {
+                        0
+                    } else {
+                        (span - k) / c.strides[a] + 1
+                    }
+                };
+                out(0) * out(1) >= 2
+            })
+            .prop_filter("more than one tap or a stride", |c| {
+                c.kernel != [1, 1] || c.strides != [1, 1]
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+        #[test]
+        fn the_same_answers_as_tracts_convolution(case in cases()) {
+            if !planned() {
+                eprintln!("no AVX-512F and FMA here: the op is not planned, nothing to compare");
+                return Ok(());
+            }
+            let typed = tract_onnx::onnx()
+                .model_for_proto_model(&model(&case))
+                .unwrap()
+                .into_typed()
+                .unwrap()
+                .into_decluttered()
+                .unwrap();
+            let mut ours = typed.clone();
+            let n = super::super::tract::substitute_each(&mut ours, |m, node| {
+                PatchConv::of_where(m, node, |_, _, _| true)
+            })
+            .unwrap();
+            prop_assert_eq!(n, 1);
+            let [h, w] = case.hw;
+            let mut rng = fastrand::Rng::with_seed(9);
+            let x: Vec<f32> = (0..case.channels * h * w).map(|_| rng.f32() * 8.0 - 4.0).collect();
+            let x = Tensor::from_shape(&[1, case.channels, h, w], &x).unwrap();
+            let run = |m: TypedModel| {
+                let plan = m.into_optimized().unwrap().into_runnable().unwrap();
+                let y = plan.run(tvec!(x.clone().into_tvalue())).unwrap().remove(0);
+                super::super::plain_slice::<f32>(&y).unwrap().to_vec()
+            };
+            // Equal as numbers (a zero's sign aside), in tract's order.
+            prop_assert_eq!(run(typed), run(ours), "{:?}", case);
+        }
+    }
+
+    #[test]
+    fn the_rule_takes_first_layers_and_large_stride_1_planes() {
+        assert!(pays(3, 4800, [2, 2]));
+        assert!(pays(16, 1024, [1, 1]));
+        assert!(!pays(16, 256, [2, 2]));
+        assert!(!pays(64, 64, [1, 1]));
+    }
+}
