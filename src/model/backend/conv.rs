@@ -17,7 +17,7 @@
 //! from zero, then the bias: tract's arithmetic, so tract's answers (the
 //! tests compare them number for number).
 
-use super::pointwise::{best_tile, multiply, planned, Bias, Right, Tile};
+use super::pointwise::{best_tile, feeds_a_constant_step, multiply, planned, Bias, Right, Tile};
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -48,7 +48,12 @@ impl PatchConv {
     /// channel-first f32 data of batch 1 with a constant finite kernel
     /// and bias, and a kernel larger than one tap or strides (1×1 ones
     /// are matrix products already).
+    /// Not for a layer whose output goes on to a constant step (see
+    /// [`feeds_a_constant_step`]).
     fn of(model: &TypedModel, node: &TypedNode) -> TractResult<Option<PatchConv>> {
+        if feeds_a_constant_step(model, node.id)? {
+            return Ok(None);
+        }
         Self::of_where(model, node, pays)
     }
 
