@@ -21,8 +21,6 @@ use super::pointwise::{best_tile, feeds_a_constant_step, multiply, planned, Bias
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
-use tract_onnx::tract_core::ops::nn::DataFormat;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PatchConv {
@@ -63,80 +61,40 @@ impl PatchConv {
         node: &TypedNode,
         take: fn(usize, usize, [usize; 2]) -> bool,
     ) -> TractResult<Option<PatchConv>> {
-        let Some(conv) = node.op_as::<Conv>() else {
+        let Some(facts) = super::ConvFacts::of(model, node)? else {
             return Ok(None);
         };
-        let spec = &conv.pool_spec;
+        let spec = &facts.conv.pool_spec;
         let (c, o) = (spec.input_channels, spec.output_channels);
-        if conv.q_params.is_some()
-            || conv.kernel_fmt != KernelFormat::OIHW
-            || conv.group != 1
-            || spec.kernel_shape.len() != 2
-            || node.inputs.len() != 3
-        {
-            return Ok(None);
-        }
-        let x = model.outlet_fact(node.inputs[0])?;
-        let Some(shape) = x.shape.as_concrete() else {
-            return Ok(None);
-        };
-        let hw = match (spec.data_format, shape) {
-            (DataFormat::NCHW, &[1, ch, h, w]) | (DataFormat::CHW, &[ch, h, w]) if ch == c => {
-                [h, w]
-            }
-            _ => return Ok(None),
-        };
-        if x.datum_type != f32::datum_type() || hw.contains(&0) {
-            return Ok(None);
-        }
-        let kernel = model.outlet_fact(node.inputs[1])?;
-        let bias = model.outlet_fact(node.inputs[2])?;
-        let (Some(kernel), Some(bias)) = (&kernel.konst, &bias.konst) else {
-            return Ok(None);
-        };
-        let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
-        let strides = spec.strides();
-        let dilations = spec.dilations();
-        if kernel.datum_type() != f32::datum_type()
-            || kernel.shape() != [o, c, kh, kw]
-            || bias.datum_type() != f32::datum_type()
-            || !(bias.len() == o || bias.len() == 1)
-            || (kh * kw == 1 && strides.iter().all(|s| *s == 1))
+        let [kh, kw] = facts.kernel_hw;
+        let points = facts.output_hw[0] * facts.output_hw[1];
+        if facts.conv.group != 1
+            || facts.channels_last
+            || (kh * kw == 1 && facts.strides == [1, 1])
             || o < 2
+            || points < 2
+            || !take(c, points, facts.strides)
         {
-            return Ok(None);
-        }
-        let weights = super::plain_slice::<f32>(kernel)?;
-        // A tap over the padding adds `tap · 0`, which is 0 only for a
-        // finite tap.
-        if weights.iter().any(|k| !k.is_finite()) {
-            return Ok(None);
-        }
-        let bias = super::plain_slice::<f32>(bias)?;
-        let bias: Vec<f32> = (0..o).map(|ch| bias[ch.min(bias.len() - 1)]).collect();
-        let padding = spec.computed_padding(&hw);
-        let output_hw = [padding[0].convoluted, padding[1].convoluted];
-        let points = output_hw[0] * output_hw[1];
-        if points < 2 || !take(c, points, [strides[0], strides[1]]) {
             return Ok(None);
         }
         let (_, tile) = best_tile(o, c * kh * kw, points);
-        let mut output_shape: TVec<usize> = shape.into();
+        let mut output_shape: TVec<usize> = facts.shape.into();
         let r = output_shape.len();
         output_shape[r - 3] = o;
-        output_shape[r - 2] = output_hw[0];
-        output_shape[r - 1] = output_hw[1];
+        output_shape[r - 2] = facts.output_hw[0];
+        output_shape[r - 1] = facts.output_hw[1];
+        let bias = facts.bias;
         Ok(Some(PatchConv {
             channels: c,
             outputs: o,
-            input_hw: hw,
-            output_hw,
+            input_hw: facts.hw,
+            output_hw: facts.output_hw,
             kernel_hw: [kh, kw],
-            strides: [strides[0], strides[1]],
-            dilations: [dilations[0], dilations[1]],
-            pad_before: [padding[0].pad_before, padding[1].pad_before],
+            strides: facts.strides,
+            dilations: facts.dilations,
+            pad_before: facts.pad_before,
             tile,
-            weights: Arc::new(weights.to_vec()),
+            weights: Arc::new(facts.kernel.to_vec()),
             bias: bias.iter().any(|b| *b != 0.0).then(|| Arc::new(bias)),
             output_shape,
         }))

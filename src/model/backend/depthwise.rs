@@ -44,8 +44,6 @@
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
-use tract_onnx::tract_core::ops::nn::DataFormat;
 
 /// Below this many channels a vector over channels is too short to beat
 /// the per-plane layout (measured on VWW's 8-channel first layer).
@@ -118,71 +116,26 @@ impl DepthwiseConv {
     /// [`with_layout`](Self::with_layout) sets the one
     /// [`choose`](Self::choose) picked.
     fn of(model: &TypedModel, node: &TypedNode) -> TractResult<Option<DepthwiseConv>> {
-        let Some(conv) = node.op_as::<Conv>() else {
+        let Some(facts) = super::ConvFacts::of(model, node)? else {
             return Ok(None);
         };
-        let spec = &conv.pool_spec;
+        let spec = &facts.conv.pool_spec;
         let c = spec.input_channels;
-        if conv.q_params.is_some()
-            || conv.kernel_fmt != KernelFormat::OIHW
-            // One channel is a plain convolution to tract (im2col and a
-            // matrix product, another order of sums).
-            || c < 2
-            || conv.group != c
-            || spec.output_channels != c
-            || spec.kernel_shape.len() != 2
-            || node.inputs.len() != 3
-        {
+        // One channel is a plain convolution to tract (im2col and a
+        // matrix product, another order of sums).
+        if c < 2 || facts.conv.group != c || spec.output_channels != c {
             return Ok(None);
         }
-        let x = model.outlet_fact(node.inputs[0])?;
-        let Some(shape) = x.shape.as_concrete() else {
-            return Ok(None);
-        };
-        let (hw, channels_last_data) = match (spec.data_format, shape) {
-            (DataFormat::NCHW, &[1, ch, h, w]) | (DataFormat::CHW, &[ch, h, w]) if ch == c => {
-                ([h, w], false)
-            }
-            (DataFormat::NHWC, &[1, h, w, ch]) | (DataFormat::HWC, &[h, w, ch]) if ch == c => {
-                ([h, w], true)
-            }
-            _ => return Ok(None),
-        };
-        if x.datum_type != f32::datum_type() || hw.contains(&0) {
-            return Ok(None);
-        }
-        let kernel = model.outlet_fact(node.inputs[1])?;
-        let bias = model.outlet_fact(node.inputs[2])?;
-        let (Some(kernel), Some(bias)) = (&kernel.konst, &bias.konst) else {
-            return Ok(None);
-        };
-        let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
-        if kernel.datum_type() != f32::datum_type()
-            || kernel.shape() != [c, 1, kh, kw]
-            || bias.datum_type() != f32::datum_type()
-            || !(bias.len() == c || bias.len() == 1)
-        {
-            return Ok(None);
-        }
-        let kernel = super::plain_slice::<f32>(kernel)?;
-        // A tap over the padding adds `tap · 0`, which is 0 only for a
-        // finite tap.
-        if kernel.iter().any(|k| !k.is_finite()) {
-            return Ok(None);
-        }
+        let [kh, kw] = facts.kernel_hw;
+        let (hw, channels_last_data, kernel) = (facts.hw, facts.channels_last, facts.kernel);
         let mut taps = vec![0f32; kh * kw * c];
         for ch in 0..c {
             for t in 0..kh * kw {
                 taps[t * c + ch] = kernel[ch * kh * kw + t];
             }
         }
-        let bias = super::plain_slice::<f32>(bias)?;
-        let bias: Vec<f32> = (0..c).map(|ch| bias[ch.min(bias.len() - 1)]).collect();
-        let padding = spec.computed_padding(&hw);
-        let strides = spec.strides();
-        let dilations = spec.dilations();
-        let output_hw = [padding[0].convoluted, padding[1].convoluted];
-        let mut output_shape: TVec<usize> = shape.into();
+        let output_hw = facts.output_hw;
+        let mut output_shape: TVec<usize> = facts.shape.into();
         let r = output_shape.len();
         let h_axis = if channels_last_data { r - 3 } else { r - 2 };
         output_shape[h_axis] = output_hw[0];
@@ -192,13 +145,13 @@ impl DepthwiseConv {
             input_hw: hw,
             output_hw,
             kernel_hw: [kh, kw],
-            strides: [strides[0], strides[1]],
-            dilations: [dilations[0], dilations[1]],
-            pad_before: [padding[0].pad_before, padding[1].pad_before],
+            strides: facts.strides,
+            dilations: facts.dilations,
+            pad_before: facts.pad_before,
             channels_last_data,
             layout: Layout::ChannelLast,
             taps: Arc::new(taps),
-            bias: Arc::new(bias),
+            bias: Arc::new(facts.bias),
             steps: Arc::default(),
             output_shape,
         }))
@@ -744,6 +697,7 @@ mod tests {
     use tract_onnx::pb::{
         attribute_proto::AttributeType, AttributeProto, ModelProto, NodeProto, TensorProto,
     };
+    use tract_onnx::tract_core::ops::cnn::Conv;
 
     #[derive(Debug, Clone)]
     struct Case {

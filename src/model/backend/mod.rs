@@ -101,6 +101,100 @@ pub(crate) fn plain_slice<D: Datum>(t: &Tensor) -> TractResult<&[D]> {
     t.try_as_plain_ram()?.as_slice::<D>()
 }
 
+/// What our convolution ops need of a decluttered f32 `Conv` node, when
+/// they can take it: a 2-D kernel in OIHW of constant finite taps, a
+/// constant bias (one value per output channel or one for all), data of
+/// batch 1 with concrete non-empty planes, channel-first or channel-last.
+pub(crate) struct ConvFacts<'a> {
+    pub conv: &'a tract_onnx::tract_core::ops::cnn::Conv,
+    /// The input's shape.
+    pub shape: &'a [usize],
+    pub hw: [usize; 2],
+    pub channels_last: bool,
+    /// `[out][in / group][kh][kw]`.
+    pub kernel: &'a [f32],
+    pub kernel_hw: [usize; 2],
+    /// One value per output channel.
+    pub bias: Vec<f32>,
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    pub pad_before: [usize; 2],
+    pub output_hw: [usize; 2],
+}
+
+impl<'a> ConvFacts<'a> {
+    pub(crate) fn of(model: &'a TypedModel, node: &'a TypedNode) -> TractResult<Option<Self>> {
+        use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+        use tract_onnx::tract_core::ops::nn::DataFormat;
+        let Some(conv) = node.op_as::<Conv>() else {
+            return Ok(None);
+        };
+        let spec = &conv.pool_spec;
+        let (c, o) = (spec.input_channels, spec.output_channels);
+        if conv.q_params.is_some()
+            || conv.kernel_fmt != KernelFormat::OIHW
+            || spec.kernel_shape.len() != 2
+            || node.inputs.len() != 3
+            || conv.group == 0
+            || c % conv.group != 0
+        {
+            return Ok(None);
+        }
+        let x = model.outlet_fact(node.inputs[0])?;
+        let Some(shape) = x.shape.as_concrete() else {
+            return Ok(None);
+        };
+        let (hw, channels_last) = match (spec.data_format, shape) {
+            (DataFormat::NCHW, &[1, ch, h, w]) | (DataFormat::CHW, &[ch, h, w]) if ch == c => {
+                ([h, w], false)
+            }
+            (DataFormat::NHWC, &[1, h, w, ch]) | (DataFormat::HWC, &[h, w, ch]) if ch == c => {
+                ([h, w], true)
+            }
+            _ => return Ok(None),
+        };
+        if x.datum_type != f32::datum_type() || hw.contains(&0) {
+            return Ok(None);
+        }
+        let kernel = model.outlet_fact(node.inputs[1])?;
+        let bias = model.outlet_fact(node.inputs[2])?;
+        let (Some(kernel), Some(bias)) = (&kernel.konst, &bias.konst) else {
+            return Ok(None);
+        };
+        let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
+        if kernel.datum_type() != f32::datum_type()
+            || kernel.shape() != [o, c / conv.group, kh, kw]
+            || bias.datum_type() != f32::datum_type()
+            || !(bias.len() == o || bias.len() == 1)
+        {
+            return Ok(None);
+        }
+        let kernel = plain_slice::<f32>(kernel)?;
+        // A tap over the padding adds `tap · 0`, which is 0 only for a
+        // finite tap.
+        if kernel.iter().any(|k| !k.is_finite()) {
+            return Ok(None);
+        }
+        let bias = plain_slice::<f32>(bias)?;
+        let bias = (0..o).map(|ch| bias[ch.min(bias.len() - 1)]).collect();
+        let padding = spec.computed_padding(&hw);
+        let (strides, dilations) = (spec.strides(), spec.dilations());
+        Ok(Some(ConvFacts {
+            conv,
+            shape,
+            hw,
+            channels_last,
+            kernel,
+            kernel_hw: [kh, kw],
+            bias,
+            strides: [strides[0], strides[1]],
+            dilations: [dilations[0], dilations[1]],
+            pad_before: [padding[0].pad_before, padding[1].pad_before],
+            output_hw: [padding[0].convoluted, padding[1].convoluted],
+        }))
+    }
+}
+
 /// The evaluation of one of our f32 ops: `write` reads the input `x`
 /// (which must hold `input_len` values) and writes a zeroed output of
 /// `shape` in place — a tract `Tensor` made from a `Vec` or an ndarray
