@@ -180,6 +180,7 @@ pub fn after_loading() {
 mod tests {
     use super::*;
 
+    #[cfg(target_pointer_width = "64")]
     const SAMPLE: &str = "\
 564b009b5000-564b01125000 r--p 00000000 fe:00 5313060                    /opt/edge infer/edgeinfer
 Size:               7616 kB
@@ -206,6 +207,8 @@ Rss:                1044 kB
 Anonymous:             0 kB
 ";
 
+    // The sample is a 64-bit process's smaps.
+    #[cfg(target_pointer_width = "64")]
     #[test]
     fn smaps_headers_and_fields_are_read() {
         let maps = parse_smaps(SAMPLE);
@@ -221,6 +224,8 @@ Anonymous:             0 kB
         assert_eq!(maps[4].rss_kib, 4984);
     }
 
+    // The sample is a 64-bit process's smaps.
+    #[cfg(target_pointer_width = "64")]
     #[test]
     fn only_the_executables_pure_read_only_mappings_are_releasable() {
         let maps = parse_smaps(SAMPLE);
