@@ -133,3 +133,40 @@ pub fn optimised_plans_agree(
     assert_eq!(a[0], b[0]);
     theirs
 }
+
+/// `proto` decluttered, planned as tract plans it and after `substitute`,
+/// each run on `x`: (how many `substitute` replaced, tract's first
+/// output, ours).
+pub fn decluttered_plans(
+    proto: &ModelProto,
+    x: &Tensor,
+    substitute: impl FnOnce(&mut TypedModel) -> TractResult<usize>,
+) -> (usize, Tensor, Tensor) {
+    let typed = tract_onnx::onnx()
+        .model_for_proto_model(proto)
+        .unwrap()
+        .into_typed()
+        .unwrap()
+        .into_decluttered()
+        .unwrap();
+    let mut ours = typed.clone();
+    let n = substitute(&mut ours).unwrap();
+    let run = |model: TypedModel| {
+        let plan = model.into_optimized().unwrap().into_runnable().unwrap();
+        plan.run(tvec!(x.clone().into_tvalue()))
+            .unwrap()
+            .remove(0)
+            .into_tensor()
+    };
+    (n, run(typed), run(ours))
+}
+
+/// A tensor of `shape` with values in [-4, 4) from a generator seeded
+/// with `seed`.
+pub fn seeded(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let x: Vec<f32> = (0..shape.iter().product())
+        .map(|_| rng.f32() * 8.0 - 4.0)
+        .collect();
+    Tensor::from_shape(shape, &x).unwrap()
+}

@@ -322,14 +322,14 @@ impl DepthwiseConv {
             (Layout::ChannelLast, true) => self.run_channel_last(x, y),
             (Layout::ChannelLast, false) => {
                 let mut yt = vec![0f32; y.len()];
-                self.run_channel_last(&transposed(x, c, points), &mut yt);
-                transpose_into(&yt, out, c, y);
+                self.run_channel_last(&super::transposed(x, c, points), &mut yt);
+                super::transpose_into(&yt, out, c, y);
             }
             (Layout::Planes, false) => self.run_planes(x, y),
             (Layout::Planes, true) => {
                 let mut yp = vec![0f32; y.len()];
-                self.run_planes(&transposed(x, points, c), &mut yp);
-                transpose_into(&yp, c, out, y);
+                self.run_planes(&super::transposed(x, points, c), &mut yp);
+                super::transpose_into(&yp, c, out, y);
             }
         }
     }
@@ -474,24 +474,6 @@ impl DepthwiseConv {
             }
         }
         out[base..base + N].copy_from_slice(&acc);
-    }
-}
-
-/// `x`, `rows` × `cols` in row-major order, as `cols` × `rows`.
-#[inline(always)]
-fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; x.len()];
-    transpose_into(x, rows, cols, &mut t);
-    t
-}
-
-/// [`transposed`] into `t`, which has `x`'s length.
-#[inline(always)]
-fn transpose_into(x: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
-    for (r, row) in x.chunks_exact(cols).enumerate() {
-        for (c, v) in row.iter().enumerate() {
-            t[c * rows + r] = *v;
-        }
     }
 }
 

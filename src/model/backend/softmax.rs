@@ -141,22 +141,10 @@ mod tests {
     /// tract's plan and ours on `x`: (substituted, tract's output, ours).
     fn both(width: usize, x: &[f32]) -> (usize, Vec<f32>, Vec<f32>) {
         let rows = x.len() / width;
-        let typed = tract_onnx::onnx()
-            .model_for_proto_model(&model(rows, width))
-            .unwrap()
-            .into_typed()
-            .unwrap()
-            .into_decluttered()
-            .unwrap();
-        let mut ours = typed.clone();
-        let n = substitute(&mut ours).unwrap();
         let x = Tensor::from_shape(&[1, rows, width], x).unwrap();
-        let run = |model: TypedModel| {
-            let plan = model.into_optimized().unwrap().into_runnable().unwrap();
-            let y = plan.run(tvec!(x.clone().into_tvalue())).unwrap();
-            super::super::plain_slice::<f32>(&y[0]).unwrap().to_vec()
-        };
-        (n, run(typed), run(ours))
+        let (n, given, ours) = test_graphs::decluttered_plans(&model(rows, width), &x, substitute);
+        let values = |t: &Tensor| super::super::plain_slice::<f32>(t).unwrap().to_vec();
+        (n, values(&given), values(&ours))
     }
 
     fn bits(v: &[f32]) -> Vec<u32> {
