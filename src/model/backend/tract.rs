@@ -237,56 +237,7 @@ fn build_plan(
             loaded
         }
     };
-    if ours.fake_quantize > 0 {
-        let relus = match ours.fake_quantize_relus {
-            0 => String::new(),
-            n => format!(", {n} of them with the Relu before them"),
-        };
-        facts.rewrites.push(format!(
-            "{} activation QuantizeLinear → DequantizeLinear pairs run as one fused op each{relus} (same answers, one pass)",
-            ours.fake_quantize
-        ));
-    }
-    if ours.depthwise > 0 {
-        let steps = match ours.depthwise_steps {
-            0 => String::new(),
-            n => format!(", with the {n} per-channel Mul and Add nodes after them"),
-        };
-        facts.rewrites.push(format!(
-            "{} depthwise convolutions run as edgeinfer's own vectorised op, channel-last or plane by plane{steps} (same answers)",
-            ours.depthwise
-        ));
-    }
-    if ours.constant_pad > 0 {
-        facts.rewrites.push(format!(
-            "{} constant Pad nodes of the optimised plan run as edgeinfer's own op, copying rows instead of values (same answers)",
-            ours.constant_pad
-        ));
-    }
-    if ours.downsample > 0 {
-        facts.rewrites.push(format!(
-            "{} Downsample nodes of the optimised plan (before strided 1×1 convolutions) run as edgeinfer's own op, copying blocks instead of values (same answers)",
-            ours.downsample
-        ));
-    }
-    if ours.pointwise > 0 {
-        facts.rewrites.push(format!(
-            "{} 1×1 convolutions run as edgeinfer's own matrix product, without packing the activations (same answers)",
-            ours.pointwise
-        ));
-    }
-    if ours.patch_conv > 0 {
-        facts.rewrites.push(format!(
-            "{} convolutions run as edgeinfer's own op, patches copied once then its matrix product (same answers)",
-            ours.patch_conv
-        ));
-    }
-    if ours.pair_softmax > 0 {
-        facts.rewrites.push(format!(
-            "{} softmax over pairs run as edgeinfer's own op, one pass over the tensor instead of one per pair (same answers)",
-            ours.pair_softmax
-        ));
-    }
+    facts.rewrites.extend(ours.notes());
     Ok(plan)
 }
 
@@ -603,4 +554,31 @@ struct OwnOps {
     pointwise: usize,
     /// Other convolutions of one group, by im2col and our product.
     patch_conv: usize,
+}
+
+impl OwnOps {
+    /// A line for the model's notes per kind of our op the plan runs.
+    fn notes(&self) -> Vec<String> {
+        let relus = match self.fake_quantize_relus {
+            0 => String::new(),
+            n => format!(", {n} of them with the Relu before them"),
+        };
+        let steps = match self.depthwise_steps {
+            0 => String::new(),
+            n => format!(", with the {n} per-channel Mul and Add nodes after them"),
+        };
+        [
+            (self.fake_quantize, format!("activation QuantizeLinear → DequantizeLinear pairs run as one fused op each{relus} (same answers, one pass)")),
+            (self.depthwise, format!("depthwise convolutions run as edgeinfer's own vectorised op, channel-last or plane by plane{steps} (same answers)")),
+            (self.constant_pad, "constant Pad nodes of the optimised plan run as edgeinfer's own op, copying rows instead of values (same answers)".into()),
+            (self.downsample, "Downsample nodes of the optimised plan (before strided 1×1 convolutions) run as edgeinfer's own op, copying blocks instead of values (same answers)".into()),
+            (self.pointwise, "1×1 convolutions run as edgeinfer's own matrix product, without packing the activations (same answers)".into()),
+            (self.patch_conv, "convolutions run as edgeinfer's own op, patches copied once then its matrix product (same answers)".into()),
+            (self.pair_softmax, "softmax over pairs run as edgeinfer's own op, one pass over the tensor instead of one per pair (same answers)".into()),
+        ]
+        .into_iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect()
+    }
 }
