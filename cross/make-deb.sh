@@ -2,8 +2,8 @@
 # Builds the .deb for one target: cross/make-deb.sh [TARGET]
 #   x86_64-unknown-linux-gnu (amd64, the default), aarch64-unknown-linux-gnu
 #   (arm64), armv7-unknown-linux-gnueabihf (armhf).
-# Output: target/deb/edgeinfer_VERSION-1_ARCH.deb (under $CARGO_TARGET_DIR if set). Needs dpkg-deb and, for
-# the ARM targets, what cross/build.sh installs.
+# Output: target/deb/edgeinfer_VERSION-1_ARCH.deb (under $CARGO_TARGET_DIR if set). Needs dpkg-deb;
+# the ARM targets are built by cross/build.sh, which installs their toolchain.
 set -eu
 cd "$(dirname "$0")/.."
 TARGET=${1:-x86_64-unknown-linux-gnu}
@@ -21,7 +21,7 @@ if [ "$TARGET" = "$HOST" ]; then
     cargo build --locked --profile dist
     BIN=$OUT/dist/edgeinfer
 else
-    cargo --config cross/config.toml build --locked --profile dist --target "$TARGET"
+    cross/build.sh "$TARGET"
     BIN=$OUT/$TARGET/dist/edgeinfer
 fi
 
