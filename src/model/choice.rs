@@ -501,12 +501,35 @@ fn measure(
         })
         .collect();
 
+    // Only the engines that could serve race for the budget: one that
+    // answers differently, or is there only as the reference, gets the 3
+    // runs every entrant gets (its figure is reported, never compared), and
+    // with a single candidate left there is no race at all. A first start
+    // then spends its budget only where there is a choice to make.
+    let candidates: Vec<bool> = entrants
+        .iter()
+        .zip(&verdicts)
+        .enumerate()
+        .map(|(k, (e, (_, verdict)))| e.serves && (k == reference || verdict.is_none()))
+        .collect();
+    let racing = candidates.iter().filter(|c| **c).count() > 1;
+    let budget = if racing {
+        candidates.iter().filter(|c| **c).count() as u128 * budget_ms as u128
+    } else {
+        0
+    };
+    let lead = candidates.iter().position(|c| *c).unwrap_or(0);
+
     // Interleaved, so all see the same machine; at least 3 runs each.
     let mut times = vec![Vec::new(); entrants.len()];
     let started = Instant::now();
-    let budget = entrants.len() as u128 * budget_ms as u128;
-    while times[0].len() < 3 || (started.elapsed().as_millis() < budget && times[0].len() < 200) {
+    while times[lead].len() < 3
+        || (started.elapsed().as_millis() < budget && times[lead].len() < 200)
+    {
         for (k, (runner, input, _)) in runs.iter_mut().enumerate() {
+            if times[k].len() >= 3 && !candidates[k] {
+                continue;
+            }
             let t0 = Instant::now();
             runner
                 .run(input.clone())
