@@ -130,7 +130,9 @@ class Broker:
 # ------------------------------------------------------------- inference
 
 def bench_models():
-    models = [REPO / "models" / f"{n}.toml" for n in ("activity", "motion", "objects")]
+    # activity_dyn and motion_dyn: dynamic int8 (DynamicQuantizeLinear + ConvInteger / MatMulInteger).
+    models = [REPO / "models" / f"{n}.toml"
+              for n in ("activity", "motion", "objects", "activity_dyn", "motion_dyn")]
     if SHARED.is_dir():
         for f in ["mlperf-tiny/vww_96_int8.onnx", "mlperf-tiny/kws_ref_model.onnx",
                   "mlperf-tiny/pretrainedResnet_quant.onnx", "mlperf-tiny/ad01_int8.onnx",
