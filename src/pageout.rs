@@ -10,6 +10,17 @@
 //! the executable with no private (copy-on-write) pages are touched, so no
 //! content can change: the kernel refills every page from the file.
 //!
+//! smaps is not trusted alone for that: a page the loader relocated (the
+//! vtables and function-pointer tables of `PT_GNU_RELRO`) refills from the
+//! file *unrelocated*, and the next call through it jumps to a link-time
+//! address. Under qemu-user (how ARM containers are often run, and our ARM
+//! tests), the guest's smaps showed the armv7 binary's text mapping running
+//! one page into its RELRO with `Anonymous: 0`, and dropping it crashed the
+//! daemon on its first `noop_waker` (2026-12-07). So the pages dropped are
+//! also limited to those of the executable's read-only `PT_LOAD` segments
+//! that no writable segment and no RELRO range touches, from its own
+//! program headers ([`pristine_spans`]).
+//!
 //! The pages stay in the page cache until the kernel needs the memory
 //! (unmapped clean pages are the first it reclaims); a cgroup's
 //! `memory.current` counts them until then.
@@ -124,42 +135,162 @@ pub fn releasable<'a>(maps: &'a [Mapping], exe: &'a Path) -> impl Iterator<Item 
         .filter(move |m| Path::new(&m.path) == exe && m.refills_from_file())
 }
 
+/// One segment of the executable as loaded, at its run-time addresses
+/// (`[start, end)`, not rounded to pages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: usize,
+    pub end: usize,
+    /// A `PT_LOAD` without `PF_W`: holds the file's bytes for the process's
+    /// life. Otherwise written: a writable `PT_LOAD`, or `PT_GNU_RELRO`
+    /// (relocated by the loader, then made read-only).
+    pub read_only: bool,
+}
+
+/// The page-aligned ranges `[start, end)` that hold only the file's bytes:
+/// every page a read-only segment touches, less every page a written one
+/// touches (a page the two share is the process's own). Sorted.
+pub fn pristine_spans(segments: &[Segment], page: usize) -> Vec<(usize, usize)> {
+    let down = |a: usize| a / page * page;
+    let up = |a: usize| a.div_ceil(page) * page;
+    let mut spans: Vec<(usize, usize)> = segments
+        .iter()
+        .filter(|s| s.read_only && s.end > s.start)
+        .map(|s| (down(s.start), up(s.end)))
+        .collect();
+    for w in segments.iter().filter(|s| !s.read_only && s.end > s.start) {
+        let (ws, we) = (down(w.start), up(w.end));
+        spans = spans
+            .into_iter()
+            .flat_map(|(a, b)| {
+                if we <= a || b <= ws {
+                    return vec![(a, b)];
+                }
+                [(a, ws.max(a)), (we.min(b), b)]
+                    .into_iter()
+                    .filter(|(x, y)| x < y)
+                    .collect()
+            })
+            .collect();
+    }
+    spans.sort_unstable();
+    spans
+}
+
+/// The parts of `m` inside `spans`.
+fn clip(m: &Mapping, spans: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    spans
+        .iter()
+        .map(|&(a, b)| (a.max(m.start), b.min(m.end)))
+        .filter(|(a, b)| a < b)
+        .collect()
+}
+
+/// The executable's loaded segments, from its program headers as the
+/// loader reports them (`dl_iterate_phdr`, whose first entry is the
+/// program itself).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn executable_segments() -> Vec<Segment> {
+    // The callback glibc calls: `unsafe extern "C"` is its type.
+    #[allow(unsafe_code)]
+    unsafe extern "C" fn first(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        out: *mut std::ffi::c_void,
+    ) -> libc::c_int {
+        // SAFETY: glibc passes a valid `dl_phdr_info` whose `dlpi_phdr`
+        // points at `dlpi_phnum` program headers, all valid for the call;
+        // `out` is the `Vec<Segment>` `executable_segments` passed, which
+        // nothing else touches meanwhile.
+        #[allow(unsafe_code)]
+        unsafe {
+            let info = &*info;
+            let out = &mut *(out as *mut Vec<Segment>);
+            let headers = std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize);
+            let base = info.dlpi_addr as usize;
+            for h in headers {
+                let start = base.wrapping_add(h.p_vaddr as usize);
+                let end = start.wrapping_add(h.p_memsz as usize);
+                match h.p_type {
+                    libc::PT_LOAD => out.push(Segment {
+                        start,
+                        end,
+                        read_only: h.p_flags & libc::PF_W == 0,
+                    }),
+                    libc::PT_GNU_RELRO => out.push(Segment {
+                        start,
+                        end,
+                        read_only: false,
+                    }),
+                    _ => {}
+                }
+            }
+        }
+        1 // the program only: stop
+    }
+    let mut out: Vec<Segment> = Vec::new();
+    // SAFETY: `first` matches the callback glibc expects and only writes to
+    // `out`, which outlives the call.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::dl_iterate_phdr(Some(first), &mut out as *mut Vec<Segment> as *mut _);
+    }
+    out
+}
+
+/// Elsewhere the segments are not read, and nothing is released.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn executable_segments() -> Vec<Segment> {
+    Vec::new()
+}
+
 /// Unmaps the resident pages of the executable's read-only mappings (see
-/// the module's comment). If `madvise` is refused (a seccomp filter), the
-/// first refusal is the error; a later one ends it with what was done.
-/// Mappings shown with no resident pages are skipped, which also leaves
-/// alone an emulator's smaps that reports zeroes (qemu-user).
+/// the module's comment), within [`pristine_spans`] of its segments. If
+/// `madvise` is refused (a seccomp filter), the first refusal is the error;
+/// a later one ends it with what was done. Mappings shown with no resident
+/// pages are skipped, which also leaves alone an emulator's smaps that
+/// reports zeroes (older qemu-user).
 pub fn release_code_pages() -> io::Result<Released> {
     let exe = std::fs::read_link("/proc/self/exe")?;
     let maps = parse_smaps(&std::fs::read_to_string("/proc/self/smaps")?);
+    let spans = pristine_spans(&executable_segments(), rustix::param::page_size());
     let mut done = Released::default();
     for m in releasable(&maps, &exe) {
         if m.rss_kib == 0 {
             continue;
         }
-        // SAFETY: the range is one whole mapping of this process's own
-        // executable, read from /proc/self/smaps just above, read-only and
-        // with no private pages (`refills_from_file`). MADV_DONTNEED on such
-        // a range only drops page-table entries: every later access refaults
-        // the same bytes from the file, so no reference into it (code,
-        // string literals, statics) sees a change. The executable is never
-        // unmapped while the process runs, so the range stays valid.
-        #[allow(unsafe_code)]
-        let r = unsafe {
-            rustix::mm::madvise(
-                m.start as *mut std::ffi::c_void,
-                m.end - m.start,
-                rustix::mm::Advice::LinuxDontNeed,
-            )
-        };
-        match r {
-            Ok(()) => {
-                done.mappings += 1;
-                done.bytes += m.rss_kib * 1024;
-            }
-            Err(e) if done.mappings == 0 => return Err(e.into()),
-            Err(_) => break,
+        let parts = clip(m, &spans);
+        if parts.is_empty() {
+            continue;
         }
+        for (start, end) in parts {
+            // SAFETY: the range lies in one mapping of this process's own
+            // executable, read from /proc/self/smaps just above, read-only
+            // and with no private pages (`refills_from_file`), and in pages
+            // of its read-only segments that no relocated or writable
+            // segment shares (`pristine_spans`, from its program headers).
+            // MADV_DONTNEED on such a range only drops page-table entries:
+            // every later access refaults the same bytes from the file, so
+            // no reference into it (code, string literals, statics) sees a
+            // change. The executable is never unmapped while the process
+            // runs, so the range stays valid.
+            #[allow(unsafe_code)]
+            let r = unsafe {
+                rustix::mm::madvise(
+                    start as *mut std::ffi::c_void,
+                    end - start,
+                    rustix::mm::Advice::LinuxDontNeed,
+                )
+            };
+            if let Err(e) = r {
+                if done.mappings == 0 {
+                    return Err(e.into());
+                }
+                return Ok(done);
+            }
+        }
+        done.mappings += 1;
+        done.bytes += m.rss_kib * 1024;
     }
     Ok(done)
 }
@@ -302,6 +433,123 @@ Anonymous:             0 kB
         let mut unsure = maps[1].clone();
         unsure.anonymous_kib = None;
         assert!(!unsure.refills_from_file());
+    }
+
+    const PAGE: usize = 0x1000;
+
+    // The armv7 `dist` binary of 2026-12-07 (GNU ld): code up to 0x13561d0,
+    // the writable segment from 0x1357c00, RELRO its first 0x54400 bytes;
+    // under qemu-arm its smaps showed the code mapping running to
+    // 0x1358000, one page into the RELRO, with `Anonymous: 0`.
+    #[test]
+    fn a_page_of_relocated_data_is_never_released_whatever_smaps_says() {
+        let segments = [
+            Segment {
+                start: 0,
+                end: 0x0135_61d0,
+                read_only: true,
+            },
+            Segment {
+                start: 0x0135_7c00,
+                end: 0x013a_e5ec,
+                read_only: false,
+            },
+            Segment {
+                start: 0x0135_7c00,
+                end: 0x013a_c000,
+                read_only: false,
+            },
+        ];
+        let spans = pristine_spans(&segments, PAGE);
+        assert_eq!(spans, vec![(0, 0x0135_7000)]);
+        let qemu = Mapping {
+            start: 0x2000,
+            end: 0x0135_8000,
+            perms: "r-xp".into(),
+            path: "/usr/bin/edgeinfer".into(),
+            rss_kib: 19_800,
+            anonymous_kib: Some(0),
+        };
+        assert!(qemu.refills_from_file(), "smaps alone would let it go");
+        assert_eq!(clip(&qemu, &spans), vec![(0x2000, 0x0135_7000)]);
+    }
+
+    // Without separate code pages the last page of code is also the first
+    // of the data: it is the process's own (the loader wrote the data half).
+    #[test]
+    fn a_page_code_shares_with_written_data_is_kept() {
+        let segments = [
+            Segment {
+                start: 0x400,
+                end: 0x1_0a00,
+                read_only: true,
+            },
+            Segment {
+                start: 0x1_0c00,
+                end: 0x1_2000,
+                read_only: false,
+            },
+            Segment {
+                start: 0x2_0000,
+                end: 0x2_3000,
+                read_only: true,
+            },
+        ];
+        assert_eq!(
+            pristine_spans(&segments, PAGE),
+            vec![(0, 0x1_0000), (0x2_0000, 0x2_3000)]
+        );
+        // A written segment in the middle of a read-only one splits it.
+        let segments = [
+            Segment {
+                start: 0,
+                end: 0x8000,
+                read_only: true,
+            },
+            Segment {
+                start: 0x3100,
+                end: 0x3200,
+                read_only: false,
+            },
+        ];
+        assert_eq!(
+            pristine_spans(&segments, PAGE),
+            vec![(0, 0x3000), (0x4000, 0x8000)]
+        );
+    }
+
+    fn one() -> u8 {
+        1
+    }
+    fn two() -> u8 {
+        2
+    }
+    // Function pointers in a static: in a position-independent executable
+    // the loader relocates them, so they live in RELRO.
+    static TABLE: [fn() -> u8; 2] = [one, two];
+
+    // Read from this test binary's own program headers.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn this_programs_segments_put_code_in_and_relocated_tables_out() {
+        let segments = executable_segments();
+        assert!(segments.iter().any(|s| s.read_only), "{segments:x?}");
+        let spans = pristine_spans(&segments, rustix::param::page_size());
+        let inside = |a: usize| spans.iter().any(|&(s, e)| s <= a && a < e);
+        let code = one as fn() -> u8 as usize;
+        assert!(inside(code), "code at {code:#x} not in {spans:x?}");
+        let table = std::ptr::addr_of!(TABLE) as usize;
+        assert!(
+            !inside(table),
+            "relocated table at {table:#x} in {spans:x?}"
+        );
+        assert!(
+            segments
+                .iter()
+                .any(|s| !s.read_only && s.start <= table && table < s.end),
+            "relocated table at {table:#x} in no written segment of {segments:x?}"
+        );
+        assert_eq!(TABLE[1](), 2);
     }
 
     #[test]
