@@ -160,18 +160,18 @@ pub fn pristine_spans(segments: &[Segment], page: usize) -> Vec<(usize, usize)> 
         .collect();
     for w in segments.iter().filter(|s| !s.read_only && s.end > s.start) {
         let (ws, we) = (down(w.start), up(w.end));
-        spans = spans
-            .into_iter()
-            .flat_map(|(a, b)| {
-                if we <= a || b <= ws {
-                    return vec![(a, b)];
-                }
-                [(a, ws.max(a)), (we.min(b), b)]
-                    .into_iter()
-                    .filter(|(x, y)| x < y)
-                    .collect()
-            })
-            .collect();
+        // What is left of each span below and above the written pages
+        // (the whole span when they miss it).
+        let mut left = Vec::with_capacity(spans.len() + 1);
+        for (a, b) in spans {
+            if a < ws.min(b) {
+                left.push((a, ws.min(b)));
+            }
+            if we.max(a) < b {
+                left.push((we.max(a), b));
+            }
+        }
+        spans = left;
     }
     spans.sort_unstable();
     spans
@@ -283,10 +283,11 @@ pub fn release_code_pages() -> io::Result<Released> {
                 )
             };
             if let Err(e) = r {
-                if done.mappings == 0 {
-                    return Err(e.into());
-                }
-                return Ok(done);
+                return if done.mappings == 0 {
+                    Err(e.into())
+                } else {
+                    Ok(done)
+                };
             }
         }
         done.mappings += 1;
@@ -437,6 +438,14 @@ Anonymous:             0 kB
 
     const PAGE: usize = 0x1000;
 
+    fn seg(start: usize, end: usize, read_only: bool) -> Segment {
+        Segment {
+            start,
+            end,
+            read_only,
+        }
+    }
+
     // The armv7 `dist` binary of 2026-12-07 (GNU ld): code up to 0x13561d0,
     // the writable segment from 0x1357c00, RELRO its first 0x54400 bytes;
     // under qemu-arm its smaps showed the code mapping running to
@@ -444,21 +453,9 @@ Anonymous:             0 kB
     #[test]
     fn a_page_of_relocated_data_is_never_released_whatever_smaps_says() {
         let segments = [
-            Segment {
-                start: 0,
-                end: 0x0135_61d0,
-                read_only: true,
-            },
-            Segment {
-                start: 0x0135_7c00,
-                end: 0x013a_e5ec,
-                read_only: false,
-            },
-            Segment {
-                start: 0x0135_7c00,
-                end: 0x013a_c000,
-                read_only: false,
-            },
+            seg(0, 0x0135_61d0, true),
+            seg(0x0135_7c00, 0x013a_e5ec, false),
+            seg(0x0135_7c00, 0x013a_c000, false),
         ];
         let spans = pristine_spans(&segments, PAGE);
         assert_eq!(spans, vec![(0, 0x0135_7000)]);
@@ -479,39 +476,16 @@ Anonymous:             0 kB
     #[test]
     fn a_page_code_shares_with_written_data_is_kept() {
         let segments = [
-            Segment {
-                start: 0x400,
-                end: 0x1_0a00,
-                read_only: true,
-            },
-            Segment {
-                start: 0x1_0c00,
-                end: 0x1_2000,
-                read_only: false,
-            },
-            Segment {
-                start: 0x2_0000,
-                end: 0x2_3000,
-                read_only: true,
-            },
+            seg(0x400, 0x1_0a00, true),
+            seg(0x1_0c00, 0x1_2000, false),
+            seg(0x2_0000, 0x2_3000, true),
         ];
         assert_eq!(
             pristine_spans(&segments, PAGE),
             vec![(0, 0x1_0000), (0x2_0000, 0x2_3000)]
         );
         // A written segment in the middle of a read-only one splits it.
-        let segments = [
-            Segment {
-                start: 0,
-                end: 0x8000,
-                read_only: true,
-            },
-            Segment {
-                start: 0x3100,
-                end: 0x3200,
-                read_only: false,
-            },
-        ];
+        let segments = [seg(0, 0x8000, true), seg(0x3100, 0x3200, false)];
         assert_eq!(
             pristine_spans(&segments, PAGE),
             vec![(0, 0x3000), (0x4000, 0x8000)]
