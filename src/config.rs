@@ -449,6 +449,10 @@ pub struct MetricsConfig {
     /// the scraper on the gateway itself, or widen it knowingly.
     #[serde(default = "default_metrics_listen")]
     pub listen: String,
+    /// Connections served at once; more wait in the kernel's backlog
+    /// (they hold no descriptor of ours until accepted).
+    #[serde(default = "default_metrics_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for MetricsConfig {
@@ -456,8 +460,13 @@ impl Default for MetricsConfig {
         Self {
             enabled: false,
             listen: default_metrics_listen(),
+            max_connections: default_metrics_connections(),
         }
     }
+}
+
+const fn default_metrics_connections() -> usize {
+    4
 }
 
 fn default_metrics_listen() -> String {
@@ -787,7 +796,32 @@ impl Config {
         for (i, p) in self.pipelines.iter().enumerate() {
             self.check_pipeline(i, p, &mut names, &mut out);
         }
+        self.check_discovery_ids(&mut out);
         out.0
+    }
+
+    /// Home Assistant's ids allow `[a-zA-Z0-9_-]`: two pipelines whose
+    /// names differ only elsewhere (`a b`, `a_b`) would share entities.
+    fn check_discovery_ids(&self, out: &mut Problems) {
+        if !self.home_assistant.enabled {
+            return;
+        }
+        let mut ids: std::collections::HashMap<String, &str> = Default::default();
+        for (i, p) in self.pipelines.iter().enumerate() {
+            let id = crate::homeassistant::id_part(&p.name);
+            match ids.get(&id) {
+                Some(other) if *other != p.name => out.bad(
+                    &format!("pipeline[{i}].name"),
+                    format!(
+                        "{:?} and {other:?} have the same Home Assistant id {id:?} (only A-Z a-z 0-9 _ - are kept); rename one",
+                        p.name
+                    ),
+                ),
+                _ => {
+                    ids.insert(id, &p.name);
+                }
+            }
+        }
     }
 
     fn check_engine(&self, out: &mut Problems) {
@@ -822,6 +856,12 @@ impl Config {
                     "{:?} is not an address:port (e.g. 127.0.0.1:9464)",
                     self.metrics.listen
                 ),
+            );
+        }
+        if !(1..=256).contains(&self.metrics.max_connections) {
+            out.bad(
+                "metrics.max_connections",
+                "must be between 1 and 256".into(),
             );
         }
         if self.engine.probe_budget_ms > 10_000 {
@@ -897,11 +937,8 @@ impl Config {
 
     fn check_device_and_broker(&self, out: &mut Problems) {
         let device = self.device_id();
-        if device.is_empty() || device.contains(['+', '#', '/']) {
-            out.bad(
-                "device.id",
-                format!("{device:?} must be non-empty and free of '/', '+' and '#'"),
-            );
+        if let Err(e) = check_name(&device) {
+            out.bad("device.id", e);
         }
         if let Err(e) = BrokerAddress::parse(&self.broker.url) {
             out.bad("broker.url", e);
@@ -1042,14 +1079,8 @@ impl Config {
         out: &mut Problems,
     ) {
         let key = |k: &str| format!("pipeline[{i}].{k}");
-        if p.name.is_empty() || p.name.contains(['+', '#', '/']) {
-            out.bad(
-                &key("name"),
-                format!(
-                    "{:?} must be non-empty and free of '/', '+' and '#'",
-                    p.name
-                ),
-            );
+        if let Err(e) = check_name(&p.name) {
+            out.bad(&key("name"), e);
         } else if !names.insert(p.name.as_str()) {
             out.bad(
                 &key("name"),
@@ -1147,6 +1178,72 @@ impl Config {
         if !path.is_file() {
             out.bad(&key("model"), format!("{}: no such file", path.display()));
         }
+    }
+}
+
+/// Longest device id or pipeline name: both are topic levels, thread and
+/// file names, journal fields and metric labels.
+pub const MAX_NAME_CHARS: usize = 128;
+
+/// The rule for a device id or a pipeline name: one topic level (no '/',
+/// '+', '#'), no template braces, no control characters (a NUL would end a
+/// thread name, a newline a log line), at most [`MAX_NAME_CHARS`].
+pub fn check_name(name: &str) -> Result<(), String> {
+    let shown: String = name.chars().take(40).collect();
+    let more = if name.chars().count() > 40 { "…" } else { "" };
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(format!(
+            "{shown:?}{more} is longer than {MAX_NAME_CHARS} characters"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "{shown:?}{more} holds the control character U+{:04X}; use letters, digits and punctuation",
+            c as u32
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| matches!(c, '/' | '+' | '#' | '{' | '}'))
+    {
+        return Err(format!(
+            "{shown:?}{more} holds {c:?}; a name is one topic level, free of '/', '+', '#', '{{' and '}}'"
+        ));
+    }
+    Ok(())
+}
+
+/// How a pipeline's model is put on an engine: `[engine]` with the
+/// pipeline's overrides.
+pub fn engine_options(config: &Config, pipeline: &Pipeline) -> crate::model::EngineOptions {
+    use crate::model::BackendChoice;
+    let e = &config.engine;
+    crate::model::EngineOptions {
+        backend: match pipeline.backend.unwrap_or(e.backend) {
+            Backend::Auto => BackendChoice::Auto,
+            Backend::Tract => BackendChoice::Tract,
+            Backend::OnnxRuntime => BackendChoice::OnnxRuntime,
+        },
+        providers: pipeline
+            .providers
+            .clone()
+            .unwrap_or_else(|| e.providers.clone()),
+        fallback: pipeline.fallback.unwrap_or(e.fallback),
+        strict: pipeline.strict.unwrap_or(e.strict),
+        threads: pipeline.threads.unwrap_or(e.threads),
+        library: e
+            .onnxruntime_library
+            .as_ref()
+            .map(|l| config.base_dir.join(l)),
+        cache_dir: e
+            .cache_dir
+            .as_ref()
+            .map(|d| config.base_dir.join(d))
+            .or_else(state_directory),
+        probe_budget_ms: e.probe_budget_ms,
     }
 }
 

@@ -4,7 +4,7 @@
 
 use crate::config::{self, Config, Problem};
 use crate::health::{self, SystemSampler, Telemetry};
-use crate::model::{BackendChoice, EngineOptions, Registry};
+use crate::model::Registry;
 use crate::mqtt::{self, Backoff, ConnectionContext, Outbox, Outgoing, Router, TopicFilter};
 use crate::{flow, pipeline, systemd};
 use rumqttc::{AsyncClient, QoS};
@@ -21,37 +21,6 @@ pub enum RunError {
     Config(Vec<Problem>),
     #[error("MQTT setup failed: {0}")]
     Mqtt(String),
-}
-
-/// How a pipeline's model is put on an engine: `[engine]` with the
-/// pipeline's overrides.
-pub fn engine_options(config: &Config, pipeline: &crate::config::Pipeline) -> EngineOptions {
-    use crate::config::Backend;
-    let e = &config.engine;
-    EngineOptions {
-        backend: match pipeline.backend.unwrap_or(e.backend) {
-            Backend::Auto => BackendChoice::Auto,
-            Backend::Tract => BackendChoice::Tract,
-            Backend::OnnxRuntime => BackendChoice::OnnxRuntime,
-        },
-        providers: pipeline
-            .providers
-            .clone()
-            .unwrap_or_else(|| e.providers.clone()),
-        fallback: pipeline.fallback.unwrap_or(e.fallback),
-        strict: pipeline.strict.unwrap_or(e.strict),
-        threads: pipeline.threads.unwrap_or(e.threads),
-        library: e
-            .onnxruntime_library
-            .as_ref()
-            .map(|l| config.base_dir.join(l)),
-        cache_dir: e
-            .cache_dir
-            .as_ref()
-            .map(|d| config.base_dir.join(d))
-            .or_else(crate::config::state_directory),
-        probe_budget_ms: e.probe_budget_ms,
-    }
 }
 
 /// Provider names the engine does not know, keyed like the config.
@@ -102,7 +71,10 @@ pub fn check(config: &Config) -> Vec<Problem> {
     }
     let mut registry = Registry::default();
     for (i, p) in config.pipelines.iter().enumerate() {
-        match registry.get_or_load(&config.model_path(p), &engine_options(config, p)) {
+        match registry.get_or_load(
+            &config.model_path(p),
+            &crate::config::engine_options(config, p),
+        ) {
             Ok(model) => {
                 if let Err(message) = pipeline::PipelineSpec::new(config, p, model)
                     .and_then(|_| mqtt::Route::new(config, p).map(|_| ()))
@@ -215,7 +187,8 @@ async fn run_once(
     );
     let cmd_filter = format!("{}/cmd/#", config.prefix());
     subscriptions.push((cmd_filter.clone(), QoS::AtLeastOnce));
-    let (cmd_tx, cmd_rx) = flume::bounded(64);
+    let (priority_tx, priority_rx) = flume::bounded(crate::ops::PRIORITY_LANE);
+    let (general_tx, general_rx) = flume::bounded(crate::ops::GENERAL_LANE);
     let discovery = latest.as_ref().map(|_| crate::homeassistant::Discovery {
         discovery_prefix: config.home_assistant.discovery_prefix.clone(),
         device: config.device_id(),
@@ -287,7 +260,7 @@ async fn run_once(
         outbox.clone(),
         stop_health.child_token(),
     );
-    tasks.spawn(ops.run(cmd_rx));
+    tasks.spawn(ops.run(priority_rx, general_rx));
     let (restart_tx, restart_rx) = flume::bounded::<Config>(1);
     tasks.spawn(reload_loop(
         Arc::clone(&shared),
@@ -300,10 +273,12 @@ async fn run_once(
 
     let router = Router {
         pipelines,
-        commands: Some((
-            TopicFilter::parse(&cmd_filter).map_err(RunError::Mqtt)?,
-            cmd_tx,
-        )),
+        commands: Some(mqtt::CommandLanes {
+            filter: TopicFilter::parse(&cmd_filter).map_err(RunError::Mqtt)?,
+            priority: priority_tx,
+            general: general_tx,
+            stats: Arc::clone(&telemetry.ops),
+        }),
         side,
     };
     let ctx = ConnectionContext {
@@ -576,7 +551,7 @@ async fn reload(shared: &Arc<crate::ops::Shared>) -> Result<Reloaded, Vec<String
                 .get(&p.name)?
                 .current
                 .as_ref()
-                .map(|i| s.manifest_path(&i.sha256))
+                .map(|i| s.manifest_path(i))
         });
         let path = installed.unwrap_or_else(|| new.model_path(p));
         if a != b || model_changed(&serving.model, &path) {
@@ -805,7 +780,7 @@ async fn start_pipelines(
             // What Home Assistant shows as the pipeline's result; a pipeline
             // whose model fails keeps its entities (running: off).
             let mut kind = String::from("classification");
-            let options = engine_options(&config, p);
+            let options = crate::config::engine_options(&config, p);
             let loaded = match plan.overrides.get(&p.name) {
                 Some(installed) => registry.get_or_load(installed, &options).or_else(|e| {
                     tracing::error!(pipeline = %p.name, error = %e, "Installed model does not load; serving the configured one");
@@ -887,7 +862,12 @@ async fn start_metrics(
         Ok(listener) => {
             tracing::info!(listen = %listen, "Serving /metrics");
             let registry = Arc::new(crate::metrics::registry(Arc::clone(telemetry)));
-            tasks.spawn(crate::metrics::serve(listener, registry, stop));
+            tasks.spawn(crate::metrics::serve(
+                listener,
+                registry,
+                config.metrics.max_connections,
+                stop,
+            ));
         }
         Err(e) => tracing::error!(listen = %listen, error = %e, "Cannot serve /metrics"),
     }

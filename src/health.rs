@@ -194,6 +194,20 @@ pub struct OutboxStats {
     pub persistent: AtomicBool,
 }
 
+/// The operations API's requests (health: `operations`).
+#[derive(Debug, Default)]
+pub struct OpsStats {
+    /// Requests taken off the broker.
+    pub requests: Counter,
+    /// Changing operations answered `busy`: their queue was full.
+    pub busy: Counter,
+    /// Requests the poll loop could not hand over (the intake's lane was
+    /// full): counted and logged, not answered.
+    pub overflowed: Counter,
+    /// Changing operations waiting for their turn.
+    pub queued: AtomicU64,
+}
+
 /// All the shared counters of one daemon run.
 #[derive(Default)]
 pub struct Telemetry {
@@ -203,6 +217,7 @@ pub struct Telemetry {
     pub onnxruntime: Mutex<crate::model::RuntimeStatus>,
     pub broker: Arc<BrokerStats>,
     pub outbox: Arc<OutboxStats>,
+    pub ops: Arc<OpsStats>,
     /// Bytes of input waiting in all pipeline queues, against its share of
     /// the memory budget.
     pub input_budget: Arc<Budget>,
@@ -378,6 +393,12 @@ impl Telemetry {
                 quarantined: self.outbox.quarantined.get(),
                 persistent: self.outbox.persistent.load(Ordering::Relaxed),
             },
+            operations: OpsHealth {
+                requests: self.ops.requests.get(),
+                busy: self.ops.busy.get(),
+                overflowed: self.ops.overflowed.get(),
+                queued: self.ops.queued.load(Ordering::Relaxed),
+            },
         }
     }
 }
@@ -398,6 +419,15 @@ pub struct HealthMessage {
     pub onnxruntime: crate::model::RuntimeStatus,
     pub broker: BrokerHealth,
     pub outbox: OutboxHealth,
+    pub operations: OpsHealth,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OpsHealth {
+    pub requests: u64,
+    pub busy: u64,
+    pub overflowed: u64,
+    pub queued: u64,
 }
 
 #[derive(Debug, Serialize)]

@@ -33,8 +33,9 @@ pub struct Discovery {
     pub pipelines: Vec<(String, String)>,
 }
 
-/// Discovery ids allow `[a-zA-Z0-9_-]`: anything else becomes `_`.
-fn id_part(s: &str) -> String {
+/// Discovery ids allow `[a-zA-Z0-9_-]`: anything else becomes `_`
+/// (config validation refuses two pipelines that would meet here).
+pub(crate) fn id_part(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' {
@@ -184,25 +185,70 @@ impl Discovery {
         })
     }
 
-    /// Components of a previously published config that this one no longer
-    /// has (entries already reduced to their platform are gone already).
-    pub fn removed_since(&self, previous: &[u8]) -> Vec<(String, String)> {
+    /// Reads back the retained config on our discovery topic (from a run
+    /// before this one, or anyone's). Bounded: one over
+    /// [`MAX_READBACK_BYTES`] or [`MAX_READBACK_COMPONENTS`] is not parsed
+    /// further. Only a config of ours (our device id and origin) is merged:
+    /// its components this config no longer has are removed; any other is
+    /// replaced whole by ours, and nothing of it is echoed back.
+    pub fn read_back(&self, previous: &[u8]) -> Readback {
+        if previous.is_empty() {
+            return Readback::Ours(vec![]);
+        }
+        if previous.len() > MAX_READBACK_BYTES {
+            return Readback::Foreign(format!(
+                "{} bytes, over the {MAX_READBACK_BYTES} a config of ours can be",
+                previous.len()
+            ));
+        }
         let Ok(previous) = serde_json::from_slice::<Value>(previous) else {
-            return vec![];
+            return Readback::Foreign("not JSON".into());
         };
+        let node = self.node_id();
+        let ours = previous["o"]["name"] == "edgeinfer"
+            && previous["dev"]["ids"]
+                .as_array()
+                .is_some_and(|ids| ids.iter().any(|i| *i == node.as_str()));
+        let Some(cmps) = previous["cmps"].as_object().filter(|_| ours) else {
+            return Readback::Foreign("not this daemon's device config".into());
+        };
+        if cmps.len() > MAX_READBACK_COMPONENTS {
+            return Readback::Foreign(format!(
+                "{} components, over the {MAX_READBACK_COMPONENTS} a config of ours can have",
+                cmps.len()
+            ));
+        }
         let current = self.components();
-        previous["cmps"]
-            .as_object()
-            .map(|cmps| {
-                cmps.iter()
-                    .filter(|(key, c)| {
-                        !current.contains_key(*key) && c.as_object().is_some_and(|o| o.len() > 1)
-                    })
-                    .filter_map(|(key, c)| Some((key.clone(), c["p"].as_str()?.to_owned())))
-                    .collect()
+        let gone = cmps
+            .iter()
+            .filter(|(key, c)| {
+                // A live component of ours: more than its platform, and
+                // the unique id we give it.
+                !current.contains_key(*key)
+                    && c.as_object().is_some_and(|o| o.len() > 1)
+                    && c["unique_id"] == format!("{node}_{key}").as_str()
             })
-            .unwrap_or_default()
+            .filter_map(|(key, c)| {
+                let p = c["p"].as_str()?;
+                matches!(p, "sensor" | "binary_sensor").then(|| (key.clone(), p.to_owned()))
+            })
+            .collect();
+        Readback::Ours(gone)
     }
+}
+
+/// Largest retained config read back (ours is about 1.5 KiB a pipeline).
+pub const MAX_READBACK_BYTES: usize = 256 * 1024;
+/// Most components read back (ours has three a pipeline and four more).
+pub const MAX_READBACK_COMPONENTS: usize = 1024;
+
+/// What the retained config on our discovery topic is.
+#[derive(Debug, PartialEq)]
+pub enum Readback {
+    /// Ours: the components to remove (id, platform).
+    Ours(Vec<(String, String)>),
+    /// Not ours, or too large to be: replaced, with the reason logged.
+    Foreign(String),
 }
 
 fn merge(into: &mut Value, extra: Value) {
@@ -247,14 +293,19 @@ pub async fn run(
                         due = Some(jitter());
                     }
                 }
-                Ok((topic, payload)) if topic == own => {
-                    let gone = discovery.removed_since(&payload);
-                    if !gone.is_empty() {
+                Ok((topic, payload)) if topic == own => match discovery.read_back(&payload) {
+                    Readback::Ours(gone) if gone.is_empty() => {}
+                    Readback::Ours(gone) => {
                         tracing::info!(components = gone.len(), "Home Assistant: removing the components of pipelines no longer configured");
                         removed = gone;
                         due = Some(tokio::time::Instant::now());
                     }
-                }
+                    Readback::Foreign(why) => {
+                        tracing::warn!(topic = %own, reason = %why, "Home Assistant: the retained discovery config is not ours; replacing it");
+                        removed.clear();
+                        due = Some(tokio::time::Instant::now());
+                    }
+                },
                 Ok(_) => {}
             },
             _ = async { tokio::time::sleep_until(due.expect("guarded")).await }, if due.is_some() => {
@@ -312,7 +363,9 @@ mod tests {
         let before = discovery().payload(&[]).to_string();
         let mut now = discovery();
         now.pipelines.truncate(1);
-        let mut gone = now.removed_since(before.as_bytes());
+        let Readback::Ours(mut gone) = now.read_back(before.as_bytes()) else {
+            panic!("our own config")
+        };
         gone.sort();
         assert_eq!(
             gone,
@@ -325,6 +378,37 @@ mod tests {
         // Published with the removals, then read back: nothing more to remove.
         let after = now.payload(&gone).to_string();
         assert_eq!(after.matches("\"p\"").count(), 3 + 4 + 3);
-        assert!(now.removed_since(after.as_bytes()).is_empty());
+        assert_eq!(now.read_back(after.as_bytes()), Readback::Ours(vec![]));
+    }
+
+    #[test]
+    fn a_foreign_or_huge_config_is_replaced_not_merged() {
+        let d = discovery();
+        // Someone else's device config on our topic: nothing of it removed.
+        let mut foreign = discovery().payload(&[]);
+        foreign["dev"]["ids"] = json!(["someone_else"]);
+        assert!(matches!(
+            d.read_back(foreign.to_string().as_bytes()),
+            Readback::Foreign(_)
+        ));
+        // Ours in name, but with many components: not parsed further.
+        let mut big = discovery().payload(&[]);
+        let cmps = big["cmps"].as_object_mut().unwrap();
+        for i in 0..(MAX_READBACK_COMPONENTS + 1) {
+            cmps.insert(format!("x{i}_result"), json!({"p": "sensor", "name": "x"}));
+        }
+        assert!(matches!(
+            d.read_back(big.to_string().as_bytes()),
+            Readback::Foreign(_)
+        ));
+        let huge = vec![b' '; MAX_READBACK_BYTES + 1];
+        assert!(matches!(d.read_back(&huge), Readback::Foreign(_)));
+        // A component without our unique id is not ours to remove.
+        let mut odd = discovery().payload(&[]);
+        odd["cmps"]["stranger_result"] = json!({"p": "sensor", "name": "s", "unique_id": "x"});
+        assert_eq!(
+            d.read_back(odd.to_string().as_bytes()),
+            Readback::Ours(vec![])
+        );
     }
 }

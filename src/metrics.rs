@@ -1,8 +1,8 @@
 //! Prometheus/OpenMetrics: the health message's counters, gauges and
 //! latency histograms at `GET /metrics` (off by default, loopback by
-//! default). The exposition is prometheus-client's; the HTTP side is a
-//! minimal HTTP/1.1 responder on tokio (one request per connection), which
-//! is all a scraper needs.
+//! default). The exposition is prometheus-client's; the HTTP side is
+//! hyper's HTTP/1.1 server, one request per connection, with a cap on
+//! connections and deadlines (see [`serve`]).
 
 use crate::health::{rss_bytes, Histogram, Telemetry};
 use prometheus_client::collector::Collector;
@@ -15,7 +15,6 @@ use std::fmt::Error;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -284,60 +283,104 @@ pub fn registry(telemetry: Arc<Telemetry>) -> Registry {
     registry
 }
 
-/// Serves `GET /metrics` on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, stop: CancellationToken) {
+/// Deadline for a request's line and headers, from the connection's
+/// accept: a sender of one byte a second cannot extend it.
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(5);
+/// Deadline for a whole connection (a client that does not read its
+/// answer is closed too).
+pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Serves `GET /metrics` (and `HEAD`) on `listener` until `stop`, at most
+/// `max_connections` at a time: beyond that nothing more is accepted, and
+/// further connections wait in the kernel's backlog without taking a
+/// descriptor of the daemon's (the broker socket and the spool's files
+/// are never starved by scrapers). One request per connection.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    max_connections: usize,
+    stop: CancellationToken,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let mut failures = 0u64;
     loop {
-        tokio::select! {
+        let permit = tokio::select! {
             _ = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let registry = Arc::clone(&registry);
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), respond(stream, &registry)).await;
-                    });
+            p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let registry = Arc::clone(&registry);
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection(stream, registry))
+                        .await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                failures += 1;
+                if failures.is_power_of_two() {
+                    tracing::warn!(error = %e, failures, "metrics: accept failed");
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 }
 
-/// Reads one request (its head, at most 8 KiB) and answers it.
-async fn respond(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() + n > 8192 {
-            return Ok(());
+async fn connection(stream: TcpStream, registry: Arc<Registry>) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |req| {
+        let registry = Arc::clone(&registry);
+        async move { Ok::<_, std::convert::Infallible>(answer(&req, &registry)) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_DEADLINE)
+        .keep_alive(false)
+        .max_buf_size(16 * 1024)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
+}
+
+/// The answer to one request: the exposition at `/metrics`, 404
+/// elsewhere, 405 for methods other than GET and HEAD (hyper leaves the
+/// body out of a HEAD answer).
+fn answer<B>(
+    req: &hyper::Request<B>,
+    registry: &Registry,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use hyper::{Method, StatusCode};
+    let (status, kind, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            (StatusCode::OK, CONTENT_TYPE, render(registry))
         }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, kind, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", CONTENT_TYPE, render(registry)),
-        ("GET", _) => (
-            "404 Not Found",
+        (&Method::GET | &Method::HEAD, _) => (
+            StatusCode::NOT_FOUND,
             "text/plain",
             "only /metrics is here\n".to_owned(),
         ),
         _ => (
-            "405 Method Not Allowed",
+            StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "GET /metrics\n".to_owned(),
         ),
     };
-    let reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(kind),
     );
-    stream.write_all(reply.as_bytes()).await?;
-    stream.shutdown().await
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        response.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+    }
+    response
 }

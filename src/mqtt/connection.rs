@@ -107,11 +107,48 @@ pub fn status_topic(config: &Config) -> String {
     format!("{}/status", config.prefix())
 }
 
+/// Where `{prefix}/cmd/NAME` requests go: two bounded lanes, so that a
+/// flood of one kind cannot starve `ping` and `health` (their own lane).
+/// A full lane drops the request, counted and logged: the poll loop never
+/// waits on the operations.
+pub struct CommandLanes {
+    pub filter: TopicFilter,
+    pub priority: flume::Sender<(String, Bytes)>,
+    pub general: flume::Sender<(String, Bytes)>,
+    pub stats: Arc<crate::health::OpsStats>,
+}
+
+impl CommandLanes {
+    fn offer(&self, op: &str, payload: Bytes) {
+        // Our own replies come back on cmd/#.
+        if op == "reply" || op.ends_with("/reply") {
+            return;
+        }
+        let lane = if matches!(op, "ping" | "health") {
+            &self.priority
+        } else {
+            &self.general
+        };
+        if lane.try_send((op.to_owned(), payload)).is_err() {
+            self.stats.overflowed.inc();
+            let n = self.stats.overflowed.get();
+            // Logged at 1, 2, 4, 8, …: a flood does not flood the journal.
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    op = %op.chars().take(64).collect::<String>(),
+                    overflowed = n,
+                    "Operation requests arrive faster than they are taken; request dropped unanswered"
+                );
+            }
+        }
+    }
+}
+
 /// Routes each incoming publish to every pipeline whose filters match it,
 /// and `{prefix}/cmd/NAME` to the command handler.
 pub struct Router {
     pub pipelines: Vec<(std::sync::Arc<Route>, Arc<dyn Inlet>)>,
-    pub commands: Option<(TopicFilter, flume::Sender<(String, Bytes)>)>,
+    pub commands: Option<CommandLanes>,
     /// Other exact topics the daemon listens to (Home Assistant's birth
     /// message, say): (topic, payload) to the channel, never to pipelines.
     pub side: Vec<(String, flume::Sender<(String, Bytes)>)>,
@@ -119,9 +156,9 @@ pub struct Router {
 
 impl Router {
     fn route(&self, topic: &str, payload: Bytes, ack: Option<AckHandle>) {
-        if let Some((filter, tx)) = &self.commands {
-            if let Some(caps) = filter.captures(topic) {
-                let _ = tx.try_send((caps[0].to_owned(), payload));
+        if let Some(lanes) = &self.commands {
+            if let Some(caps) = lanes.filter.captures(topic) {
+                lanes.offer(caps[0], payload);
                 return;
             }
         }

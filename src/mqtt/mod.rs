@@ -13,7 +13,9 @@ pub use crate::topic::{
     check_publishable, check_template, PublishLimits, TopicFilter, TopicTemplate,
 };
 pub use backoff::Backoff;
-pub use connection::{connect_options, drive, status_topic, ConnectionContext, Router};
+pub use connection::{
+    connect_options, drive, status_topic, CommandLanes, ConnectionContext, Router,
+};
 pub use outbox::{
     outbox, publish_loop, Outbox, OutboxReceiver, OutboxSettings, Outgoing, Reporter, Tracker,
     Unpublishable,

@@ -45,6 +45,8 @@ pub struct Metadata {
 /// A bundle whose signature and contents were checked.
 #[derive(Debug)]
 pub struct Verified {
+    /// [`bundle_id`]: the directory it is installed in.
+    pub id: String,
     pub meta: Metadata,
     pub model: Vec<u8>,
     pub manifest: Vec<u8>,
@@ -262,6 +264,7 @@ pub fn verify(
     }
     let model = files.remove(MODEL).expect("unpack checked it");
     let manifest = files.remove(MANIFEST).expect("unpack checked it");
+    check_manifest(&manifest, &meta).map_err(BundleError::Format)?;
     let reference = match files.remove(REFERENCE) {
         Some(r) => Some(
             serde_json::from_slice(&r)
@@ -270,12 +273,62 @@ pub fn verify(
         None => None,
     };
     Ok(Verified {
+        id: bundle_id(&meta),
         meta,
         model,
         manifest,
         reference,
         key_id,
     })
+}
+
+/// What runs is what was signed: the manifest must load the bundled
+/// `model.onnx` (no `file` elsewhere, on the device or up the tree) and,
+/// when it pins a SHA-256, the bundled model's.
+fn check_manifest(manifest: &[u8], meta: &Metadata) -> Result<(), String> {
+    let text = std::str::from_utf8(manifest).map_err(|_| format!("{MANIFEST} is not UTF-8"))?;
+    let table: toml::Table = text.parse().map_err(|e| format!("{MANIFEST}: {e}"))?;
+    match table.get("file") {
+        None => {}
+        Some(toml::Value::String(f)) if f == MODEL => {}
+        Some(other) => {
+            let shown: String = other.to_string().chars().take(80).collect();
+            return Err(format!(
+                "{MANIFEST} names file = {shown}; a bundle's manifest must load its own {MODEL}"
+            ));
+        }
+    }
+    match table.get("sha256") {
+        None => {}
+        Some(toml::Value::String(h)) if h.eq_ignore_ascii_case(&meta.sha256) => {}
+        Some(_) => {
+            return Err(format!(
+                "{MANIFEST} pins another sha256 than the bundled {MODEL} ({})",
+                meta.sha256
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// A bundle's identity: its name and seq with the first 16 hex digits of
+/// the SHA-256 of its signed metadata (which lists every file's SHA-256).
+/// Two bundles of the same ONNX with different manifests differ here.
+pub fn bundle_id(meta: &Metadata) -> String {
+    let digest = sha(&serde_json::to_vec(meta).expect("metadata serializes"));
+    let safe: String = meta
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    format!("{safe}-{}-{}", meta.seq, &digest[..16])
 }
 
 /// The metadata, without any check: for `sign` and `bundle verify`'s report.

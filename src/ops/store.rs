@@ -2,7 +2,9 @@
 //! written so that a power cut at any instant leaves one valid model per
 //! pipeline.
 //!
-//! `models/{sha256}/` holds a bundle's files; it is written in a staging
+//! `models/{bundle}/` holds a bundle's files (`{bundle}` is its identity:
+//! name, seq and a digest of its signed metadata, so the same ONNX with
+//! another manifest is another directory); it is written in a staging
 //! directory, every file and the directory fsynced, then renamed into
 //! place, so a model directory is complete or absent. `models/active.json`
 //! says which installed model each pipeline serves (absent: the config's)
@@ -26,6 +28,18 @@ pub struct Installed {
     pub name: String,
     pub version: String,
     pub seq: u64,
+    /// The bundle's identity ([`super::bundle::bundle_id`]) and the
+    /// directory under `models/` it is installed in. Records written
+    /// before it existed name the directory by `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
+}
+
+impl Installed {
+    /// Its directory's name under `models/`.
+    pub fn dir(&self) -> &str {
+        self.bundle.as_deref().unwrap_or(&self.sha256)
+    }
 }
 
 /// A pipeline's model record. `current: None` is the config's model.
@@ -98,8 +112,16 @@ impl Store {
     }
 
     /// The manifest of an installed model.
-    pub fn manifest_path(&self, sha256: &str) -> PathBuf {
-        self.models().join(sha256).join("model.toml")
+    pub fn manifest_path(&self, installed: &Installed) -> PathBuf {
+        self.models().join(installed.dir()).join("model.toml")
+    }
+
+    /// Removes an installed model's directory unless a pipeline serves it
+    /// or can roll back to it (a bundle that failed to load).
+    pub fn discard(&self, installed: &Installed, active: &ActiveFile) {
+        if !kept(active).contains(installed.dir()) {
+            let _ = std::fs::remove_dir_all(self.models().join(installed.dir()));
+        }
     }
 
     pub fn load_active(&self) -> ActiveFile {
@@ -121,9 +143,10 @@ impl Store {
         write_atomic(&self.models().join("active.json"), &bytes)
     }
 
-    /// Writes a verified bundle's files into `models/{sha256}/`. An
-    /// existing complete directory (the same model installed before) is
-    /// reused.
+    /// Writes a verified bundle's files into `models/{bundle id}/`. A
+    /// complete directory of the same bundle (installed before, and still
+    /// served or kept for a rollback) is reused: its identity covers every
+    /// file's SHA-256.
     pub fn stage(&self, bundle: &Verified) -> std::io::Result<Installed> {
         let Metadata {
             sha256,
@@ -132,18 +155,18 @@ impl Store {
             seq,
             ..
         } = &bundle.meta;
-        let dest = self.models().join(sha256);
+        let dest = self.models().join(&bundle.id);
         let installed = Installed {
             sha256: sha256.clone(),
             name: name.clone(),
             version: version.clone(),
             seq: *seq,
+            bundle: Some(bundle.id.clone()),
         };
         if dest.join("model.toml").is_file() && dest.join("model.onnx").is_file() {
-            // The manifest pins the model's SHA-256: loading checks it.
             return Ok(installed);
         }
-        let staging = self.models().join(format!(".staging-{sha256}"));
+        let staging = self.models().join(format!(".staging-{}", bundle.id));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging)?;
         let mut files: Vec<(&str, &[u8])> = vec![
@@ -167,15 +190,7 @@ impl Store {
     /// Removes model directories no pipeline serves or can roll back to,
     /// and staging left by a crash.
     pub fn prune(&self, active: &ActiveFile) {
-        let keep: std::collections::HashSet<&str> = active
-            .pipelines
-            .values()
-            .flat_map(|a| {
-                let prev = a.previous.as_ref().and_then(|p| p.model.as_ref());
-                a.current.iter().chain(prev)
-            })
-            .map(|i| i.sha256.as_str())
-            .collect();
+        let keep = kept(active);
         let Ok(dir) = std::fs::read_dir(self.models()) else {
             return;
         };
@@ -188,6 +203,19 @@ impl Store {
             }
         }
     }
+}
+
+/// The directories a pipeline serves or can roll back to.
+fn kept(active: &ActiveFile) -> std::collections::HashSet<&str> {
+    active
+        .pipelines
+        .values()
+        .flat_map(|a| {
+            let prev = a.previous.as_ref().and_then(|p| p.model.as_ref());
+            a.current.iter().chain(prev)
+        })
+        .map(Installed::dir)
+        .collect()
 }
 
 #[cfg(test)]

@@ -197,6 +197,9 @@ pub fn start(
     let span = tracing::info_span!("pipeline", pipeline = %spec.name, model = %spec.model.name);
     let thread = |name: String, body: Box<dyn FnOnce() + Send>| {
         let span = span.clone();
+        // Names are validated (no control characters); a NUL here would
+        // make `spawn` panic rather than fail, so none gets through.
+        let name: String = name.chars().filter(|c| !c.is_control()).collect();
         std::thread::Builder::new()
             .name(name)
             .spawn(move || span.in_scope(body))

@@ -2,6 +2,8 @@
 //! observer, and the daemon run as a library call.
 #![allow(dead_code)]
 
+pub mod ops;
+
 use edgeinfer::config::Config;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::net::{TcpListener, TcpStream};
