@@ -277,7 +277,10 @@ async fn run_once(
             filter: TopicFilter::parse(&cmd_filter).map_err(RunError::Mqtt)?,
             priority: priority_tx,
             general: general_tx,
+            max_bytes: crate::ops::LANE_BYTES,
             stats: Arc::clone(&telemetry.ops),
+            reporter: reporter.clone(),
+            reply_prefix: format!("{}/cmd/", config.prefix()),
         }),
         side,
     };

@@ -206,6 +206,8 @@ pub struct OpsStats {
     pub overflowed: Counter,
     /// Changing operations waiting for their turn.
     pub queued: AtomicU64,
+    /// Bytes of requests handed over by the poll loop, not yet taken.
+    pub lane_bytes: AtomicU64,
 }
 
 /// All the shared counters of one daemon run.

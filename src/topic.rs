@@ -306,6 +306,15 @@ impl TopicTemplate {
     }
 }
 
+/// A valid id: what a topic level and a file name can both hold.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !id.starts_with('.')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

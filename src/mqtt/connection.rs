@@ -108,15 +108,27 @@ pub fn status_topic(config: &Config) -> String {
 }
 
 /// Where `{prefix}/cmd/NAME` requests go: two bounded lanes, so that a
-/// flood of one kind cannot starve `ping` and `health` (their own lane).
-/// A full lane drops the request, counted and logged: the poll loop never
-/// waits on the operations.
+/// flood of one kind cannot starve `ping` and `health` (their own lane),
+/// each bounded by count and by the bytes its payloads hold. The poll loop
+/// never waits on the operations: when a lane is full, a small request
+/// (up to [`BUSY_SCAN_BYTES`]) with a valid id is answered `busy` from
+/// here; any other is dropped, counted (health: `operations.overflowed`)
+/// and logged.
 pub struct CommandLanes {
     pub filter: TopicFilter,
     pub priority: flume::Sender<(String, Bytes)>,
     pub general: flume::Sender<(String, Bytes)>,
+    /// Most bytes the lanes hold (one request is always admitted).
+    pub max_bytes: u64,
     pub stats: Arc<crate::health::OpsStats>,
+    /// Where a `busy` answer from the poll loop goes.
+    pub reporter: Reporter,
+    /// `{prefix}/cmd/`: reply topics are `{prefix}/cmd/{op}/reply`.
+    pub reply_prefix: String,
 }
+
+/// Largest request the poll loop parses to answer it `busy`.
+pub const BUSY_SCAN_BYTES: usize = 1024;
 
 impl CommandLanes {
     fn offer(&self, op: &str, payload: Bytes) {
@@ -129,18 +141,57 @@ impl CommandLanes {
         } else {
             &self.general
         };
-        if lane.try_send((op.to_owned(), payload)).is_err() {
-            self.stats.overflowed.inc();
-            let n = self.stats.overflowed.get();
-            // Logged at 1, 2, 4, 8, …: a flood does not flood the journal.
-            if n.is_power_of_two() {
-                tracing::warn!(
-                    op = %op.chars().take(64).collect::<String>(),
-                    overflowed = n,
-                    "Operation requests arrive faster than they are taken; request dropped unanswered"
-                );
-            }
+        let size = payload.len() as u64;
+        let held = self.stats.lane_bytes.load(Ordering::Relaxed);
+        let admitted = (held == 0 || held + size <= self.max_bytes)
+            && lane.try_send((op.to_owned(), payload.clone())).is_ok();
+        if admitted {
+            self.stats.lane_bytes.fetch_add(size, Ordering::Relaxed);
+            return;
         }
+        if self.answer_busy(op, &payload) {
+            self.stats.busy.inc();
+            return;
+        }
+        self.stats.overflowed.inc();
+        let n = self.stats.overflowed.get();
+        // Logged at 1, 2, 4, 8, …: a flood does not flood the journal.
+        if n.is_power_of_two() {
+            tracing::warn!(
+                op = %op.chars().take(64).collect::<String>(),
+                overflowed = n,
+                "Operation requests arrive faster than they are taken; request dropped unanswered"
+            );
+        }
+    }
+
+    /// A `busy` reply to a small, known request with a valid id.
+    fn answer_busy(&self, op: &str, payload: &[u8]) -> bool {
+        if payload.len() > BUSY_SCAN_BYTES || !crate::config::OPERATIONS.contains(&op) {
+            return false;
+        }
+        #[derive(serde::Deserialize)]
+        struct Head {
+            id: String,
+        }
+        let Ok(head) = serde_json::from_slice::<Head>(payload) else {
+            return false;
+        };
+        if !crate::topic::valid_id(&head.id) {
+            return false;
+        }
+        let body = serde_json::json!({
+            "id": head.id, "op": op, "ok": false, "busy": true, "ts": crate::flow::unix_ms(),
+            "error": "busy: requests arrive faster than they are taken; nothing was done, send it again later",
+        });
+        self.reporter
+            .offer(Outgoing {
+                topic: format!("{}{op}/reply", self.reply_prefix),
+                payload: body.to_string().into_bytes(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+            })
+            .is_ok()
     }
 }
 

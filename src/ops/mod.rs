@@ -57,6 +57,10 @@ use tokio_util::sync::CancellationToken;
 pub const PRIORITY_LANE: usize = 16;
 /// Requests of the other operations the poll loop may hand over.
 pub const GENERAL_LANE: usize = 256;
+/// Bytes of requests the poll loop may hand over (inline bundles are
+/// large): beyond, requests wait in no queue of ours (see
+/// [`crate::mqtt::CommandLanes`]).
+pub const LANE_BYTES: u64 = 16 << 20;
 /// Changing operations that may wait for their turn; beyond, `busy`.
 pub const QUEUE: usize = 64;
 
@@ -217,6 +221,9 @@ impl Ops {
             };
             let Ok((op, payload)) = next else { break };
             self.intake(&op, &payload, &queue);
+            self.stats
+                .lane_bytes
+                .fetch_sub(payload.len() as u64, Ordering::Relaxed);
         }
         drop(queue);
         let _ = executor.await;

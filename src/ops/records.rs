@@ -122,7 +122,11 @@ impl Records {
             dir: dir.map(Path::to_owned),
             index: Mutex::new(index),
         };
-        if records_kept.lock().ledger_lines > records_kept.lock().ledger.len() {
+        let stale = {
+            let index = records_kept.lock();
+            index.ledger_lines > index.ledger.len()
+        };
+        if stale {
             records_kept.rewrite_ledger();
         }
         (records_kept, records)

@@ -57,14 +57,7 @@ pub struct Refusal {
     pub error: String,
 }
 
-/// A valid id: what a topic level and a file name can both hold.
-pub fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !id.starts_with('.')
-}
+pub use crate::topic::valid_id;
 
 fn bounded(text: &str) -> String {
     text.chars().take(ECHO_CHARS).collect()
