@@ -184,14 +184,16 @@ impl CommandLanes {
             "id": head.id, "op": op, "ok": false, "busy": true, "ts": crate::flow::unix_ms(),
             "error": "busy: requests arrive faster than they are taken; nothing was done, send it again later",
         });
+        // Not queued (the transient queue is half full: the rest is kept
+        // for health and replies): unanswered, counted.
         self.reporter
-            .offer(Outgoing {
+            .offer_spare(Outgoing {
                 topic: format!("{}{op}/reply", self.reply_prefix),
                 payload: body.to_string().into_bytes(),
                 qos: QoS::AtLeastOnce,
                 retain: false,
             })
-            .is_ok()
+            .unwrap_or(false)
     }
 }
 

@@ -231,15 +231,33 @@ pub struct Reporter {
 
 impl Reporter {
     pub fn offer(&self, msg: Outgoing) -> Result<(), Unpublishable> {
+        self.try_offer(msg).map(|_| ())
+    }
+
+    /// [`Reporter::offer`], saying whether the message was queued (false:
+    /// the transient queue was full; dropped and counted).
+    pub fn try_offer(&self, msg: Outgoing) -> Result<bool, Unpublishable> {
+        self.queue_within(msg, 1)
+    }
+
+    /// Queues `msg` only while the transient queue is less than half
+    /// full, so that what is offered this way (answers to a flood) leaves
+    /// room for health and replies. False: dropped and counted.
+    pub fn offer_spare(&self, msg: Outgoing) -> Result<bool, Unpublishable> {
+        self.queue_within(msg, 2)
+    }
+
+    /// Queues `msg` if the transient queue holds less than `cap / share`.
+    fn queue_within(&self, msg: Outgoing, share: usize) -> Result<bool, Unpublishable> {
         let mut st = self.shared.lock();
         self.shared.check(&st, &msg)?;
-        if !st.push_transient(msg) {
+        if st.transient.len() >= st.transient_cap / share || !st.push_transient(msg) {
             self.shared.stats.dropped.inc();
-            return Ok(());
+            return Ok(false);
         }
         drop(st);
         self.shared.wake.notify_one();
-        Ok(())
+        Ok(true)
     }
 
     /// Reports a problem on the errors topic (kind, source topic, reason),

@@ -56,7 +56,7 @@ use tokio_util::sync::CancellationToken;
 /// intake takes them.
 pub const PRIORITY_LANE: usize = 16;
 /// Requests of the other operations the poll loop may hand over.
-pub const GENERAL_LANE: usize = 256;
+pub const GENERAL_LANE: usize = 1024;
 /// Bytes of requests the poll loop may hand over (inline bundles are
 /// large): beyond, requests wait in no queue of ours (see
 /// [`crate::mqtt::CommandLanes`]).
