@@ -205,6 +205,9 @@ fn rebundle(bytes: &[u8], edit: impl Fn(&mut toml::Table)) -> Vec<u8> {
     tar.into_inner().unwrap()
 }
 
+/// An edit of a bundle's manifest.
+type Edit = Box<dyn Fn(&mut toml::Table)>;
+
 fn edited(dir: &Path, secret: &str, seq: u64, edit: impl Fn(&mut toml::Table)) -> Signed {
     let base = signed(
         &renamed_activity(dir, "activity_v2"),
@@ -254,7 +257,7 @@ async fn a_bundle_runs_only_its_own_model_and_each_manifest_is_its_own_install()
     } = rig("gw-m", "duration_s = 0", &["edgeinfer/gw-m/cmd/#"]).await;
     let mut res = Observer::connect(broker.port, &["edgeinfer/gw-m/results/#"]).await;
     let outside = repo().join("models/activity.onnx").display().to_string();
-    let tricks: [(&str, Box<dyn Fn(&mut toml::Table)>); 3] = [
+    let tricks: [(&str, Edit); 3] = [
         (
             "abs",
             Box::new(move |m: &mut toml::Table| {
