@@ -808,7 +808,7 @@ impl Config {
         }
         let mut ids: std::collections::HashMap<String, &str> = Default::default();
         for (i, p) in self.pipelines.iter().enumerate() {
-            let id = crate::homeassistant::id_part(&p.name);
+            let id = crate::topic::discovery_id(&p.name);
             match ids.get(&id) {
                 Some(other) if *other != p.name => out.bad(
                     &format!("pipeline[{i}].name"),
@@ -1214,37 +1214,6 @@ pub fn check_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// How a pipeline's model is put on an engine: `[engine]` with the
-/// pipeline's overrides.
-pub fn engine_options(config: &Config, pipeline: &Pipeline) -> crate::model::EngineOptions {
-    use crate::model::BackendChoice;
-    let e = &config.engine;
-    crate::model::EngineOptions {
-        backend: match pipeline.backend.unwrap_or(e.backend) {
-            Backend::Auto => BackendChoice::Auto,
-            Backend::Tract => BackendChoice::Tract,
-            Backend::OnnxRuntime => BackendChoice::OnnxRuntime,
-        },
-        providers: pipeline
-            .providers
-            .clone()
-            .unwrap_or_else(|| e.providers.clone()),
-        fallback: pipeline.fallback.unwrap_or(e.fallback),
-        strict: pipeline.strict.unwrap_or(e.strict),
-        threads: pipeline.threads.unwrap_or(e.threads),
-        library: e
-            .onnxruntime_library
-            .as_ref()
-            .map(|l| config.base_dir.join(l)),
-        cache_dir: e
-            .cache_dir
-            .as_ref()
-            .map(|d| config.base_dir.join(d))
-            .or_else(state_directory),
-        probe_budget_ms: e.probe_budget_ms,
-    }
 }
 
 fn hostname() -> String {

@@ -73,7 +73,7 @@ pub fn check(config: &Config) -> Vec<Problem> {
     for (i, p) in config.pipelines.iter().enumerate() {
         match registry.get_or_load(
             &config.model_path(p),
-            &crate::config::engine_options(config, p),
+            &crate::pipeline::engine_options(config, p),
         ) {
             Ok(model) => {
                 if let Err(message) = pipeline::PipelineSpec::new(config, p, model)
@@ -783,7 +783,7 @@ async fn start_pipelines(
             // What Home Assistant shows as the pipeline's result; a pipeline
             // whose model fails keeps its entities (running: off).
             let mut kind = String::from("classification");
-            let options = crate::config::engine_options(&config, p);
+            let options = crate::pipeline::engine_options(&config, p);
             let loaded = match plan.overrides.get(&p.name) {
                 Some(installed) => registry.get_or_load(installed, &options).or_else(|e| {
                     tracing::error!(pipeline = %p.name, error = %e, "Installed model does not load; serving the configured one");

@@ -33,25 +33,11 @@ pub struct Discovery {
     pub pipelines: Vec<(String, String)>,
 }
 
-/// Discovery ids allow `[a-zA-Z0-9_-]`: anything else becomes `_`
-/// (config validation refuses two pipelines that would meet here).
-pub(crate) fn id_part(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 impl Discovery {
     /// `edgeinfer_{device}`: the device's id in Home Assistant and its
     /// discovery topic's node.
     pub fn node_id(&self) -> String {
-        format!("edgeinfer_{}", id_part(&self.device))
+        format!("edgeinfer_{}", crate::topic::discovery_id(&self.device))
     }
 
     pub fn topic(&self) -> String {
@@ -77,7 +63,7 @@ impl Discovery {
             cmps.insert(key, c);
         };
         for (name, kind) in &self.pipelines {
-            let id = id_part(name);
+            let id = crate::topic::discovery_id(name);
             // Jinja string literal for the pipeline's key in the health JSON.
             let p = serde_json::to_string(name).expect("a string serializes");
             let (value, extra) = match kind.as_str() {

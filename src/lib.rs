@@ -35,5 +35,5 @@ pub mod pipeline;
 pub mod systemd;
 pub mod topic;
 
-pub use config::engine_options;
 pub use daemon::{check, memory_budget, publish_limits, run, run_with, RunError, SHUTDOWN_GRACE};
+pub use pipeline::engine_options;

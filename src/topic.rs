@@ -306,6 +306,20 @@ impl TopicTemplate {
     }
 }
 
+/// A Home Assistant discovery id part: discovery ids allow `[a-zA-Z0-9_-]`: anything else becomes `_`
+/// (config validation refuses two pipelines that would meet here).
+pub fn discovery_id(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// A valid id: what a topic level and a file name can both hold.
 pub fn valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len())

@@ -1,8 +1,9 @@
 //! A request as it arrives on `{prefix}/cmd/{op}`, parsed and checked
 //! without I/O: what the operation is, its id and its arguments, or the
 //! refusal to send back. Everything a refusal echoes is bounded, whatever
-//! the request held (a fuzz target, `fuzz/fuzz_targets/request.rs`, feeds
-//! it arbitrary bytes).
+//! the request held: property tests below feed it arbitrary bytes and
+//! arbitrary JSON shaped like requests (run them longer with
+//! `PROPTEST_CASES=100000 cargo test --lib ops::request`).
 
 use crate::config::OPERATIONS;
 use serde_json::{json, Map, Value};
@@ -246,7 +247,60 @@ mod tests {
         assert!(e.error.contains("disabled"), "{}", e.error);
     }
 
+    /// JSON values of any shape, a few levels deep.
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            ".{0,300}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::btree_map(".{0,20}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
     proptest::proptest! {
+        #[test]
+        fn requests_of_any_shape_parse_or_are_refused_with_a_bounded_echo(
+            op in proptest::sample::select(OPERATIONS.to_vec()),
+            id in json_value(),
+            args in json_value(),
+            pipeline in json_value(),
+            extra in proptest::option::of(".{0,40}"),
+        ) {
+            let mut request = json!({"id": id, "args": args});
+            if let Some(a) = request["args"].as_object_mut() {
+                a.insert("pipeline".into(), pipeline);
+            }
+            if let Some(k) = extra {
+                request[k] = json!(1);
+            }
+            let allow = all();
+            let payload = request.to_string();
+            match parse(op, payload.as_bytes(), &policy(&allow)) {
+                Ok(r) => {
+                    proptest::prop_assert_eq!(r.op, op);
+                    if r.changing() {
+                        proptest::prop_assert!(r.id.as_deref().is_some_and(valid_id));
+                    }
+                    if let Some(p) = r.pipeline() {
+                        proptest::prop_assert!(crate::config::check_name(p).is_ok());
+                    }
+                }
+                Err(e) => {
+                    proptest::prop_assert!(e.op.chars().count() <= 64);
+                    proptest::prop_assert!(e.error.len() < 1024, "{}", e.error);
+                    proptest::prop_assert!(e.id.as_str().is_none_or(|s| s.chars().count() <= 64));
+                }
+            }
+        }
+
         #[test]
         fn any_bytes_parse_or_are_refused_with_a_bounded_echo(
             payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),

@@ -361,7 +361,7 @@ pub fn load_spec(
     reference: Option<&bundle::Reference>,
 ) -> Result<(PipelineSpec, Option<super::reference::Checked>), String> {
     let model = Arc::new(
-        Model::load_with(path, &crate::config::engine_options(config, pipeline))
+        Model::load_with(path, &crate::pipeline::engine_options(config, pipeline))
             .map_err(|e| format!("the new model does not load: {e}"))?,
     );
     let spec = PipelineSpec::new(config, pipeline, Arc::clone(&model))

@@ -13,7 +13,7 @@ pub mod sensor;
 mod spec;
 
 pub use runner::{start, PipelineHandle};
-pub use spec::{CameraSpec, Kind, PipelineSpec, SensorPayload, SensorSpec};
+pub use spec::{engine_options, CameraSpec, Kind, PipelineSpec, SensorPayload, SensorSpec};
 
 #[cfg(test)]
 mod tests;

@@ -154,3 +154,38 @@ impl CameraSpec {
         })
     }
 }
+
+/// How a pipeline's model is put on an engine: `[engine]` with the
+/// pipeline's overrides.
+pub fn engine_options(
+    config: &crate::config::Config,
+    pipeline: &crate::config::Pipeline,
+) -> crate::model::EngineOptions {
+    use crate::config::Backend;
+    use crate::model::BackendChoice;
+    let e = &config.engine;
+    crate::model::EngineOptions {
+        backend: match pipeline.backend.unwrap_or(e.backend) {
+            Backend::Auto => BackendChoice::Auto,
+            Backend::Tract => BackendChoice::Tract,
+            Backend::OnnxRuntime => BackendChoice::OnnxRuntime,
+        },
+        providers: pipeline
+            .providers
+            .clone()
+            .unwrap_or_else(|| e.providers.clone()),
+        fallback: pipeline.fallback.unwrap_or(e.fallback),
+        strict: pipeline.strict.unwrap_or(e.strict),
+        threads: pipeline.threads.unwrap_or(e.threads),
+        library: e
+            .onnxruntime_library
+            .as_ref()
+            .map(|l| config.base_dir.join(l)),
+        cache_dir: e
+            .cache_dir
+            .as_ref()
+            .map(|d| config.base_dir.join(d))
+            .or_else(crate::config::state_directory),
+        probe_budget_ms: e.probe_budget_ms,
+    }
+}
