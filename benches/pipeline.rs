@@ -75,7 +75,7 @@ fn stages(c: &mut Criterion) {
 /// normalisation, the whole `pre` of a camera frame.
 fn camera_preprocess(c: &mut Criterion) {
     use edgeinfer::model::manifest::{ColorOrder, Layout, ResizeMode};
-    use edgeinfer::pipeline::camera::{
+    use edgeinfer::pipeline::frame::{
         decode, to_chw, Fitter, FrameFormat, FrameLimits, ImageInput,
     };
     let photo =

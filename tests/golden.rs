@@ -174,7 +174,7 @@ struct ImageCase {
 /// its detections against the objects known to be in each frame.
 #[test]
 fn objects_detector_matches_onnxruntime_and_finds_the_known_objects() {
-    use edgeinfer::pipeline::camera::{
+    use edgeinfer::pipeline::frame::{
         decode, iou, DetectionSpec, Fitter, FrameFormat, FrameLimits, ImageInput,
     };
 

@@ -6,7 +6,7 @@ use super::OneShotError;
 use crate::health::{peak_rss_bytes, percentile};
 use crate::model::manifest::Layout;
 use crate::model::{EngineOptions, EngineReport, Model, NodeTime};
-use crate::pipeline::camera::{decode, Fitter, FrameFormat, FrameLimits, ImageInput};
+use crate::pipeline::frame::{decode, Fitter, FrameFormat, FrameLimits, ImageInput};
 use crate::pipeline::pre::{Preprocessor, SensorLayout};
 use crate::pipeline::sensor::{decode_json, SensorWindow};
 use serde::Serialize;

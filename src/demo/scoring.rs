@@ -22,7 +22,7 @@ pub fn match_known(known: &[KnownObject], detections: &[(&str, [f32; 4])]) -> Ma
             .iter()
             .enumerate()
             .filter(|(i, d)| !used[*i] && d.0 == object.label)
-            .map(|(i, d)| (i, crate::pipeline::camera::iou(&d.1, &object.bbox)))
+            .map(|(i, d)| (i, crate::pipeline::frame::iou(&d.1, &object.bbox)))
             .max_by(|a, b| a.1.total_cmp(&b.1));
         if let Some((i, _)) = best.filter(|b| b.1 >= 0.5) {
             used[i] = true;

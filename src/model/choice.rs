@@ -131,7 +131,7 @@ type OrtLoaded = (Arc<dyn Engine>, Vec<String>, Option<String>);
 #[cfg(feature = "onnxruntime")]
 fn load_ort(m: &ModelFacts, options: &EngineOptions) -> Result<OrtLoaded, Vec<String>> {
     let manifest = m.manifest;
-    let data_input = |names: &[String]| data_input_index(manifest, names);
+    let data_input = |names: &[String]| manifest.data_input_index(names);
     let placed = backend::onnxruntime::load(
         m.bytes,
         manifest.input.shape.as_deref(),
@@ -147,17 +147,6 @@ fn load_ort(_: &ModelFacts, _: &EngineOptions) -> Result<OrtLoaded, Vec<String>>
         .reason
         .map(|r| format!("onnxruntime: {r}"))
         .unwrap_or_default()])
-}
-
-/// The data input among `names`: `input.name`, else the first that is not
-/// `[[state]]`.
-pub fn data_input_index(manifest: &Manifest, names: &[String]) -> Option<usize> {
-    match &manifest.input.name {
-        Some(n) => names.iter().position(|x| x == n),
-        None => names
-            .iter()
-            .position(|x| !manifest.state.iter().any(|s| &s.input == x)),
-    }
 }
 
 fn auto(
@@ -475,7 +464,7 @@ fn measure(
             .iter()
             .map(|f| f.info.name.clone())
             .collect();
-        let input = probe(e.engine.inputs(), data_input_index(manifest, &names))?;
+        let input = probe(e.engine.inputs(), manifest.data_input_index(&names))?;
         let mut runner = e
             .engine
             .runner()

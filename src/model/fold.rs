@@ -265,7 +265,7 @@ fn fold_pass(graph: &mut GraphProto, given: &HashMap<String, f64>) -> (Vec<Strin
                 .map(|(k, v)| (k.clone(), Small { values: vec![*v] })),
         )
         .collect();
-    let mut taken = super::graph::names_in_use(graph);
+    let mut names = super::names::Names::of(graph);
     let mut out = Vec::with_capacity(graph.node.len());
     let mut new_inits = vec![];
     for node in std::mem::take(&mut graph.node) {
@@ -324,14 +324,7 @@ fn fold_pass(graph: &mut GraphProto, given: &HashMap<String, f64>) -> (Vec<Strin
             if rename.contains_key(name) || name.is_empty() {
                 continue;
             }
-            let fresh = (0..)
-                .map(|k| match k {
-                    0 => format!("{prefix}/{branch}/{name}"),
-                    k => format!("{prefix}/{branch}/{name}.{k}"),
-                })
-                .find(|c| !taken.contains(c))
-                .expect("an unused name");
-            taken.insert(fresh.clone());
+            let fresh = names.fresh(&format!("{prefix}/{branch}/{name}"));
             rename.insert(name.to_string(), fresh);
         }
         for t in &sub.initializer {

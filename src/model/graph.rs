@@ -74,20 +74,6 @@ fn quant_at(
     Some(QuantParams { scale, zero_point })
 }
 
-/// Every name a graph uses — node names, their outputs, initializers and
-/// inputs — so that names added by a rewrite are fresh.
-pub(super) fn names_in_use(
-    graph: &tract_onnx::pb::GraphProto,
-) -> std::collections::HashSet<String> {
-    graph
-        .node
-        .iter()
-        .flat_map(|n| n.output.iter().cloned().chain([n.name.clone()]))
-        .chain(graph.initializer.iter().map(|t| t.name.clone()))
-        .chain(graph.input.iter().map(|t| t.name.clone()))
-        .collect()
-}
-
 /// Every top-level node whose operator `known` rejects, as
 /// `OpType (domain) at node "name"`.
 pub fn unsupported_operators(model: &ModelProto, known: impl Fn(&str) -> bool) -> Vec<String> {

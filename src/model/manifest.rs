@@ -198,6 +198,17 @@ pub struct OutputSpec {
 }
 
 impl Manifest {
+    /// The data input among a graph's input `names`: `input.name`, else
+    /// the first that is not a `[[state]]` input.
+    pub fn data_input_index(&self, names: &[String]) -> Option<usize> {
+        match &self.input.name {
+            Some(n) => names.iter().position(|x| x == n),
+            None => names
+                .iter()
+                .position(|x| !self.state.iter().any(|s| &s.input == x)),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Manifest, String> {
         let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
         toml::from_str(&text).map_err(|e| e.to_string().trim_end().to_owned())

@@ -9,8 +9,10 @@ pub mod backend;
 pub mod choice;
 pub(crate) mod fold;
 pub mod graph;
+pub(crate) mod kernels;
 mod lower;
 pub mod manifest;
+mod names;
 mod qdq;
 mod session;
 #[cfg(test)]

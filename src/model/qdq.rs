@@ -98,7 +98,7 @@ pub fn fold_activations(model: &ModelProto) -> Option<Folded> {
         return None;
     }
 
-    let mut taken: HashSet<String> = super::graph::names_in_use(graph);
+    let mut names = super::names::Names::of(graph);
     let mut nodes = Vec::with_capacity(graph.node.len());
     let mut inits = Vec::new();
     for (i, node) in graph.node.iter().enumerate() {
@@ -110,9 +110,9 @@ pub fn fold_activations(model: &ModelProto) -> Option<Folded> {
             continue;
         };
         let y = node.output[0].clone();
-        let t = &mut taken;
-        let mut constant = |t: &mut HashSet<String>, what: &str, v: f32| {
-            let name = fresh(t, &format!("{y}/{what}"));
+        let t = &mut names;
+        let mut constant = |t: &mut super::names::Names, what: &str, v: f32| {
+            let name = t.fresh(&format!("{y}/{what}/edgeinfer_fold"));
             inits.push(TensorProto {
                 name: name.clone(),
                 data_type: DataType::Float as i32,
@@ -131,7 +131,7 @@ pub fn fold_activations(model: &ModelProto) -> Option<Folded> {
         };
         let mut clip = NodeProto {
             op_type: "Clip".into(),
-            name: fresh(t, &format!("{y}/Clip")),
+            name: t.fresh(&format!("{y}/Clip/edgeinfer_fold")),
             input: vec![x.clone()],
             output: vec![y],
             ..Default::default()
@@ -157,17 +157,6 @@ pub fn fold_activations(model: &ModelProto) -> Option<Folded> {
     g.node = nodes;
     g.initializer.extend(inits);
     Some(Folded { model, pairs })
-}
-
-/// A name no node, tensor or initializer of the graph has yet.
-fn fresh(taken: &mut HashSet<String>, base: &str) -> String {
-    let mut name = format!("{base}/edgeinfer_fold");
-    let mut k = 1;
-    while !taken.insert(name.clone()) {
-        name = format!("{base}/edgeinfer_fold.{k}");
-        k += 1;
-    }
-    name
 }
 
 /// Scale, zero point and the integer range of a per-tensor

@@ -3,7 +3,7 @@
 
 use super::bundle::{Reference, ReferenceCase};
 use crate::model::Model;
-use crate::pipeline::camera::ImageInput;
+use crate::pipeline::frame::ImageInput;
 use crate::pipeline::pre::Preprocessor;
 use std::sync::Arc;
 

@@ -5,6 +5,7 @@
 
 pub mod camera;
 pub mod control;
+pub mod frame;
 pub mod post;
 pub mod pre;
 pub mod result;

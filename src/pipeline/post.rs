@@ -22,7 +22,7 @@ pub enum Output {
         anomaly: bool,
     },
     Detection {
-        detections: Vec<super::camera::Detection>,
+        detections: Vec<super::frame::Detection>,
     },
     Raw {
         values: Vec<f32>,

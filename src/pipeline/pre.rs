@@ -149,7 +149,7 @@ impl Preprocessor {
                 .map(|(c, x)| (x * self.scale - self.mean[c]) * self.inv_std[c])
         }));
         if self.chw {
-            super::camera::to_chw(normalised, self.channels, &mut self.scratch);
+            super::frame::to_chw(normalised, self.channels, &mut self.scratch);
             std::mem::swap(normalised, &mut self.scratch);
         }
         let built = match self.quant {
@@ -184,7 +184,7 @@ fn quantize(x: f32, scale: f32, zero_point: i32, lo: i32, hi: i32) -> i32 {
         t.max((lo - zero_point) as f32)
             .min((hi - zero_point) as f32)
     };
-    crate::model::backend::fakequant::round_ties_even_small(t) as i32 + zero_point
+    crate::model::kernels::fakequant::round_ties_even_small(t) as i32 + zero_point
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Running pipelines: worker threads, sharding of sources over workers,
 //! latest-frame slots for cameras, and the input queues' memory budget.
 
-use super::camera::worker::{lower_priority, Decoder, Inferrer, Prepared};
+use super::camera::{lower_priority, Decoder, Inferrer, Prepared};
 use super::control::{Control, Serving};
 use super::result::Emitter;
 use super::sensor::worker::SensorWorker;

@@ -1,7 +1,7 @@
 //! What a pipeline is, fixed at start: built from its configuration and
 //! checked against its loaded model.
 
-use super::camera::{self, DetectionSpec, FrameFormat, ImageInput};
+use super::frame::{self, DetectionSpec, FrameFormat, ImageInput};
 use super::pre::{Preprocessor, SensorLayout};
 use crate::config::{Config, PayloadFormat, Pipeline as PipelineConfig, PipelineKind};
 use crate::model::Model;
@@ -143,7 +143,7 @@ impl CameraSpec {
                 width: p.width.unwrap_or(0),
                 height: p.height.unwrap_or(0),
             },
-            _ => camera::FrameFormat::Encoded,
+            _ => frame::FrameFormat::Encoded,
         };
         Ok(CameraSpec {
             frame,

@@ -1,7 +1,7 @@
 //! The workers with no broker: bytes in, verdicts out (a [`Collected`]
 //! sink), on the bundled models.
 
-use super::camera::worker::{Decoder, Inferrer};
+use super::camera::{Decoder, Inferrer};
 use super::result::Emitter;
 use super::sensor::worker::SensorWorker;
 use super::{Kind, PipelineSpec};

@@ -14,20 +14,11 @@
 //! How a vendor runtime (RKNN, HailoRT) would fit is written down in the
 //! README's "Engines" section.
 
-#[cfg(target_arch = "x86_64")]
-mod conv;
-mod depthwise;
-mod downsample;
-pub(crate) mod fakequant;
 #[cfg(feature = "onnxruntime")]
 pub mod onnxruntime;
-mod pad;
-#[cfg(target_arch = "x86_64")]
-mod pointwise;
-mod softmax;
 pub mod tract;
-#[cfg(target_arch = "x86_64")]
-mod x86;
+
+pub(crate) use super::kernels::plain_slice;
 
 use super::{ModelErrorKind, TensorInfo};
 use std::path::PathBuf;
@@ -94,146 +85,6 @@ pub struct NodeTime {
 pub struct Fact {
     pub info: TensorInfo,
     pub datum: DatumType,
-}
-
-/// The elements of a tensor in plain memory.
-pub(crate) fn plain_slice<D: Datum>(t: &Tensor) -> TractResult<&[D]> {
-    t.try_as_plain_ram()?.as_slice::<D>()
-}
-
-/// What our convolution ops need of a decluttered f32 `Conv` node, when
-/// they can take it: a 2-D kernel in OIHW of constant finite taps, a
-/// constant bias (one value per output channel or one for all), data of
-/// batch 1 with concrete non-empty planes, channel-first or channel-last.
-pub(crate) struct ConvFacts<'a> {
-    pub conv: &'a tract_onnx::tract_core::ops::cnn::Conv,
-    /// The input's shape.
-    pub shape: &'a [usize],
-    pub hw: [usize; 2],
-    pub channels_last: bool,
-    /// `[out][in / group][kh][kw]`.
-    pub kernel: &'a [f32],
-    pub kernel_hw: [usize; 2],
-    /// One value per output channel.
-    pub bias: Vec<f32>,
-    pub strides: [usize; 2],
-    pub dilations: [usize; 2],
-    pub pad_before: [usize; 2],
-    pub output_hw: [usize; 2],
-}
-
-impl<'a> ConvFacts<'a> {
-    pub(crate) fn of(model: &'a TypedModel, node: &'a TypedNode) -> TractResult<Option<Self>> {
-        use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
-        use tract_onnx::tract_core::ops::nn::DataFormat;
-        let Some(conv) = node.op_as::<Conv>() else {
-            return Ok(None);
-        };
-        let spec = &conv.pool_spec;
-        let (c, o) = (spec.input_channels, spec.output_channels);
-        if conv.q_params.is_some()
-            || conv.kernel_fmt != KernelFormat::OIHW
-            || spec.kernel_shape.len() != 2
-            || node.inputs.len() != 3
-            || conv.group == 0
-            || c % conv.group != 0
-        {
-            return Ok(None);
-        }
-        let x = model.outlet_fact(node.inputs[0])?;
-        let Some(shape) = x.shape.as_concrete() else {
-            return Ok(None);
-        };
-        let (hw, channels_last) = match (spec.data_format, shape) {
-            (DataFormat::NCHW, &[1, ch, h, w]) | (DataFormat::CHW, &[ch, h, w]) if ch == c => {
-                ([h, w], false)
-            }
-            (DataFormat::NHWC, &[1, h, w, ch]) | (DataFormat::HWC, &[h, w, ch]) if ch == c => {
-                ([h, w], true)
-            }
-            _ => return Ok(None),
-        };
-        if x.datum_type != f32::datum_type() || hw.contains(&0) {
-            return Ok(None);
-        }
-        let kernel = model.outlet_fact(node.inputs[1])?;
-        let bias = model.outlet_fact(node.inputs[2])?;
-        let (Some(kernel), Some(bias)) = (&kernel.konst, &bias.konst) else {
-            return Ok(None);
-        };
-        let [kh, kw] = [spec.kernel_shape[0], spec.kernel_shape[1]];
-        if kernel.datum_type() != f32::datum_type()
-            || kernel.shape() != [o, c / conv.group, kh, kw]
-            || bias.datum_type() != f32::datum_type()
-            || !(bias.len() == o || bias.len() == 1)
-        {
-            return Ok(None);
-        }
-        let kernel = plain_slice::<f32>(kernel)?;
-        // A tap over the padding adds `tap · 0`, which is 0 only for a
-        // finite tap.
-        if kernel.iter().any(|k| !k.is_finite()) {
-            return Ok(None);
-        }
-        let bias = plain_slice::<f32>(bias)?;
-        let bias = (0..o).map(|ch| bias[ch.min(bias.len() - 1)]).collect();
-        let padding = spec.computed_padding(&hw);
-        let (strides, dilations) = (spec.strides(), spec.dilations());
-        Ok(Some(ConvFacts {
-            conv,
-            shape,
-            hw,
-            channels_last,
-            kernel,
-            kernel_hw: [kh, kw],
-            bias,
-            strides: [strides[0], strides[1]],
-            dilations: [dilations[0], dilations[1]],
-            pad_before: [padding[0].pad_before, padding[1].pad_before],
-            output_hw: [padding[0].convoluted, padding[1].convoluted],
-        }))
-    }
-}
-
-/// `x`, `rows` × `cols` in row-major order, as `cols` × `rows`.
-#[inline(always)]
-pub(crate) fn transposed(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; x.len()];
-    transpose_into(x, rows, cols, &mut t);
-    t
-}
-
-/// [`transposed`] into `t`, which has `x`'s length.
-#[inline(always)]
-pub(crate) fn transpose_into(x: &[f32], rows: usize, cols: usize, t: &mut [f32]) {
-    for (r, row) in x.chunks_exact(cols).enumerate() {
-        for (c, v) in row.iter().enumerate() {
-            t[c * rows + r] = *v;
-        }
-    }
-}
-
-/// The evaluation of one of our f32 ops: `write` reads the input `x`
-/// (which must hold `input_len` values) and writes a zeroed output of
-/// `shape` in place — a tract `Tensor` made from a `Vec` or an ndarray
-/// array would be a copy of it.
-pub(crate) fn eval_f32(
-    what: &str,
-    x: &Tensor,
-    input_len: usize,
-    shape: &[usize],
-    write: impl FnOnce(&[f32], &mut [f32]),
-) -> TractResult<TVec<TValue>> {
-    let x = plain_slice::<f32>(x)?;
-    if x.len() != input_len {
-        return Err(anyhow::anyhow!(
-            "{what} input of {} values, {input_len} expected",
-            x.len()
-        ));
-    }
-    let mut y = Tensor::zero::<f32>(shape)?;
-    write(x, y.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
-    Ok(tvec!(y.into_tvalue()))
 }
 
 /// Which backend serves a model.

@@ -3,6 +3,7 @@
 
 use super::{Engine, Fact, NodeTime, Runner};
 use crate::model::graph::{self, GraphFacts};
+use crate::model::kernels::OwnOps;
 use crate::model::manifest::Manifest;
 use crate::model::{chain, panic_message, ModelErrorKind, TensorInfo};
 use std::collections::HashMap;
@@ -282,7 +283,7 @@ fn fill_open_dims(model: &mut InferenceModel, manifest: &Manifest) -> TractResul
                 .to_owned()
         })
         .collect();
-    let Some(ix) = crate::model::choice::data_input_index(manifest, &names) else {
+    let Some(ix) = manifest.data_input_index(&names) else {
         return Ok(());
     };
     let fact = model.input_fact(ix)?.clone();
@@ -467,118 +468,9 @@ fn plan_from_proto(
         typed.set_symbols(&subs).map_err(engine)?
     };
     let mut typed = typed.into_decluttered().map_err(engine)?;
-    let own = own_ops_wanted();
     let mut ours = OwnOps::default();
-    if own {
-        (ours.fake_quantize, ours.fake_quantize_relus) =
-            super::fakequant::fuse_pairs(&mut typed).map_err(engine)?;
-        (ours.depthwise, ours.depthwise_steps) =
-            super::depthwise::substitute(&mut typed).map_err(engine)?;
-        ours.pair_softmax = super::softmax::substitute(&mut typed).map_err(engine)?;
-        #[cfg(target_arch = "x86_64")]
-        {
-            ours.pointwise = super::pointwise::substitute(&mut typed).map_err(engine)?;
-            ours.patch_conv = super::conv::substitute(&mut typed).map_err(engine)?;
-        }
-    }
+    ours.substitute_decluttered(&mut typed).map_err(engine)?;
     let mut optimized = typed.into_optimized().map_err(engine)?;
-    // tract's optimiser adds the Pad before a padded convolution and the
-    // Downsample before a strided 1×1 one.
-    if own {
-        ours.constant_pad = super::pad::substitute(&mut optimized).map_err(engine)?;
-        ours.downsample = super::downsample::substitute(&mut optimized).map_err(engine)?;
-    }
+    ours.substitute_optimized(&mut optimized).map_err(engine)?;
     Ok((optimized.into_runnable().map_err(engine)?, ours))
-}
-
-/// Puts `op` in place of node `replaced` (its first output), reading the
-/// first input of node `reads`: one of our ops for a node or a chain of
-/// tract's. The input is read when the patch is made, as an earlier patch
-/// may have rewired it.
-pub(super) fn replace_with(
-    model: &mut TypedModel,
-    reads: usize,
-    replaced: usize,
-    op: impl Into<Box<dyn TypedOp>>,
-) -> TractResult<()> {
-    let input = model.node(reads).inputs[0];
-    let name = model.node(replaced).name.clone();
-    let mut patch = TypedModelPatch::default();
-    let wire = patch.tap_model(model, input)?;
-    let out = patch.wire_node(name, op, &[wire])?[0];
-    patch.shunt_outside(model, OutletId::new(replaced, 0), out)?;
-    patch.apply(model)
-}
-
-/// Puts the op `of` finds for a node in place of each node of `model` it
-/// finds one for (see [`replace_with`]); returns how many.
-pub(super) fn substitute_each<O: Into<Box<dyn TypedOp>>>(
-    model: &mut TypedModel,
-    of: impl Fn(&TypedModel, &TypedNode) -> TractResult<Option<O>>,
-) -> TractResult<usize> {
-    let mut found = Vec::new();
-    for node in model.nodes() {
-        if let Some(op) = of(model, node)? {
-            found.push((node.id, op));
-        }
-    }
-    let n = found.len();
-    for (id, op) in found {
-        replace_with(model, id, id, op)?;
-    }
-    if n > 0 {
-        model.compact()?;
-    }
-    Ok(n)
-}
-
-/// `EDGEINFER_OWN_OPS=0` plans with tract's ops alone: to compare, or to
-/// rule ours out when a model answers unexpectedly (README "Engines").
-fn own_ops_wanted() -> bool {
-    std::env::var_os("EDGEINFER_OWN_OPS").is_none_or(|v| v != "0")
-}
-
-/// How many of edgeinfer's own ops a plan runs in place of tract's.
-#[derive(Debug, Default)]
-struct OwnOps {
-    fake_quantize: usize,
-    /// Relus before those pairs taken into them.
-    fake_quantize_relus: usize,
-    depthwise: usize,
-    /// Per-channel Mul and Add nodes folded into those.
-    depthwise_steps: usize,
-    pair_softmax: usize,
-    constant_pad: usize,
-    downsample: usize,
-    /// 1×1 convolutions (with their bias `Add`).
-    pointwise: usize,
-    /// Other convolutions of one group, by im2col and our product.
-    patch_conv: usize,
-}
-
-impl OwnOps {
-    /// A line for the model's notes per kind of our op the plan runs.
-    fn notes(&self) -> Vec<String> {
-        let relus = match self.fake_quantize_relus {
-            0 => String::new(),
-            n => format!(", {n} of them with the Relu before them"),
-        };
-        let steps = match self.depthwise_steps {
-            0 => String::new(),
-            n => format!(", with the {n} per-channel Mul and Add nodes after them"),
-        };
-        [
-            (self.fake_quantize, format!("activation QuantizeLinear → DequantizeLinear pairs run as one fused op each{relus} (same answers, one pass)")),
-            (self.depthwise, format!("depthwise convolutions run as edgeinfer's own vectorised op, channel-last or plane by plane{steps} (same answers)")),
-            (self.constant_pad, "constant Pad nodes of the optimised plan run as edgeinfer's own op, copying rows instead of values (same answers)".into()),
-            (self.downsample, "Downsample nodes of the optimised plan (before strided 1×1 convolutions) run as edgeinfer's own op, copying blocks instead of values (same answers)".into()),
-            (self.pointwise, "1×1 convolutions run as edgeinfer's own matrix product, without packing the activations (same answers)".into()),
-            (self.patch_conv, "convolutions run as edgeinfer's own op, patches copied once then its matrix product (same answers)".into()),
-            (self.pair_softmax, "softmax over pairs run as edgeinfer's own op, one pass over the tensor instead of one per pair (same answers)".into()),
-        ]
-        .into_iter()
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, what)| format!("{n} {what}"))
-        .collect()
-    }
 }

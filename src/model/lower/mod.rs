@@ -133,7 +133,7 @@ struct Edit {
     init: HashMap<String, TensorProto>,
     /// Every tensor's consumers, by op type, before the edit.
     consumers: HashMap<String, Vec<(String, i64)>>,
-    taken: std::collections::HashSet<String>,
+    names: crate::model::names::Names,
     new_inits: Vec<TensorProto>,
     /// Outputs of lowered integer ops whose Cast-to-float consumers become
     /// Identity.
@@ -168,7 +168,7 @@ impl Edit {
                     .push((n.op_type.clone(), to));
             }
         }
-        let taken = crate::model::graph::names_in_use(graph);
+        let names = crate::model::names::Names::of(graph);
         Edit {
             init: graph
                 .initializer
@@ -176,7 +176,7 @@ impl Edit {
                 .map(|t| (t.name.clone(), t.clone()))
                 .collect(),
             consumers,
-            taken,
+            names,
             new_inits: vec![],
             float_casts: Default::default(),
             dynamic: HashMap::new(),
@@ -207,19 +207,7 @@ impl Edit {
     }
 
     fn fresh(&mut self, base: &str, what: &str) -> String {
-        let stem = format!("{base}/edgeinfer_{what}");
-        let name = (0..)
-            .map(|n| {
-                if n == 0 {
-                    stem.clone()
-                } else {
-                    format!("{stem}.{n}")
-                }
-            })
-            .find(|c| !self.taken.contains(c))
-            .expect("an unused name");
-        self.taken.insert(name.clone());
-        name
+        self.names.fresh(&format!("{base}/edgeinfer_{what}"))
     }
 
     fn base(node: &NodeProto) -> String {

@@ -103,7 +103,7 @@ impl TypedOp for PairSoftmax {
 /// Replaces each softmax over pairs of a decluttered `model` with
 /// [`PairSoftmax`]; returns how many.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
-    super::tract::substitute_each(model, PairSoftmax::of)
+    super::patch::substitute_each(model, PairSoftmax::of)
 }
 
 #[cfg(test)]
@@ -143,7 +143,7 @@ mod tests {
         let rows = x.len() / width;
         let x = Tensor::from_shape(&[1, rows, width], x).unwrap();
         let (n, given, ours) = test_graphs::decluttered_plans(&model(rows, width), &x, substitute);
-        let values = |t: &Tensor| super::super::plain_slice::<f32>(t).unwrap().to_vec();
+        let values = |t: &Tensor| super::super::patch::plain_slice::<f32>(t).unwrap().to_vec();
         (n, values(&given), values(&ours))
     }
 

@@ -116,7 +116,7 @@ impl DepthwiseConv {
     /// [`with_layout`](Self::with_layout) sets the one
     /// [`choose`](Self::choose) picked.
     fn of(model: &TypedModel, node: &TypedNode) -> TractResult<Option<DepthwiseConv>> {
-        let Some(facts) = super::ConvFacts::of(model, node)? else {
+        let Some(facts) = super::patch::ConvFacts::of(model, node)? else {
             return Ok(None);
         };
         let spec = &facts.conv.pool_spec;
@@ -214,7 +214,7 @@ impl DepthwiseConv {
         if !along_channels {
             return Ok(None);
         }
-        let values = super::plain_slice::<f32>(konst)?;
+        let values = super::patch::plain_slice::<f32>(konst)?;
         Ok(Some(if values.len() == 1 {
             vec![values[0]; self.channels]
         } else {
@@ -322,14 +322,14 @@ impl DepthwiseConv {
             (Layout::ChannelLast, true) => self.run_channel_last(x, y),
             (Layout::ChannelLast, false) => {
                 let mut yt = vec![0f32; y.len()];
-                self.run_channel_last(&super::transposed(x, c, points), &mut yt);
-                super::transpose_into(&yt, out, c, y);
+                self.run_channel_last(&super::patch::transposed(x, c, points), &mut yt);
+                super::patch::transpose_into(&yt, out, c, y);
             }
             (Layout::Planes, false) => self.run_planes(x, y),
             (Layout::Planes, true) => {
                 let mut yp = vec![0f32; y.len()];
-                self.run_planes(&super::transposed(x, points, c), &mut yp);
-                super::transpose_into(&yp, c, out, y);
+                self.run_planes(&super::patch::transposed(x, points, c), &mut yp);
+                super::patch::transpose_into(&yp, c, out, y);
             }
         }
     }
@@ -513,7 +513,7 @@ impl EvalOp for DepthwiseConv {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let [h, w] = self.input_hw;
         let len = self.channels * h * w;
-        super::eval_f32("depthwise", &inputs[0], len, &self.output_shape, |x, y| {
+        super::patch::eval_f32("depthwise", &inputs[0], len, &self.output_shape, |x, y| {
             self.run(x, y)
         })
     }
@@ -653,7 +653,7 @@ fn absorb_steps(model: &mut TypedModel) -> TractResult<usize> {
         let Some((ours, then, op)) = found else {
             break;
         };
-        super::tract::replace_with(model, ours, then, op)?;
+        super::patch::replace_with(model, ours, then, op)?;
         model.compact()?;
         absorbed += 1;
     }
@@ -664,7 +664,7 @@ fn substitute_where(
     model: &mut TypedModel,
     choose: impl Fn(&DepthwiseConv) -> Option<Layout>,
 ) -> TractResult<usize> {
-    super::tract::substitute_each(model, |model, node| {
+    super::patch::substitute_each(model, |model, node| {
         let op = DepthwiseConv::of(model, node)?;
         Ok(op.and_then(|op| choose(&op).map(|layout| op.with_layout(layout))))
     })
@@ -841,7 +841,9 @@ mod tests {
         let x = Tensor::from_shape(&input_shape(case), &x).unwrap();
         let run = |plan: &Arc<TypedRunnableModel>| {
             let y = plan.run(tvec!(x.clone().into_tvalue())).unwrap();
-            super::super::plain_slice::<f32>(&y[0]).unwrap().to_vec()
+            super::super::patch::plain_slice::<f32>(&y[0])
+                .unwrap()
+                .to_vec()
         };
         (n, run(&given), run(&ours))
     }
@@ -1107,7 +1109,9 @@ mod tests {
         let run = |model: TypedModel, x: &Tensor| {
             let plan = model.into_optimized().unwrap().into_runnable().unwrap();
             let y = plan.run(tvec!(x.clone().into_tvalue())).unwrap();
-            super::super::plain_slice::<f32>(&y[0]).unwrap().to_vec()
+            super::super::patch::plain_slice::<f32>(&y[0])
+                .unwrap()
+                .to_vec()
         };
         // (plane side, strides, moved, the layout before the move)
         let cases = [

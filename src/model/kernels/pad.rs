@@ -115,7 +115,7 @@ impl EvalOp for ConstantPad {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let len = self.input_shape.iter().product();
-        super::eval_f32("pad", &inputs[0], len, &self.output_shape, |x, y| {
+        super::patch::eval_f32("pad", &inputs[0], len, &self.output_shape, |x, y| {
             if self.value.to_bits() != 0 {
                 y.fill(self.value);
             }
@@ -135,7 +135,7 @@ impl TypedOp for ConstantPad {
 /// Replaces each constant `Pad` of f32 in an optimised `model` with
 /// [`ConstantPad`]; returns how many.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
-    super::tract::substitute_each(model, ConstantPad::of)
+    super::patch::substitute_each(model, ConstantPad::of)
 }
 
 #[cfg(test)]

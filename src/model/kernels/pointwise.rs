@@ -226,7 +226,7 @@ impl Pointwise {
         {
             return Ok(None);
         }
-        let w = super::plain_slice::<f32>(konst)?;
+        let w = super::patch::plain_slice::<f32>(konst)?;
         if w.iter().any(|v| !v.is_finite()) {
             return Ok(None);
         }
@@ -295,7 +295,7 @@ impl Pointwise {
         {
             return Ok(None);
         }
-        let values = super::plain_slice::<f32>(konst)?;
+        let values = super::patch::plain_slice::<f32>(konst)?;
         let shape = konst.shape();
         let rank = self.output_shape.len();
         let channel_axis = (0..rank).find(|&a| {
@@ -352,14 +352,14 @@ impl Pointwise {
             let a = if self.input_last {
                 x
             } else {
-                xt = super::transposed(x, i, p);
+                xt = super::patch::transposed(x, i, p);
                 &xt
             };
             let ldb = o.next_multiple_of(self.tile.columns());
             (a, p, &self.weights[..], ldb, o, bias.map(Bias::Columns))
         } else {
             let b = if self.input_last {
-                xt = super::transposed(x, p, i);
+                xt = super::patch::transposed(x, p, i);
                 &xt
             } else {
                 x
@@ -373,7 +373,7 @@ impl Pointwise {
         } else {
             let mut c = vec![0f32; y.len()];
             run(&mut c);
-            super::transpose_into(&c, m, n, y);
+            super::patch::transpose_into(&c, m, n, y);
         }
     }
 }
@@ -601,7 +601,7 @@ impl EvalOp for Pointwise {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let len = self.points * self.inputs;
-        super::eval_f32("pointwise", &inputs[0], len, &self.output_shape, |x, y| {
+        super::patch::eval_f32("pointwise", &inputs[0], len, &self.output_shape, |x, y| {
             self.run(x, y)
         })
     }
@@ -674,7 +674,7 @@ fn substitute_planned(model: &mut TypedModel, forced: Option<(bool, Tile)>) -> T
     }
     let n = found.len();
     for (first, last, op) in found {
-        super::tract::replace_with(model, first, last, op)?;
+        super::patch::replace_with(model, first, last, op)?;
     }
     if n > 0 {
         model.compact()?;
@@ -803,7 +803,7 @@ mod tests {
             prop_assert_eq!(n, 1);
             // Bit for bit: tract's kernels sum in the same order.
             let bits = |t: &Tensor| -> Vec<u32> {
-                super::super::plain_slice::<f32>(t).unwrap().iter().map(|v| v.to_bits()).collect()
+                super::super::patch::plain_slice::<f32>(t).unwrap().iter().map(|v| v.to_bits()).collect()
             };
             prop_assert_eq!(given.shape(), ours.shape());
             prop_assert_eq!(bits(&given), bits(&ours), "{:?}", case);

@@ -2,7 +2,7 @@
 //! fits and preprocesses the next frame while the [`Inferrer`] runs the
 //! model on the current one (one prepared frame between them).
 
-use super::{annotate, decode, Fitter, Frame, FrameLimits, Placement};
+use super::frame::{annotate, decode, Fitter, Frame, FrameLimits, Placement};
 use crate::flow::{unix_ms, Input, InputError, Rejection};
 use crate::health::ModelStats;
 use crate::model::manifest::Layout;
@@ -214,7 +214,7 @@ impl Inferrer {
         session: &mut Session,
         spec: &PipelineSpec,
         tensor: Tensor,
-        placement: &super::Placement,
+        placement: &Placement,
     ) -> Result<Output, Rejection> {
         let cam = camera(spec);
         match &cam.detection {

@@ -1,9 +1,8 @@
-//! Camera frames: decode (JPEG, PNG, raw RGB8/GRAY8) within limits checked
-//! before any pixel is decoded, fit to the model input (stretch or
-//! letterbox, SIMD resize), and detection postprocessing (YOLOv8, SSD,
-//! UltraFace; per-class NMS; boxes back in the frame's own pixels).
-
-pub mod worker;
+//! Camera frames, without I/O: decode (JPEG, PNG, raw RGB8/GRAY8) within
+//! limits checked before any pixel is decoded, fit to the model input
+//! (stretch or letterbox, SIMD resize), and detection postprocessing
+//! (YOLOv8, SSD, UltraFace; per-class NMS; boxes back in the frame's own
+//! pixels). The camera worker ([`super::camera`]) runs them.
 
 mod decode;
 mod detect;

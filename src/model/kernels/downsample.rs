@@ -100,7 +100,7 @@ impl EvalOp for StridedCopy {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let len = self.input_shape.iter().product();
-        super::eval_f32("downsample", &inputs[0], len, &self.output_shape, |x, y| {
+        super::patch::eval_f32("downsample", &inputs[0], len, &self.output_shape, |x, y| {
             self.run(x, y)
         })
     }
@@ -117,7 +117,7 @@ impl TypedOp for StridedCopy {
 /// Replaces each positive-stride f32 `Downsample` of an optimised `model`
 /// with [`StridedCopy`]; returns how many.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
-    super::tract::substitute_each(model, StridedCopy::of)
+    super::patch::substitute_each(model, StridedCopy::of)
 }
 
 #[cfg(test)]

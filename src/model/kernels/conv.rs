@@ -61,7 +61,7 @@ impl PatchConv {
         node: &TypedNode,
         take: fn(usize, usize, [usize; 2]) -> bool,
     ) -> TractResult<Option<PatchConv>> {
-        let Some(facts) = super::ConvFacts::of(model, node)? else {
+        let Some(facts) = super::patch::ConvFacts::of(model, node)? else {
             return Ok(None);
         };
         let spec = &facts.conv.pool_spec;
@@ -240,7 +240,7 @@ impl EvalOp for PatchConv {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let [h, w] = self.input_hw;
         let len = self.channels * h * w;
-        super::eval_f32(
+        super::patch::eval_f32(
             "convolution",
             &inputs[0],
             len,
@@ -262,7 +262,7 @@ impl TypedOp for PatchConv {
 /// takes; returns how many. Only where the CPU has AVX-512F and FMA.
 pub fn substitute(model: &mut TypedModel) -> TractResult<usize> {
     if planned() {
-        super::tract::substitute_each(model, PatchConv::of)
+        super::patch::substitute_each(model, PatchConv::of)
     } else {
         Ok(0)
     }
@@ -380,12 +380,12 @@ mod tests {
             let [h, w] = case.hw;
             let x = test_graphs::seeded(&[1, case.channels, h, w], 9);
             let (n, given, ours) = test_graphs::decluttered_plans(&model(&case), &x, |m| {
-                super::super::tract::substitute_each(m, |m, node| {
+                super::super::patch::substitute_each(m, |m, node| {
                     PatchConv::of_where(m, node, |_, _, _| true)
                 })
             });
             prop_assert_eq!(n, 1);
-            let values = |t: &Tensor| super::super::plain_slice::<f32>(t).unwrap().to_vec();
+            let values = |t: &Tensor| super::super::patch::plain_slice::<f32>(t).unwrap().to_vec();
             // Equal as numbers (a zero's sign aside), in tract's order.
             prop_assert_eq!(values(&given), values(&ours), "{:?}", case);
         }

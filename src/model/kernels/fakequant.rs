@@ -211,7 +211,7 @@ pub fn fuse_pairs(model: &mut TypedModel) -> TractResult<(usize, usize)> {
     }
     for (reads, dq, op, _) in &pairs {
         let fused = ElementWiseOp(Box::new(op.clone()), None);
-        super::tract::replace_with(model, *reads, *dq, fused)?;
+        super::patch::replace_with(model, *reads, *dq, fused)?;
     }
     if !pairs.is_empty() {
         model.compact()?;
@@ -384,7 +384,7 @@ mod tests {
     fn from_path(path: &str) -> TypedModel {
         let path = format!("{}/{path}", env!("CARGO_MANIFEST_DIR"));
         let bytes = std::fs::read(&path).unwrap();
-        decluttered(&super::super::tract::decode(&bytes).unwrap())
+        decluttered(&crate::model::backend::tract::decode(&bytes).unwrap())
     }
 
     #[test]
