@@ -96,7 +96,7 @@ fn config_topic_and_flow_are_leaves() {
     let all = [
         "mqtt", "pipeline", "model", "health", "flow", "demo", "commands", "bundled",
     ];
-    forbid("config.rs", &all, &[]);
+    forbid("config", &all, &[]);
     forbid("topic.rs", &[&all[..], &["config"]].concat(), &[]);
     forbid(
         "flow.rs",
