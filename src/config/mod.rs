@@ -377,4 +377,3 @@ mod tests {
         assert_eq!(problems[0].key, "pipeline[0].results");
     }
 }
-
