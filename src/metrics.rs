@@ -58,6 +58,25 @@ fn histogram(m: &mut MetricEncoder, labels: &[(&str, &str)], h: &Histogram) -> R
 
 impl Collector for TelemetryCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), Error> {
+        self.encode_pipelines(&mut encoder)?;
+        self.encode_models(&mut encoder)?;
+        for (name, help, kind, v) in self.scalars() {
+            let mut m = family(&mut encoder, name, help, kind)?;
+            match kind {
+                MetricType::Counter => counter(&mut m, &[], v as u64)?,
+                _ => gauge(&mut m, &[], v)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One value without labels: name, help, kind, value.
+type Scalar = (&'static str, &'static str, MetricType, f64);
+
+impl TelemetryCollector {
+    /// Per pipeline: counters, queue depth, up, latency histogram.
+    fn encode_pipelines(&self, encoder: &mut DescriptorEncoder) -> Result<(), Error> {
         let t = &self.telemetry;
         let pipelines = t.pipeline_stats();
         type Read = fn(&crate::health::PipelineStats) -> u64;
@@ -95,13 +114,13 @@ impl Collector for TelemetryCollector {
             ),
         ];
         for (name, help, read) in counters {
-            let mut m = family(&mut encoder, name, help, MetricType::Counter)?;
+            let mut m = family(encoder, name, help, MetricType::Counter)?;
             for (p, s) in &pipelines {
                 counter(&mut m, &[("pipeline", p)], read(s))?;
             }
         }
         let mut m = family(
-            &mut encoder,
+            encoder,
             "edgeinfer_pipeline_queue_depth",
             "Inputs waiting in the pipeline's queues",
             MetricType::Gauge,
@@ -114,7 +133,7 @@ impl Collector for TelemetryCollector {
             )?;
         }
         let mut m = family(
-            &mut encoder,
+            encoder,
             "edgeinfer_pipeline_up",
             "1 while the pipeline runs, 0 when it could not start",
             MetricType::Gauge,
@@ -124,7 +143,7 @@ impl Collector for TelemetryCollector {
             gauge(&mut m, &[("pipeline", p)], if failed { 0.0 } else { 1.0 })?;
         }
         let mut m = family(
-            &mut encoder,
+            encoder,
             "edgeinfer_pipeline_latency_seconds",
             "Input received to result handed to the outbox",
             MetricType::Histogram,
@@ -132,9 +151,15 @@ impl Collector for TelemetryCollector {
         for (p, s) in &pipelines {
             histogram(&mut m, &[("pipeline", p)], &s.latency.histogram())?;
         }
+        Ok(())
+    }
+
+    /// Per model: the inference time histogram, labelled with its engine.
+    fn encode_models(&self, encoder: &mut DescriptorEncoder) -> Result<(), Error> {
+        let t = &self.telemetry;
         let models = t.model_stats();
         let mut m = family(
-            &mut encoder,
+            encoder,
             "edgeinfer_model_inference_seconds",
             "Time in the inference engine per run",
             MetricType::Histogram,
@@ -153,115 +178,126 @@ impl Collector for TelemetryCollector {
             )?;
         }
 
-        let b = &t.broker;
-        let o = &t.outbox;
-        let mut m = family(
-            &mut encoder,
-            "edgeinfer_broker_connected",
-            "1 while connected to the broker",
-            MetricType::Gauge,
-        )?;
-        gauge(
-            &mut m,
-            &[],
-            if b.connected.load(Ordering::Relaxed) {
-                1.0
-            } else {
-                0.0
-            },
-        )?;
-        let mut m = family(
-            &mut encoder,
-            "edgeinfer_broker_reconnects",
-            "Connections to the broker lost",
-            MetricType::Counter,
-        )?;
-        counter(&mut m, &[], b.reconnects.get())?;
-        let mut m = family(
-            &mut encoder,
-            "edgeinfer_broker_oversize_packets",
-            "Incoming packets too large to read",
-            MetricType::Counter,
-        )?;
-        counter(&mut m, &[], b.oversize_packets.get())?;
-        let mut m = family(
-            &mut encoder,
-            "edgeinfer_broker_in_flight",
-            "Publishes not acknowledged by the broker yet",
-            MetricType::Gauge,
-        )?;
-        gauge(&mut m, &[], b.in_flight.load(Ordering::Relaxed) as f64)?;
-        let mut m = family(
-            &mut encoder,
-            "edgeinfer_outbox_queued_messages",
-            "Results and errors waiting for the broker",
-            MetricType::Gauge,
-        )?;
-        gauge(
-            &mut m,
-            &[],
-            o.queued_messages.load(Ordering::Relaxed) as f64,
-        )?;
-        let mut m = family(
-            &mut encoder,
-            "edgeinfer_outbox_queued_bytes",
-            "Bytes waiting for the broker",
-            MetricType::Gauge,
-        )?;
-        gauge(&mut m, &[], o.queued_bytes.load(Ordering::Relaxed) as f64)?;
-        let outbox_counters: [(&str, &str, u64); 5] = [
+        Ok(())
+    }
+
+    /// The broker, the outbox, the operations and the process.
+    fn scalars(&self) -> Vec<Scalar> {
+        use MetricType::{Counter, Gauge};
+        let t = &self.telemetry;
+        let (b, o, ops) = (&t.broker, &t.outbox, &t.ops);
+        let flag = |x: bool| if x { 1.0 } else { 0.0 };
+        let load = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed) as f64;
+        vec![
+            (
+                "edgeinfer_broker_connected",
+                "1 while connected to the broker",
+                Gauge,
+                flag(b.connected.load(Ordering::Relaxed)),
+            ),
+            (
+                "edgeinfer_broker_reconnects",
+                "Connections to the broker lost",
+                Counter,
+                b.reconnects.get() as f64,
+            ),
+            (
+                "edgeinfer_broker_oversize_packets",
+                "Incoming packets too large to read",
+                Counter,
+                b.oversize_packets.get() as f64,
+            ),
+            (
+                "edgeinfer_broker_in_flight",
+                "Publishes not acknowledged by the broker yet",
+                Gauge,
+                load(&b.in_flight),
+            ),
+            (
+                "edgeinfer_outbox_queued_messages",
+                "Results and errors waiting for the broker",
+                Gauge,
+                load(&o.queued_messages),
+            ),
+            (
+                "edgeinfer_outbox_queued_bytes",
+                "Bytes waiting for the broker",
+                Gauge,
+                load(&o.queued_bytes),
+            ),
             (
                 "edgeinfer_outbox_dropped",
                 "Dropped by the outbox's cap",
-                o.dropped.get(),
+                Counter,
+                o.dropped.get() as f64,
             ),
             (
                 "edgeinfer_outbox_expired",
                 "Dropped unsent after outbox.ttl_s",
-                o.expired.get(),
+                Counter,
+                o.expired.get() as f64,
             ),
             (
                 "edgeinfer_outbox_corrupt",
                 "Torn or corrupt spool records skipped",
-                o.corrupt.get(),
+                Counter,
+                o.corrupt.get() as f64,
             ),
             (
                 "edgeinfer_outbox_unpublishable",
                 "Refused: topic or packet over the broker's limits",
-                o.unpublishable.get(),
+                Counter,
+                o.unpublishable.get() as f64,
             ),
             (
                 "edgeinfer_outbox_quarantined",
                 "Dropped after repeatedly ending connections unacknowledged",
-                o.quarantined.get(),
+                Counter,
+                o.quarantined.get() as f64,
             ),
-        ];
-        for (name, help, v) in outbox_counters {
-            let mut m = family(&mut encoder, name, help, MetricType::Counter)?;
-            counter(&mut m, &[], v)?;
-        }
-        let mut m = family(
-            &mut encoder,
-            "edgeinfer_resident_memory_bytes",
-            "Resident set size of the process",
-            MetricType::Gauge,
-        )?;
-        gauge(&mut m, &[], rss_bytes().unwrap_or(0) as f64)?;
-        let mut m = family(
-            &mut encoder,
-            "edgeinfer_memory_budget_bytes",
-            "The memory budget in force",
-            MetricType::Gauge,
-        )?;
-        gauge(&mut m, &[], t.memory_budget.load(Ordering::Relaxed) as f64)?;
-        let mut m = family(
-            &mut encoder,
-            "edgeinfer_uptime_seconds",
-            "Seconds since this run started",
-            MetricType::Gauge,
-        )?;
-        gauge(&mut m, &[], self.started.elapsed().as_secs_f64())?;
-        Ok(())
+            (
+                "edgeinfer_operations_requests",
+                "Operation requests taken",
+                Counter,
+                ops.requests.get() as f64,
+            ),
+            (
+                "edgeinfer_operations_busy",
+                "Operation requests answered busy",
+                Counter,
+                ops.busy.get() as f64,
+            ),
+            (
+                "edgeinfer_operations_overflowed",
+                "Operation requests dropped unanswered (counted, logged)",
+                Counter,
+                ops.overflowed.get() as f64,
+            ),
+            (
+                "edgeinfer_operations_queued",
+                "Changing operations waiting for their turn",
+                Gauge,
+                load(&ops.queued),
+            ),
+            (
+                "edgeinfer_resident_memory_bytes",
+                "Resident set size of the process",
+                Gauge,
+                rss_bytes().unwrap_or(0) as f64,
+            ),
+            (
+                "edgeinfer_memory_budget_bytes",
+                "The memory budget in force",
+                Gauge,
+                load(&t.memory_budget),
+            ),
+            (
+                "edgeinfer_uptime_seconds",
+                "Seconds since this run started",
+                Gauge,
+                self.started.elapsed().as_secs_f64(),
+            ),
+        ]
     }
 }
 
