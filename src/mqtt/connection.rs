@@ -299,7 +299,7 @@ pub async fn drive(
     // the unacknowledged messages a broker can have sent to 65,535 (and
     // brokers send far fewer: mosquitto 20), so this never fills.
     let (ack_tx, ack_rx) = flume::bounded(u16::MAX as usize);
-    let mut ack_tx = Some(ack_tx);
+    let mut ack_tx = Some(ack_tx).filter(|_| manual_acks);
     let acker = tokio::spawn(ack_loop(
         client.clone(),
         ack_rx,
@@ -324,68 +324,24 @@ pub async fn drive(
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 // No router: shutting down. The input is not acknowledged,
                 // so the broker keeps it for the next session.
-                let Some(r) = &router else { continue };
-                let token = match &ack_tx {
-                    Some(ack_tx) if manual_acks && p.qos != QoS::AtMostOnce => {
-                        let (tx, rx) = tokio::sync::oneshot::channel();
-                        // Never waits (see the capacity above); were it
-                        // full, the input would go unacknowledged and come
-                        // again on the next connection.
-                        let _ = ack_tx.try_send(PendingAck {
-                            pkid: p.pkid,
-                            qos: p.qos,
-                            generation: generation.load(Ordering::Relaxed),
-                            done: rx,
-                        });
-                        // Dropped with the last AckHandle: the message
-                        // was handled and its results are in the outbox.
-                        Some(AckHandle::new(tx))
-                    }
-                    _ => None,
-                };
-                r.route(&p.topic, p.payload, token);
+                if let Some(r) = &router {
+                    let token = ack_token(ack_tx.as_ref(), &p, &generation);
+                    r.route(&p.topic, p.payload, token);
+                }
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => ctx.tracker.acknowledged(ack.pkid),
             Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) if pkid != 0 => {
                 ctx.tracker.published(pkid)
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                ctx.stats.connected.store(true, Ordering::Relaxed);
                 generation.fetch_add(1, Ordering::Relaxed);
                 if connected_once {
                     ctx.stats.reconnects.inc();
                 }
                 connected_once = true;
                 connected_at = Some(Instant::now());
-                ctx.stats.max_incoming_bytes.store(
-                    eventloop.mqtt_options.max_packet_size() as u64,
-                    Ordering::Relaxed,
-                );
-                tracing::info!(session_present = ack.session_present, "Connected to broker");
-                (ctx.on_connect)();
-                // Subscribing goes through the request channel, which this
-                // loop drains: do it from a task, never inline. Always
-                // subscribe, session or not: the config may have changed.
-                // `online` (and any result) follows the SUBSCRIBEs in the
-                // channel, so whoever sees `online` can rely on them.
-                let client = client.clone();
-                let subs = ctx.subscriptions.clone();
-                let tracker = ctx.tracker.clone();
-                let generation = tracker.generation();
-                let online = Outgoing {
-                    topic: ctx.status_topic.clone(),
-                    payload: b"online".to_vec(),
-                    qos: QoS::AtLeastOnce,
-                    retain: true,
-                };
-                tokio::spawn(async move {
-                    for (filter, qos) in subs {
-                        if let Err(e) = client.subscribe(filter.clone(), qos).await {
-                            tracing::warn!(%filter, error = %e, "Subscribe request failed");
-                        }
-                    }
-                    tracker.connected(generation, online);
-                });
+                let max = eventloop.mqtt_options.max_packet_size() as u64;
+                on_connected(&mut ctx, &client, ack.session_present, max);
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
                 tracing::info!("Disconnected from broker");
@@ -411,30 +367,8 @@ pub async fn drive(
                     ctx.backoff.reset();
                 }
                 let delay = ctx.backoff.next_delay();
-                let retry_in_ms = delay.as_millis() as u64;
-                let text = e.to_string();
-                if let Some(size) = oversize_packet(&e) {
-                    let limit = eventloop.mqtt_options.max_packet_size();
-                    ctx.stats.oversize_packets.inc();
-                    let reason = format!(
-                        "an incoming MQTT packet of {size} bytes is over the {limit} bytes edgeinfer reads within limits.memory_mb; the connection was dropped without reading it. At QoS 1 the broker sends it again on every connect: cap message sizes at the broker (mosquitto: max_packet_size)"
-                    );
-                    tracing::error!(
-                        size,
-                        limit,
-                        retry_in_ms,
-                        "Incoming packet too large to read; reconnecting"
-                    );
-                    if let Some(r) = &ctx.reporter {
-                        r.error("", "", "too_large", &reason);
-                    }
-                } else if let Some(hint) = tls_hint(&text) {
-                    tracing::warn!(error = %text, hint, retry_in_ms, "TLS handshake with the broker failed");
-                } else if was {
-                    tracing::warn!(error = %text, retry_in_ms, "Lost broker connection");
-                } else {
-                    tracing::warn!(error = %text, retry_in_ms, "Cannot reach broker");
-                }
+                let limit = eventloop.mqtt_options.max_packet_size();
+                report_disconnect(&ctx, &e, was, delay, limit);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => {
@@ -447,6 +381,92 @@ pub async fn drive(
     }
     ctx.stats.connected.store(false, Ordering::Relaxed);
     acker.abort();
+}
+
+/// The acknowledgement of a QoS 1 or 2 input, handed to the pipelines with
+/// it when acks are manual; it goes to the broker once the last handle is
+/// dropped (the input handled, its results in the outbox).
+fn ack_token(
+    ack_tx: Option<&flume::Sender<PendingAck>>,
+    p: &rumqttc::Publish,
+    generation: &AtomicU64,
+) -> Option<AckHandle> {
+    let ack_tx = ack_tx.filter(|_| p.qos != QoS::AtMostOnce)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // Never waits (see the capacity in `drive`); were it full, the input
+    // would go unacknowledged and come again on the next connection.
+    let _ = ack_tx.try_send(PendingAck {
+        pkid: p.pkid,
+        qos: p.qos,
+        generation: generation.load(Ordering::Relaxed),
+        done: rx,
+    });
+    Some(AckHandle::new(tx))
+}
+
+/// A CONNACK: counted, announced, subscriptions sent and `online` queued.
+fn on_connected(ctx: &mut ConnectionContext, client: &AsyncClient, session: bool, max: u64) {
+    ctx.stats.connected.store(true, Ordering::Relaxed);
+    ctx.stats.max_incoming_bytes.store(max, Ordering::Relaxed);
+    tracing::info!(session_present = session, "Connected to broker");
+    (ctx.on_connect)();
+    // Subscribing goes through the request channel, which the poll loop
+    // drains: do it from a task, never inline. Always subscribe, session or
+    // not: the config may have changed. `online` (and any result) follows
+    // the SUBSCRIBEs in the channel, so whoever sees `online` can rely on
+    // them.
+    let client = client.clone();
+    let subs = ctx.subscriptions.clone();
+    let tracker = ctx.tracker.clone();
+    let generation = tracker.generation();
+    let online = Outgoing {
+        topic: ctx.status_topic.clone(),
+        payload: b"online".to_vec(),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+    };
+    tokio::spawn(async move {
+        for (filter, qos) in subs {
+            if let Err(e) = client.subscribe(filter.clone(), qos).await {
+                tracing::warn!(%filter, error = %e, "Subscribe request failed");
+            }
+        }
+        tracker.connected(generation, online);
+    });
+}
+
+/// Says why the connection ended and when it is tried again; an incoming
+/// packet too large to read is also reported on the errors topic.
+fn report_disconnect(
+    ctx: &ConnectionContext,
+    e: &rumqttc::ConnectionError,
+    was: bool,
+    delay: Duration,
+    limit: usize,
+) {
+    let retry_in_ms = delay.as_millis() as u64;
+    let text = e.to_string();
+    if let Some(size) = oversize_packet(e) {
+        ctx.stats.oversize_packets.inc();
+        let reason = format!(
+            "an incoming MQTT packet of {size} bytes is over the {limit} bytes edgeinfer reads within limits.memory_mb; the connection was dropped without reading it. At QoS 1 the broker sends it again on every connect: cap message sizes at the broker (mosquitto: max_packet_size)"
+        );
+        tracing::error!(
+            size,
+            limit,
+            retry_in_ms,
+            "Incoming packet too large to read; reconnecting"
+        );
+        if let Some(r) = &ctx.reporter {
+            r.error("", "", "too_large", &reason);
+        }
+    } else if let Some(hint) = tls_hint(&text) {
+        tracing::warn!(error = %text, hint, retry_in_ms, "TLS handshake with the broker failed");
+    } else if was {
+        tracing::warn!(error = %text, retry_in_ms, "Lost broker connection");
+    } else {
+        tracing::warn!(error = %text, retry_in_ms, "Cannot reach broker");
+    }
 }
 
 /// The size of an incoming packet rumqttc refused to read, if that is what
