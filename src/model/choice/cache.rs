@@ -53,7 +53,10 @@ pub(super) fn read_cache(file: &Path) -> BTreeMap<String, EngineReport> {
         .unwrap_or_default()
 }
 
-pub(super) fn write_cache(file: &Path, all: &BTreeMap<String, EngineReport>) -> std::io::Result<()> {
+pub(super) fn write_cache(
+    file: &Path,
+    all: &BTreeMap<String, EngineReport>,
+) -> std::io::Result<()> {
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -173,7 +173,10 @@ fn auto(
         options,
     );
     let cache = cache_file(options);
-    if let Some(placement) = cache.as_deref().and_then(|f| cached(m, graph, options, f, &key)) {
+    if let Some(placement) = cache
+        .as_deref()
+        .and_then(|f| cached(m, graph, options, f, &key))
+    {
         return Ok(placement);
     }
 
@@ -464,4 +467,3 @@ mod tests {
             .all(|v| *v == 0.0));
     }
 }
-

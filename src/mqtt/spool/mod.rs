@@ -34,9 +34,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-const MAGIC: u32 = 0xED1F_5A01;
-const HEADER: usize = 20;
-const MAX_TOPIC: usize = u16::MAX as usize;
+mod record;
+mod sync;
+
+use record::*;
+pub use sync::SyncJob;
+use sync::*;
 
 /// Size and age limits of a spool.
 #[derive(Debug, Clone, Copy)]
@@ -125,88 +128,6 @@ pub struct Spool {
     bytes: u64,
     dirty: bool,
     stats: Arc<OutboxStats>,
-}
-
-fn segment_name(first_seq: u64) -> String {
-    format!("{first_seq:020}.seg")
-}
-
-fn encode(seq: u64, msg: &Outgoing, expires_ms: u64) -> Vec<u8> {
-    let body_len = 12 + msg.topic.len() + msg.payload.len();
-    let mut rec = Vec::with_capacity(HEADER + body_len);
-    rec.extend_from_slice(&MAGIC.to_le_bytes());
-    rec.extend_from_slice(&(body_len as u32).to_le_bytes());
-    rec.extend_from_slice(&[0; 4]); // crc, below
-    rec.extend_from_slice(&seq.to_le_bytes());
-    rec.extend_from_slice(&expires_ms.to_le_bytes());
-    rec.push(msg.qos as u8);
-    rec.push(msg.retain as u8);
-    rec.extend_from_slice(&(msg.topic.len() as u16).to_le_bytes());
-    rec.extend_from_slice(msg.topic.as_bytes());
-    rec.extend_from_slice(&msg.payload);
-    let crc = crc32fast::hash(&rec[12..]);
-    rec[8..12].copy_from_slice(&crc.to_le_bytes());
-    rec
-}
-
-/// A record decoded from `buf` (which starts at a record), or why not.
-enum Decoded {
-    Record {
-        seq: u64,
-        expires_ms: u64,
-        msg: Outgoing,
-        len: u64,
-    },
-    /// Not a valid record here.
-    Bad,
-    /// Too few bytes to tell (end of a segment being written).
-    Short,
-}
-
-fn decode(buf: &[u8]) -> Decoded {
-    if buf.len() < HEADER {
-        return Decoded::Short;
-    }
-    let u32_at = |i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().expect("4 bytes"));
-    if u32_at(0) != MAGIC {
-        return Decoded::Bad;
-    }
-    let body_len = u32_at(4) as usize;
-    if body_len < 12 {
-        return Decoded::Bad;
-    }
-    let Some(body) = buf.get(HEADER..HEADER + body_len) else {
-        return Decoded::Short;
-    };
-    if crc32fast::hash(&buf[12..HEADER + body_len]) != u32_at(8) {
-        return Decoded::Bad;
-    }
-    let seq = u64::from_le_bytes(buf[12..20].try_into().expect("8 bytes"));
-    let expires_ms = u64::from_le_bytes(body[0..8].try_into().expect("8 bytes"));
-    let qos = match body[8] {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        2 => QoS::ExactlyOnce,
-        _ => return Decoded::Bad,
-    };
-    let topic_len = u16::from_le_bytes([body[10], body[11]]) as usize;
-    let Some(topic) = body
-        .get(12..12 + topic_len)
-        .and_then(|t| std::str::from_utf8(t).ok())
-    else {
-        return Decoded::Bad;
-    };
-    Decoded::Record {
-        seq,
-        expires_ms,
-        msg: Outgoing {
-            topic: topic.to_owned(),
-            payload: body[12 + topic_len..].to_vec(),
-            qos,
-            retain: body[9] != 0,
-        },
-        len: (HEADER + body_len) as u64,
-    }
 }
 
 impl Spool {
@@ -652,57 +573,6 @@ impl Spool {
         self.inflight.len()
     }
 
-    /// Makes appended records and the commit point durable, and removes
-    /// delivered segments: [`Spool::sync_job`] and [`SyncJob::run`] at once.
-    pub fn sync(&mut self) -> io::Result<()> {
-        match self.sync_job() {
-            Some(job) => job.run().inspect_err(|_| self.sync_failed()),
-            None => Ok(()),
-        }
-    }
-
-    /// The disk work a sync needs — fsync of the segments written since the
-    /// last one, the commit file (written aside and renamed), removal of
-    /// delivered segments — taken out of the spool so that it can run
-    /// without the outbox's lock. `None` in memory or when nothing changed.
-    pub fn sync_job(&mut self) -> Option<SyncJob> {
-        let dir = self.dir.clone()?;
-        let mut files = std::mem::take(&mut self.unsynced);
-        if self.dirty {
-            if let Some(Segment {
-                store: Store::File { file, .. },
-                ..
-            }) = self.segments.back()
-            {
-                match file.try_clone() {
-                    Ok(f) => files.push(f),
-                    Err(e) => tracing::error!(error = %e, "Outbox: cannot sync the segment"),
-                }
-            }
-            self.dirty = false;
-        }
-        let commit = (self.commit_seq != self.persisted_commit).then(|| {
-            self.persisted_commit = self.commit_seq;
-            self.commit_seq
-        });
-        let remove = std::mem::take(&mut self.to_remove);
-        if files.is_empty() && commit.is_none() && remove.is_empty() {
-            return None;
-        }
-        Some(SyncJob {
-            dir,
-            files,
-            commit,
-            remove,
-        })
-    }
-
-    /// A [`SyncJob`] failed: the next one writes everything again.
-    pub fn sync_failed(&mut self) {
-        self.dirty = true;
-        self.persisted_commit = u64::MAX;
-    }
-
     fn update_bytes(&self) {
         let before_commit =
             if self.segments.front().map(|s| s.first_seq) == Some(self.commit.segment) {
@@ -714,58 +584,6 @@ impl Spool {
             .queued_bytes
             .store(self.bytes.saturating_sub(before_commit), Ordering::Relaxed);
     }
-}
-
-/// Disk work of one sync, done outside the outbox's lock (see
-/// [`Spool::sync_job`]). Only the publisher runs these, one at a time.
-pub struct SyncJob {
-    dir: PathBuf,
-    files: Vec<File>,
-    commit: Option<u64>,
-    remove: Vec<PathBuf>,
-}
-
-impl SyncJob {
-    pub fn run(self) -> io::Result<()> {
-        for f in &self.files {
-            f.sync_data()?;
-        }
-        if let Some(seq) = self.commit {
-            let tmp = self.dir.join("commit.tmp");
-            let mut f = File::create(&tmp)?;
-            writeln!(f, "{seq}")?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, self.dir.join("commit"))?;
-        }
-        // After the commit point is durable: these hold only delivered
-        // (or deliberately dropped) records.
-        for path in &self.remove {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::warn!(path = %path.display(), error = %e, "Outbox: cannot remove a delivered segment");
-            }
-        }
-        Ok(())
-    }
-}
-
-fn sub(counter: &std::sync::atomic::AtomicU64, n: u64) {
-    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-        Some(v.saturating_sub(n))
-    });
-}
-
-/// The offset of the next valid record in `data` at or after `from`.
-fn resync(data: &[u8], from: usize) -> Option<usize> {
-    let magic = MAGIC.to_le_bytes();
-    let mut i = from;
-    while i + HEADER <= data.len() {
-        let found = data[i..].windows(4).position(|w| w == magic)? + i;
-        if let Decoded::Record { .. } = decode(&data[found..]) {
-            return Some(found);
-        }
-        i = found + 1;
-    }
-    None
 }
 
 #[cfg(test)]
