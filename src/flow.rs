@@ -4,7 +4,7 @@
 //! offers them to an [`Inlet`]; a pipeline turns inputs into [`Verdict`]s
 //! and emits them to its [`Sink`]. Pipelines know nothing of brokers, topic
 //! templates or QoS; transports know nothing of windows, frames or models.
-//! The daemon's wiring (`daemon.rs`) joins the two.
+//! The daemon's wiring (`daemon/`) joins the two.
 
 use bytes::Bytes;
 use std::sync::Arc;

@@ -11,8 +11,8 @@
 //!                 ▼                                     │
 //!           rumqttc client ◄── mqtt::publish_loop ◄── outbox (bounded) ◄── health task
 //! ```
-// Denied, not forbidden: two loops of our tract ops (backend/depthwise.rs,
-// backend/fakequant.rs) call their AVX builds after checking the CPU has
+// Denied, not forbidden: two loops of our tract ops (kernels/depthwise.rs,
+// kernels/fakequant.rs) call their AVX builds after checking the CPU has
 // AVX, the one thing safe Rust cannot say (README "Engines"); pageout.rs
 // unmaps the executable's read-only pages once the daemon serves (README
 // "Memory").

@@ -4,13 +4,13 @@
 //!
 //! tract 0.23.9 does not fuse QDQ convolutions into an integer kernel: it
 //! runs each Conv in f32, and each activation pair between them (one fused
-//! pass since `backend/fakequant.rs`, which keeps tract's answers).
+//! pass since `kernels/fakequant.rs`, which keeps tract's answers).
 //! Folding a pair keeps what it does to the range — `Clip` to what the
 //! quantized type can hold, which is also where a converter hides a fused
 //! ReLU/ReLU6 — and drops the rounding. Answers therefore move (by a few
 //! quantization steps at an int8 output), so the variant is never served
 //! blindly: `auto` holds it to the same agreement rule as any other engine
-//! (see `choice.rs`).
+//! (see `choice/`).
 //!
 //! Left as they are: the graph's input DequantizeLinear and output
 //! QuantizeLinear (the model's contract), weights' DequantizeLinear of

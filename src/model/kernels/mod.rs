@@ -6,7 +6,7 @@
 //! | file | replaces (in tract's plan) | runs on | measured |
 //! |---|---|---|---|
 //! | [`fakequant`] | an activation `QuantizeLinear → DequantizeLinear` pair (and a Relu before it) | every CPU; loops at SSE2/AVX/AVX-512 width on x86-64 ([`x86`]) | VWW: the pair was a quarter of the model (`rintf` per element) |
-//! | [`depthwise`] | a depthwise `Conv` (and the per-channel `Mul`/`Add` after it), channel-last or plane by plane | every CPU; wider loops on x86-64 | KWS channel-last 0.053 → 0.038 ms by `--profile` |
+//! | [`depthwise`] | a depthwise `Conv` (and the per-channel `Mul`/`Add` after it), channel-last or plane by plane | x86-64 (tract's AArch64 kernel rounds differently); SSE2/AVX/AVX-512 loops | KWS channel-last 0.053 → 0.038 ms by `--profile` |
 //! | [`softmax`] | a `Softmax` over rows of two | every CPU | UltraFace slim: 1.54 of 8.57 ms before |
 //! | [`pad`] | a constant `Pad` of the optimised plan | every CPU | VWW: 7 % of the model before |
 //! | [`downsample`] | a `Downsample` of the optimised plan | every CPU | ResNet-8: 0.050 of 0.49 ms before |
@@ -15,9 +15,10 @@
 //!
 //! The figures are single-thread `edgeinfer bench --profile` medians on
 //! this project's AVX-512 x86-64 host (the README's Performance section
-//! and each file's doc say how); none of these replaces a node on ARM
-//! but the portable ones (the first five), and ARM figures come from
-//! `benches/` with `../shared/tools/arm-icount`.
+//! and each file's doc say how). On ARM only the portable ones run
+//! (fakequant, softmax, pad, downsample); ARM figures are instruction
+//! counts from `../shared/tools/arm-icount`, never times. The longer
+//! account of each is [README.md](README.md) beside this file.
 //!
 //! [`patch`] is what they share (graph patching, the facts of a
 //! convolution node, tensor plumbing) and sits below them and the engine
