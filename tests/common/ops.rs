@@ -4,6 +4,7 @@
 
 use super::*;
 use base64::Engine;
+use edgeinfer::config::Config;
 use edgeinfer::ops::bundle;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -106,13 +107,8 @@ pub struct Rig {
 pub async fn rig(device: &str, probation: &str, topics: &[&str]) -> Rig {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
-    let (key, secret) = keys(dir.path());
-    let ops = ops_section(&dir.path().join("state"), &key, probation);
-    let config = parse(&config_text(
-        &broker.url(),
-        device,
-        &format!("{ACTIVITY_PIPELINE}{ops}"),
-    ));
+    let (_, secret) = keys(dir.path());
+    let config = rig_config(&broker, dir.path(), device, probation);
     let obs = Observer::connect(broker.port, topics).await;
     let daemon = Daemon::start_online(config, broker.port).await;
     Rig {
@@ -122,6 +118,18 @@ pub async fn rig(device: &str, probation: &str, topics: &[&str]) -> Rig {
         obs,
         daemon,
     }
+}
+
+/// A rig's configuration: the activity pipeline, every operation allowed,
+/// its state directory and key in `dir`. Also what a rig's daemon is
+/// started again with.
+pub fn rig_config(broker: &Mosquitto, dir: &Path, device: &str, probation: &str) -> Config {
+    let ops = ops_section(&dir.join("state"), &dir.join("fleet.pub"), probation);
+    parse(&config_text(
+        &broker.url(),
+        device,
+        &format!("{ACTIVITY_PIPELINE}{ops}"),
+    ))
 }
 
 /// Publishes a request and waits for its reply.
