@@ -117,7 +117,6 @@ async fn a_fifo_or_a_device_as_bundle_path_neither_freezes_nor_exhausts_the_daem
         json!({"id": id, "args": {"pipeline": "activity", "path": path, "signature": "untrusted comment: x\nRWQ"}})
             .to_string()
     };
-    let started = Instant::now();
     obs.publish(
         "edgeinfer/gw-f/cmd/model/update",
         update("pa-7", fifo.to_str().unwrap()),
@@ -150,9 +149,9 @@ async fn a_fifo_or_a_device_as_bundle_path_neither_freezes_nor_exhausts_the_daem
         .iter()
         .filter(|m| m.topic.contains("/results/"))
         .count();
-    let ping = reply_of(&seen, "p-1").map(|_| started.elapsed());
+    let ping = reply_of(&seen, "p-1").is_some();
     eprintln!(
-        "FIFO and /dev/zero paths: {answered} of 40 inputs answered, ping answered: {ping:?}, peak RSS {:.1} MiB",
+        "FIFO and /dev/zero paths: {answered} of 40 inputs answered, ping answered: {ping}, peak RSS {:.1} MiB",
         mib(hwm)
     );
     for (id, what) in [("pa-7", "FIFO"), ("pa-8", "device")] {
@@ -164,7 +163,7 @@ async fn a_fifo_or_a_device_as_bundle_path_neither_freezes_nor_exhausts_the_daem
         let e = r["error"].as_str().unwrap();
         assert!(e.contains("regular file"), "{e}");
     }
-    assert!(ping.is_some(), "ping was not answered");
+    assert!(ping, "ping was not answered");
     assert_eq!(answered, 40, "every input answered during the attack");
     assert!(
         hwm < 200 << 20,
@@ -791,7 +790,7 @@ async fn a_foreign_retained_discovery_config_is_replaced_within_the_memory_budge
     let dir = tempfile::tempdir().unwrap();
     let (key, _) = keys(dir.path());
     let topic = "homeassistant/device/edgeinfer_gw-d/config";
-    // 200,000 components (7.7 MB), retained on our topic before we start.
+    // 200,000 components (17 MB), retained on our topic before we start.
     let cmps: serde_json::Map<String, Value> = (0..200_000)
         .map(|i| (format!("x{i}_result"), json!({"p": "sensor", "name": "x", "unique_id": format!("edgeinfer_gw-d_x{i}_result")})))
         .collect();
