@@ -28,6 +28,12 @@ Sections:
               idle RSS 4 s after (and once with the start-up code kept
               mapped: EDGEINFER_KEEP_STARTUP_CODE=1).
   sizes       the release binary, and the dist/ARM binaries when built.
+  arm         instructions per inference on emulated Cortex-A53 and A76
+              cores (and a Cortex-A7, armv7, tract only): the aarch64 and
+              armv7 `dist` binaries built by cross/build.sh, tract against
+              ONNX Runtime's aarch64 library from the same pinned wheel, in
+              the same binary (benches/arm/: the counting plugin and how
+              far to trust it). Needs root and cross/install.sh's tools.
 """
 
 import argparse
@@ -52,6 +58,8 @@ import paho.mqtt.client as mqtt
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benches" / "arm"))
+import icount  # noqa: E402  (benches/arm/icount.py)
 SHARED = REPO.parent / "shared" / "models"
 DEVICES = 10
 WINDOW = 50
@@ -693,6 +701,50 @@ def sizes():
     return out
 
 
+# ------------------------------------------------------------------- arm
+
+ORT_VERSION = "1.32.0"
+
+
+def aarch64_onnxruntime():
+    """ONNX Runtime's aarch64 library from the pinned wheel (PyPI), cached."""
+    dest = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeinfer" / "onnxruntime" / f"aarch64-cpu-{ORT_VERSION}"
+    lib = dest / f"libonnxruntime.so.{ORT_VERSION}"
+    if not lib.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                            "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11",
+                            "--implementation", "cp", "--abi", "cp311", "--dest", tmp,
+                            f"onnxruntime=={ORT_VERSION}"], check=True)
+            import zipfile
+            dest.mkdir(parents=True, exist_ok=True)
+            for wheel in Path(tmp).glob("*.whl"):
+                with zipfile.ZipFile(wheel) as z:
+                    for name in z.namelist():
+                        if name.startswith("onnxruntime/capi/libonnxruntime.so"):
+                            (dest / Path(name).name).write_bytes(z.read(name))
+    return lib
+
+
+def arm(a):
+    """Every suite model on each core profile (see benches/arm/icount.py)."""
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    bins = {}
+    for t in ("aarch64-unknown-linux-gnu", "armv7-unknown-linux-gnueabihf"):
+        if not a.skip_arm_build:
+            subprocess.run([str(REPO / "cross" / "build.sh"), t], check=True, cwd=REPO)
+        bins[t] = target / t / "dist" / "edgeinfer"
+    lib = str(aarch64_onnxruntime())
+    rows = []
+    for model in bench_models():
+        for core in a.arm_cores.split(","):
+            binary = bins["armv7-unknown-linux-gnueabihf" if core.startswith("armv7") else "aarch64-unknown-linux-gnu"]
+            row = icount.measure(str(binary), core, model, lib)
+            rows.append(row)
+            print(f"  {json.dumps(row)}", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------ main
 
 def main():
@@ -704,7 +756,10 @@ def main():
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--latency-rate", type=float, default=1000.0)
     ap.add_argument("--latency-seconds", type=float, default=5.0)
-    ap.add_argument("--only", default="inference,input,pipeline,startup,sizes")
+    ap.add_argument("--only", default="inference,input,pipeline,startup,sizes,arm")
+    ap.add_argument("--arm-cores", default="a53,a76,armv7-a7")
+    ap.add_argument("--skip-arm-build", action="store_true",
+                    help="count with the dist binaries already in target/")
     a = ap.parse_args()
     # Threads hand the GIL over every 0.2 ms, not 5: the observer stamps
     # results as they arrive.
@@ -730,6 +785,9 @@ def main():
         report["pipeline"] = runs
     if "startup" in only:
         report["startup"] = startup(a)
+    if "arm" in only:
+        print("arm (instructions per inference):", flush=True)
+        report["arm"] = arm(a)
     if "sizes" in only:
         report["sizes_bytes"] = sizes()
     Path(a.out).write_text(json.dumps(report, indent=1))
@@ -784,8 +842,34 @@ def print_table(r):
         for x in r["startup"]:
             ms = f"{x['to_online_ms']:.0f}" if x["to_online_ms"] is not None else "never"
             print(f"| {x['cache']} | {ms} | {x['idle_rss_mib']:.1f} |")
+    if "arm" in r:
+        print_arm(r["arm"])
     if "sizes_bytes" in r:
         print("\n" + ", ".join(f"{k}: {v / 1e6:.1f} MB" for k, v in r["sizes_bytes"].items()))
+
+
+def print_arm(rows):
+    cores = list(dict.fromkeys(x["core"] for x in rows))
+    models = list(dict.fromkeys(x["model"] for x in rows))
+    by = {(x["model"], x["core"]): x for x in rows}
+    print("\n| model | " + " | ".join(f"{c}: tract / onnxruntime (M instr.)" for c in cores) + " |")
+    print("|---" * (len(cores) + 1) + "|")
+    ratios = {c: [] for c in cores}
+    for m in models:
+        cells = []
+        for c in cores:
+            x = by.get((m, c), {})
+            t, o = x.get("tract"), x.get("onnxruntime")
+            cell = f"{t / 1e6:.2f}" if t else "fails"
+            if o:
+                cell += f" / {o / 1e6:.2f} = {t / o:.2f}x" if t else f" / {o / 1e6:.2f}"
+                if t:
+                    ratios[c].append(t / o)
+            cells.append(cell)
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    for c, xs in ratios.items():
+        if xs:
+            print(f"geometric mean tract / onnxruntime on {c}: {np.exp(np.mean(np.log(xs))):.2f}x over {len(xs)} models")
 
 
 if __name__ == "__main__":
