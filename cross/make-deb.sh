@@ -2,7 +2,9 @@
 # Builds the .deb for one target: cross/make-deb.sh [TARGET]
 #   x86_64-unknown-linux-gnu (amd64, the default), aarch64-unknown-linux-gnu
 #   (arm64), armv7-unknown-linux-gnueabihf (armhf).
-# Output: target/deb/edgeinfer_VERSION-1_ARCH.deb (under $CARGO_TARGET_DIR if set). Needs dpkg-deb;
+# Output: target/deb/edgeinfer_VERSION-1_ARCH.deb (under $CARGO_TARGET_DIR if set),
+# and for amd64 and arm64 edgeinfer-onnxruntime_*.deb (cross/make-deb-onnxruntime.sh),
+# which it recommends. Needs dpkg-deb;
 # the ARM targets are built by cross/build.sh, which installs their toolchain.
 set -eu
 cd "$(dirname "$0")/.."
@@ -56,6 +58,15 @@ COPYRIGHT
 
 # The highest glibc symbol version the binary needs.
 GLIBC=$(readelf --dyn-syms --wide "$BIN" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -t. -k1,1n -k2,2n -k3,3n | tail -n 1)
+# ONNX Runtime exists for amd64 and arm64: its package is built beside
+# edgeinfer's and recommended, so `auto` has both engines to measure.
+RECOMMENDS=mosquitto
+case "$ARCH" in
+    amd64|arm64)
+        cross/make-deb-onnxruntime.sh "$TARGET"
+        RECOMMENDS="mosquitto, edgeinfer-onnxruntime"
+        ;;
+esac
 mkdir -p "$ROOT/DEBIAN"
 cat > "$ROOT/DEBIAN/control" <<CONTROL
 Package: edgeinfer
@@ -64,7 +75,7 @@ Architecture: $ARCH
 Maintainer: edgeinfer developers <edgeinfer@localhost>
 Installed-Size: $(du -sk "$ROOT" | cut -f1)
 Depends: libc6 (>= $GLIBC)
-Recommends: mosquitto
+Recommends: $RECOMMENDS
 Section: net
 Priority: optional
 Homepage: https://github.com/edgeinfer/edgeinfer

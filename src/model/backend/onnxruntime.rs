@@ -127,7 +127,18 @@ pub fn seen() -> RuntimeStatus {
 /// always carry it. Else `unknown` with the file's size, so that the
 /// decision cache still tells two libraries apart.
 fn version_of_file(path: &Path) -> String {
-    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    // A bare name was found by the dynamic loader: look for the file in
+    // the usual places (a package's symlink names the versioned file).
+    let located = (path.parent() == Some(Path::new("")))
+        .then(|| {
+            USUAL_PLACES
+                .iter()
+                .map(Path::new)
+                .find(|p| p.is_absolute() && p.file_name() == path.file_name() && p.exists())
+        })
+        .flatten()
+        .unwrap_or(path);
+    let real = std::fs::canonicalize(located).unwrap_or_else(|_| located.to_owned());
     let name = real
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
