@@ -271,10 +271,14 @@ impl PypiModel {
         };
         let at = |ch: usize, a: usize| if first { v[ch * n + a] } else { v[a * c + ch] };
         let score = |a: usize| {
-            let best = (self.score_from..c).map(|ch| at(ch, a)).fold(f32::MIN, f32::max);
+            let best = (self.score_from..c)
+                .map(|ch| at(ch, a))
+                .fold(f32::MIN, f32::max);
             best * self.objectness.map_or(1.0, |o| at(o, a))
         };
-        (0..n).max_by(|a, b| score(*a).total_cmp(&score(*b))).unwrap_or(0)
+        (0..n)
+            .max_by(|a, b| score(*a).total_cmp(&score(*b)))
+            .unwrap_or(0)
     }
 }
 

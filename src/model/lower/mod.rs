@@ -482,8 +482,15 @@ impl Edit {
             .attribute
             .iter()
             .filter(|a| {
-                ["auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"]
-                    .contains(&a.name.as_str())
+                [
+                    "auto_pad",
+                    "dilations",
+                    "group",
+                    "kernel_shape",
+                    "pads",
+                    "strides",
+                ]
+                .contains(&a.name.as_str())
             })
             .cloned()
             .collect();
@@ -543,7 +550,12 @@ impl Edit {
         b_s: &str,
     ) -> String {
         let scale = self.fresh(base, "bias_scale");
-        let n = self.node(base, "Mul", vec![a_s.to_string(), b_s.to_string()], scale.clone());
+        let n = self.node(
+            base,
+            "Mul",
+            vec![a_s.to_string(), b_s.to_string()],
+            scale.clone(),
+        );
         out.push(n);
         let cast = self.fresh(base, "bias_f32");
         let mut n = self.node(base, "Cast", vec![bias.to_string()], cast.clone());
