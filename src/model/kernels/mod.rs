@@ -8,6 +8,7 @@
 //! | [`fakequant`] | an activation `QuantizeLinear → DequantizeLinear` pair (and a Relu before it) | every CPU; loops at SSE2/AVX/AVX-512 width on x86-64 ([`x86`]) | VWW: the pair was a quarter of the model (`rintf` per element) |
 //! | [`depthwise`] | a depthwise `Conv` (and the per-channel `Mul`/`Add` after it), channel-last or plane by plane | x86-64 (tract's AArch64 kernel rounds differently); SSE2/AVX/AVX-512 loops | KWS channel-last 0.053 → 0.038 ms by `--profile` |
 //! | [`softmax`] | a `Softmax` over rows of two | every CPU | UltraFace slim: 1.54 of 8.57 ms before |
+//! | [`axis_softmax`] | a `Softmax` over an axis that is not the last (YOLOv8/YOLO11's DFL head) | every CPU | nudenet's YOLOv8n: 24.0 of 73.3 ms before |
 //! | [`pad`] | a constant `Pad` of the optimised plan | every CPU | VWW: 7 % of the model before |
 //! | [`downsample`] | a `Downsample` of the optimised plan | every CPU | ResNet-8: 0.050 of 0.49 ms before |
 //! | [`pointwise`] | a 1×1 `Conv` (`OptMatMulPack` + `OptMatMul`) and its bias `Add` | x86-64 with AVX-512F and FMA | KWS layer 0.0125 → 0.006 ms |
@@ -26,6 +27,7 @@
 //! ops alone — to compare, or to rule ours out when a model answers
 //! unexpectedly; `EDGEINFER_AVX512=0` keeps the loops at AVX width.
 
+mod axis_softmax;
 #[cfg(target_arch = "x86_64")]
 mod conv;
 mod depthwise;
@@ -58,6 +60,8 @@ pub struct OwnOps {
     /// Per-channel Mul and Add nodes folded into those.
     depthwise_steps: usize,
     pair_softmax: usize,
+    /// Softmax over a leading or middle axis.
+    axis_softmax: usize,
     constant_pad: usize,
     downsample: usize,
     /// 1×1 convolutions (with their bias `Add`).
@@ -76,6 +80,7 @@ impl OwnOps {
         (self.fake_quantize, self.fake_quantize_relus) = fakequant::fuse_pairs(typed)?;
         (self.depthwise, self.depthwise_steps) = depthwise::substitute(typed)?;
         self.pair_softmax = softmax::substitute(typed)?;
+        self.axis_softmax = axis_softmax::substitute(typed)?;
         #[cfg(target_arch = "x86_64")]
         {
             self.pointwise = pointwise::substitute(typed)?;
@@ -113,6 +118,7 @@ impl OwnOps {
             (self.pointwise, "1×1 convolutions run as edgeinfer's own matrix product, without packing the activations (same answers)".into()),
             (self.patch_conv, "convolutions run as edgeinfer's own op, patches copied once then its matrix product (same answers)".into()),
             (self.pair_softmax, "softmax over pairs run as edgeinfer's own op, one pass over the tensor instead of one per pair (same answers)".into()),
+            (self.axis_softmax, "softmax over a leading or middle axis run as edgeinfer's own op, without tract's per-row views and with each exponential computed once (same answers)".into()),
         ]
         .into_iter()
         .filter(|(n, _)| *n > 0)
