@@ -573,7 +573,10 @@ async fn a_slower_model_is_rolled_back_on_its_p99() {
         "gw-l",
         "duration_s = 120\nmin_inferences = 20\nmax_p99_ratio = 3.0",
         "activity_slow",
-        60,
+        // The baseline p99 is the old model's: over 200 windows one
+        // scheduling hiccup of a loaded host is not its p99 (over 60 it
+        // was, and the slower model then stayed under 3x it).
+        200,
         150,
     )
     .await;
