@@ -4,7 +4,7 @@
 //! The daemon is one library call, [`run`], which tests drive directly:
 //!
 //! ```text
-//! broker ──► mqtt::drive (poll loop) ──try_send──► pipeline queue (bounded, drops counted)
+//! broker ──► mqtt::drive_connection (poll loop) ──try_send──► pipeline queue (bounded, drops counted)
 //!                 │                                     │
 //!                 │ ConnAck: subscribe, "online"        ▼ worker thread(s): decode → window
 //!                 │                                       → preprocess → tract → postprocess
@@ -35,5 +35,7 @@ pub mod pipeline;
 pub mod systemd;
 pub mod topic;
 
-pub use daemon::{check, memory_budget, publish_limits, run, run_with, RunError, SHUTDOWN_GRACE};
+pub use daemon::{
+    check, memory_budget, publish_limits, run, run_reloading, RunError, SHUTDOWN_GRACE,
+};
 pub use pipeline::engine_options;

@@ -524,7 +524,7 @@ fn check_config(path: &Path) -> ExitCode {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. SIGHUP reloads the configuration
-/// file (see `edgeinfer::run_with`): a reload that fails its checks keeps
+/// file (see `edgeinfer::run_reloading`): a reload that fails its checks keeps
 /// the running configuration.
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let mut term = signal(SignalKind::terminate())?;
@@ -532,7 +532,11 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let mut hup = signal(SignalKind::hangup())?;
     let token = CancellationToken::new();
     let (hup_tx, hup_rx) = flume::bounded(4);
-    let mut daemon = tokio::spawn(edgeinfer::run_with(config, token.clone(), Some(hup_rx)));
+    let mut daemon = tokio::spawn(edgeinfer::run_reloading(
+        config,
+        token.clone(),
+        Some(hup_rx),
+    ));
     loop {
         tokio::select! {
             _ = term.recv() => token.cancel(),

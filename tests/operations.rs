@@ -754,7 +754,11 @@ results = "edgeinfer/{{device}}/results/b/{{1}}"
     .await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (hup_tx, hup_rx) = flume::bounded(1);
-    let handle = tokio::spawn(edgeinfer::run_with(config, shutdown.clone(), Some(hup_rx)));
+    let handle = tokio::spawn(edgeinfer::run_reloading(
+        config,
+        shutdown.clone(),
+        Some(hup_rx),
+    ));
     assert!(obs
         .next_where(T, |m| m.topic.ends_with("/status") && m.text() == "online")
         .await

@@ -109,7 +109,7 @@ pub fn check(config: &Config) -> Vec<Problem> {
 /// invalid). A pipeline whose model fails to load is reported (log, health)
 /// and the others keep serving.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
-    run_with(config, shutdown, None).await
+    run_reloading(config, shutdown, None).await
 }
 
 /// [`run`], reloading the configuration file (`Config::source`) on each
@@ -117,14 +117,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
 /// that touches only pipelines' models and model settings is applied in
 /// place (see [`reload`]); any other change restarts the daemon's parts in
 /// order, as a stop and a start would.
-pub async fn run_with(
+pub async fn run_reloading(
     mut config: Config,
     shutdown: CancellationToken,
     reloads: Option<flume::Receiver<()>>,
 ) -> Result<(), RunError> {
     let mut restarting = false;
     loop {
-        match run_once(config, shutdown.clone(), reloads.clone(), restarting).await? {
+        match run_one_configuration(config, shutdown.clone(), reloads.clone(), restarting).await? {
             Some(next) => config = next,
             None => return Ok(()),
         }
@@ -132,7 +132,9 @@ pub async fn run_with(
     }
 }
 
-async fn run_once(
+/// One configuration, from its start until shutdown (None) or a reload
+/// that needs the parts restarted (the new configuration).
+async fn run_one_configuration(
     config: Config,
     shutdown: CancellationToken,
     reloads: Option<flume::Receiver<()>>,

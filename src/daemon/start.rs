@@ -159,7 +159,7 @@ pub(super) async fn start(
         acks_done,
     };
     let stop_driver = CancellationToken::new();
-    let driver = tokio::spawn(mqtt::drive(
+    let driver = tokio::spawn(mqtt::drive_connection(
         eventloop,
         client,
         router,

@@ -284,7 +284,7 @@ async fn ack_loop(
 /// Drives the event loop until the publisher has sent DISCONNECT after
 /// shutdown (or, once shutting down, until the connection fails).
 /// Cancelling `shutdown` drops the router, which closes the pipelines' queues.
-pub async fn drive(
+pub async fn drive_connection(
     mut eventloop: EventLoop,
     client: AsyncClient,
     router: Router,
@@ -393,7 +393,7 @@ fn ack_token(
 ) -> Option<AckHandle> {
     let ack_tx = ack_tx.filter(|_| p.qos != QoS::AtMostOnce)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
-    // Never waits (see the capacity in `drive`); were it full, the input
+    // Never waits (see the capacity in `drive_connection`); were it full, the input
     // would go unacknowledged and come again on the next connection.
     let _ = ack_tx.try_send(PendingAck {
         pkid: p.pkid,

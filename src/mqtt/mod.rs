@@ -14,7 +14,7 @@ pub use crate::topic::{
 };
 pub use backoff::Backoff;
 pub use connection::{
-    connect_options, drive, status_topic, CommandLanes, ConnectionContext, Router,
+    connect_options, drive_connection, status_topic, CommandLanes, ConnectionContext, Router,
 };
 pub use outbox::{
     outbox, publish_loop, Outbox, OutboxReceiver, OutboxSettings, Outgoing, Reporter, Tracker,
