@@ -35,7 +35,5 @@ pub mod pipeline;
 pub mod systemd;
 pub mod topic;
 
-pub use daemon::{
-    check, memory_budget, publish_limits, run, run_reloading, RunError, SHUTDOWN_GRACE,
-};
+pub use daemon::{check, memory_budget, run, run_reloading, RunError, SHUTDOWN_GRACE};
 pub use pipeline::engine_options;

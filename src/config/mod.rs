@@ -58,6 +58,67 @@ pub struct Config {
     /// The file it was loaded from (what a reload reads again). Not a key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// [`Config::effective`], resolved on first use.
+    #[serde(skip)]
+    effective: std::sync::OnceLock<Effective>,
+}
+
+/// The settings in effect: what the file says with the environment's
+/// defaults filled in (the host name and systemd's instance name, its
+/// state directory), resolved once per configuration. The daemon's parts
+/// read them here rather than each deriving its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effective {
+    /// `device.id`, else the host name (with `-NAME` under the template
+    /// unit `edgeinfer@NAME`).
+    pub device_id: String,
+    /// `topics.prefix` with `{device}` filled in.
+    pub prefix: String,
+    /// `broker.client_id`, else `edgeinfer-{device}`.
+    pub client_id: String,
+    /// The operations' state (installed models, records):
+    /// `operations.state_dir`, else `$STATE_DIRECTORY`.
+    pub state_dir: Option<PathBuf>,
+    /// The outbox's spool: `outbox.dir`, else `$STATE_DIRECTORY/outbox`;
+    /// none: in memory.
+    pub spool_dir: Option<PathBuf>,
+    /// Where `auto` caches its engine choices: `engine.cache_dir`, else
+    /// `$STATE_DIRECTORY`.
+    pub engine_cache_dir: Option<PathBuf>,
+    /// What the broker takes (checked before anything is queued).
+    pub publish_limits: crate::topic::PublishLimits,
+}
+
+impl Effective {
+    fn of(c: &Config) -> Effective {
+        let device_id =
+            c.device
+                .id
+                .clone()
+                .unwrap_or_else(|| match std::env::var("EDGEINFER_INSTANCE") {
+                    Ok(instance) if !instance.is_empty() => format!("{}-{instance}", hostname()),
+                    _ => hostname(),
+                });
+        let state = state_directory();
+        let resolve = |d: &Option<PathBuf>| d.as_ref().map(|d| c.base_dir.join(d));
+        Effective {
+            prefix: c.topics.prefix.replace("{device}", &device_id),
+            client_id: c
+                .broker
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("edgeinfer-{device_id}")),
+            state_dir: resolve(&c.operations.state_dir).or_else(|| state.clone()),
+            spool_dir: resolve(&c.outbox.dir).or_else(|| state.as_ref().map(|d| d.join("outbox"))),
+            engine_cache_dir: resolve(&c.engine.cache_dir).or(state),
+            publish_limits: crate::topic::PublishLimits {
+                max_topic_bytes: c.broker.max_topic_bytes,
+                max_topic_levels: c.broker.max_topic_levels,
+                max_packet_bytes: c.broker.max_packet_bytes,
+            },
+            device_id,
+        }
+    }
 }
 
 /// The first of systemd's `$STATE_DIRECTORY` entries, if it gives one.
@@ -155,29 +216,21 @@ impl Config {
         Ok(config)
     }
 
-    /// `device.id`, else the host name; under the template unit
-    /// (`edgeinfer@NAME`, which sets `EDGEINFER_INSTANCE=NAME`) the host
-    /// name plus `-NAME`, so that instances get their own client id and
-    /// topics without saying so.
+    /// The settings in effect ([`Effective`]), resolved on first use.
+    pub fn effective(&self) -> &Effective {
+        self.effective.get_or_init(|| Effective::of(self))
+    }
+
     pub fn device_id(&self) -> String {
-        self.device
-            .id
-            .clone()
-            .unwrap_or_else(|| match std::env::var("EDGEINFER_INSTANCE") {
-                Ok(instance) if !instance.is_empty() => format!("{}-{instance}", hostname()),
-                _ => hostname(),
-            })
+        self.effective().device_id.clone()
     }
 
     pub fn prefix(&self) -> String {
-        self.topics.prefix.replace("{device}", &self.device_id())
+        self.effective().prefix.clone()
     }
 
     pub fn client_id(&self) -> String {
-        self.broker
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("edgeinfer-{}", self.device_id()))
+        self.effective().client_id.clone()
     }
 
     pub fn model_path(&self, pipeline: &Pipeline) -> PathBuf {
@@ -250,6 +303,26 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn effective_settings_are_resolved_once_from_the_file() {
+        let text = "[device]\nid = \"gw-7\"\n[topics]\nprefix = \"site/{device}\"\n[operations]\nstate_dir = \"state\"\n[outbox]\ndir = \"spool\"\n[engine]\ncache_dir = \"cache\"\n[broker]\nmax_topic_levels = 9\n";
+        let c = Config::parse(text, Path::new("/etc/e")).unwrap();
+        let e = c.effective();
+        assert_eq!(e.device_id, "gw-7");
+        assert_eq!(e.prefix, "site/gw-7");
+        assert_eq!(e.client_id, "edgeinfer-gw-7");
+        assert_eq!(e.state_dir.as_deref(), Some(Path::new("/etc/e/state")));
+        assert_eq!(e.spool_dir.as_deref(), Some(Path::new("/etc/e/spool")));
+        assert_eq!(
+            e.engine_cache_dir.as_deref(),
+            Some(Path::new("/etc/e/cache"))
+        );
+        assert_eq!(e.publish_limits.max_topic_levels, 9);
+        // The same value every time (resolved once), and in the helpers.
+        assert!(std::ptr::eq(e, c.effective()));
+        assert_eq!(c.prefix(), "site/gw-7");
+    }
 
     #[test]
     fn broker_urls() {

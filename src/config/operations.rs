@@ -3,7 +3,7 @@
 
 use super::*;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The operations API on `{prefix}/cmd/{op}` (README "Fleet operations").
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -45,15 +45,6 @@ impl Default for OperationsConfig {
             max_bundle_mb: default_max_bundle_mb(),
             probation: ProbationConfig::default(),
         }
-    }
-}
-
-impl OperationsConfig {
-    pub fn effective_state_dir(&self, base: &Path) -> Option<PathBuf> {
-        self.state_dir
-            .as_ref()
-            .map(|d| base.join(d))
-            .or_else(state_directory)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::*;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -115,16 +115,6 @@ impl Default for OutboxConfig {
             max_mb: default_outbox_mb(),
             ttl_s: default_ttl(),
             sync_ms: default_sync_ms(),
-        }
-    }
-}
-
-impl OutboxConfig {
-    /// The spool directory in effect, if any.
-    pub fn effective_dir(&self, base: &Path) -> Option<PathBuf> {
-        match &self.dir {
-            Some(d) => Some(base.join(d)),
-            None => state_directory().map(|d| d.join("outbox")),
         }
     }
 }

@@ -16,8 +16,8 @@ mod parts;
 mod reload;
 mod start;
 
+pub use parts::memory_budget;
 use parts::*;
-pub use parts::{memory_budget, publish_limits};
 use reload::*;
 
 /// How long shutdown may take to drain queues and say `offline`.

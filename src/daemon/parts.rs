@@ -7,7 +7,7 @@ use super::*;
 /// The state directory of the operations (installed models, records), when
 /// there is one.
 pub(super) fn open_store(config: &Config) -> Option<crate::ops::store::Store> {
-    let dir = config.operations.effective_state_dir(&config.base_dir)?;
+    let dir = config.effective().state_dir.clone()?;
     match crate::ops::store::Store::open(&dir) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -29,7 +29,7 @@ pub(super) async fn open_spool(
         ttl_ms: config.outbox.ttl_s.saturating_mul(1000),
     };
     let stats = Arc::clone(&telemetry.outbox);
-    match config.outbox.effective_dir(&config.base_dir) {
+    match config.effective().spool_dir.clone() {
         Some(dir) => {
             // On a restart for a reload, the stopped run's last holders of
             // the spool (tasks aborted at the end of the grace period) may
@@ -60,15 +60,6 @@ pub(super) async fn open_spool(
 
 /// The largest packet MQTT 3.1.1 can frame (a 4-byte remaining length).
 pub(super) const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
-
-/// What the broker takes, from the config.
-pub fn publish_limits(config: &Config) -> mqtt::PublishLimits {
-    mqtt::PublishLimits {
-        max_topic_bytes: config.broker.max_topic_bytes,
-        max_topic_levels: config.broker.max_topic_levels,
-        max_packet_bytes: config.broker.max_packet_bytes,
-    }
-}
 
 /// The memory budget in force: `limits.memory_mb`, lowered to 80 % of the
 /// cgroup's limit when that is tighter (a unit's MemoryHigh=/MemoryMax=

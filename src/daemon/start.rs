@@ -67,7 +67,7 @@ pub(super) async fn start(
         spool,
         mqtt::OutboxSettings {
             transient_cap: config.limits.outbox_capacity,
-            limits: publish_limits(&config),
+            limits: config.effective().publish_limits,
             errors_topic: format!("{}/errors", config.prefix()),
         },
         Arc::clone(&telemetry.outbox),

@@ -181,11 +181,7 @@ pub fn engine_options(
             .onnxruntime_library
             .as_ref()
             .map(|l| config.base_dir.join(l)),
-        cache_dir: e
-            .cache_dir
-            .as_ref()
-            .map(|d| config.base_dir.join(d))
-            .or_else(crate::config::state_directory),
+        cache_dir: config.effective().engine_cache_dir.clone(),
         probe_budget_ms: e.probe_budget_ms,
     }
 }
